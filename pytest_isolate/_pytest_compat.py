@@ -1,0 +1,195 @@
+"""Every use of pytest's private internals, in one place.
+
+Splitting a test's protocol between pytest's process (fixtures of wider scope,
+set up once) and the sandbox (function-scoped fixtures, the test, its
+teardown) needs pytest's setup state and fixture caches, which have no public
+API. Each function says which internal it relies on; tests/test_compat.py fails
+loudly when a pytest release changes one of them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from _pytest.runner import CallInfo, call_and_report, show_test_item
+
+__all__ = [
+    "basetemp",
+    "call_in_phase",
+    "evaluate_skip",
+    "patch_rerunfailures",
+    "init_request",
+    "redirect_capture",
+    "release_parent_finalizers",
+    "run_phases",
+    "setup_shared",
+    "shared_snapshot",
+    "teardown_shared",
+]
+
+
+def init_request(item: pytest.Item) -> None:
+    """runtestprotocol re-creates the fixture request after a previous run
+    (pytest-rerunfailures runs an item more than once)."""
+    if hasattr(item, "_request") and not item._request:
+        item._initrequest()  # type: ignore[attr-defined]
+
+
+def evaluate_skip(item: pytest.Item) -> bool:
+    """True when a skip/skipif marker skips the item: pytest never sets up
+    fixtures for it, so neither do we (no fork for a skipped test)."""
+    from _pytest.skipping import evaluate_skip_marks
+
+    try:
+        return evaluate_skip_marks(item) is not None
+    except Exception:
+        return False  # a broken skipif condition errors in the sandbox, as in pytest
+
+
+def _wider_fixtures(item: pytest.Item) -> list[Any]:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    defs = []
+    for name in getattr(item, "fixturenames", ()):
+        chain = info.name2fixturedefs.get(name)
+        if chain and chain[-1].scope != "function":
+            defs.append((name, chain[-1]))
+    return defs
+
+
+def setup_shared(item: pytest.Item) -> None:
+    """Set up, in pytest's process, the collectors above the item and every
+    fixture of wider than function scope it uses: they are created once and
+    inherited by every sandbox (SetupState.setup, FixtureRequest)."""
+    session = item.session
+    parent = item.parent
+    assert parent is not None
+    session._setupstate.setup(parent)  # type: ignore[arg-type]
+    request = getattr(item, "_request", None)
+    if request is None:
+        return
+    # pytest 9.1+ treats a request whose item is not on the setup stack as one
+    # made during teardown. The item is on the stack only while its wider
+    # fixtures are requested here; its own setup happens in the sandbox.
+    stack = session._setupstate.stack
+    stack[item] = ([], None)
+    try:
+        for name, _ in _wider_fixtures(item):
+            request.getfixturevalue(name)
+    finally:
+        finalizers, _ = stack.pop(item)
+        # Only wider fixtures ran: their finalizers belong to their own scope's node.
+        assert not finalizers, f"function-level finalizers registered in pytest's process: {finalizers}"
+
+
+def shared_snapshot(item: pytest.Item) -> tuple[int, ...] | None:
+    """Identity of the state a sandbox for ``item`` inherits: the setup stack
+    and each wider fixture's cached value. None when a fixture is not cached
+    yet (its setup would change pytest's process, so no sandbox can be
+    prepared in advance)."""
+    ids = [id(node) for node in item.session._setupstate.stack]
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for name, fixturedef in _wider_fixtures(item):
+        cached = fixturedef.cached_result
+        if cached is None:
+            return None
+        if name in params:
+            try:
+                if not (cached[1] is params[name] or cached[1] == params[name]):
+                    return None
+            except Exception:
+                return None
+        ids.append(id(cached))
+    return tuple(ids)
+
+
+def teardown_shared(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Tear down, in pytest's process, what ``nextitem`` does not need."""
+    item.session._setupstate.teardown_exact(nextitem)
+
+
+def release_parent_finalizers(item: pytest.Item) -> None:
+    """In the sandbox: keep only the item's own finalizers, so its teardown
+    never runs those of wider fixtures, which belong to pytest's process."""
+    stack = item.session._setupstate.stack
+    for node, (_, exc) in list(stack.items()):
+        if node is not item:
+            stack[node] = ([], exc)
+
+
+def call_in_phase(item: pytest.Item, when: str, func: Callable[[], None]) -> pytest.TestReport:
+    """Run ``func`` as (part of) phase ``when`` with pytest's per-item capture,
+    and make the report pytest would make for it."""
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    reraise: tuple[type[BaseException], ...] = (pytest.exit.Exception,)
+    if not item.config.getoption("usepdb", False):
+        reraise += (KeyboardInterrupt,)
+    if capman is not None:
+        with capman.item_capture(when, item):
+            call = CallInfo.from_call(func, when=when, reraise=reraise)  # type: ignore[arg-type]
+    else:
+        call = CallInfo.from_call(func, when=when, reraise=reraise)  # type: ignore[arg-type]
+    report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
+    return report
+
+
+def redirect_capture(config: pytest.Config, out_fd: int, err_fd: int) -> None:
+    """In the sandbox: point pytest's fd-level capture files at descriptors
+    pytest's process owns, so output survives a crash and is never mixed with
+    another sandbox's (CaptureManager._global_capturing, FDCapture.tmpfile)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    if capturing is None:
+        return
+    for capture, fd in ((capturing.out, out_fd), (capturing.err, err_fd)):
+        tmpfile = getattr(capture, "tmpfile", None)
+        targetfd = getattr(capture, "targetfd", None)
+        if tmpfile is None or not isinstance(targetfd, int) or not hasattr(tmpfile, "fileno"):
+            continue  # sys-level capture lives in memory: nothing to redirect
+        try:
+            number = tmpfile.fileno()
+        except (OSError, ValueError):
+            continue
+        # Same descriptor number, new file: every object holding it follows.
+        os.dup2(fd, number)
+        if getattr(capture, "_state", None) == "started":
+            os.dup2(number, targetfd)
+
+
+def basetemp(config: pytest.Config) -> str | None:
+    """The session's temp base, created in pytest's process so that every
+    sandbox makes its tmp_path below it on the host (TempPathFactory)."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is None:
+        return None
+    return str(factory.getbasetemp())
+
+
+def run_phases(item: pytest.Item, nextitem: pytest.Item | None,
+               send: Callable[[pytest.TestReport], None]) -> None:
+    """In the sandbox: runtestprotocol without logging, each report sent as soon
+    as it exists (a crash in teardown still delivers setup and call)."""
+    init_request(item)
+    rep = call_and_report(item, "setup", log=False)
+    send(rep)
+    if rep.passed:
+        if item.config.getoption("setupshow", False):
+            show_test_item(item)
+        if not item.config.getoption("setuponly", False):
+            send(call_and_report(item, "call", log=False))
+    if item.session.shouldfail or item.session.shouldstop:
+        nextitem = None
+    send(call_and_report(item, "teardown", log=False, nextitem=nextitem))
+
+
+def patch_rerunfailures(isolated_protocol: Callable[..., list[pytest.TestReport]]) -> None:
+    """pytest-rerunfailures runs items through its own module-level reference to
+    runtestprotocol; point it at ours so every rerun is isolated too."""
+    module = sys.modules.get("pytest_rerunfailures")
+    if module is not None and hasattr(module, "runtestprotocol"):
+        module.runtestprotocol = isolated_protocol

@@ -1,0 +1,77 @@
+"""What runs inside the sandbox: the test's protocol, its reports sent home.
+
+Called in the test process once the sandbox is ready and released. Reports
+travel through pytest's own pytest_report_to_serializable as JSON frames;
+warnings recorded here are forwarded so pytest's summary still shows them.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from typing import Any
+
+import pytest
+
+from . import _pytest_compat as compat
+from .protocol import send_message
+from .sandbox import TestContext
+
+__all__ = ["run_in_sandbox"]
+
+# Plugins whose hooks talk to another process over descriptors the sandbox
+# inherits (xdist's worker channel): in the sandbox they would corrupt it.
+_PLUGINS_TO_SILENCE = ("workerinteractor",)
+
+
+class _WarningForwarder:
+    """Registered in the sandbox: sends each recorded warning to pytest's process."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @pytest.hookimpl
+    def pytest_warning_recorded(self, warning_message: warnings.WarningMessage, when: str,
+                                nodeid: str, location: tuple[str, int, str] | None) -> None:
+        category = warning_message.category
+        send_message(self.fd, "warning", {
+            "message": str(warning_message.message),
+            "category": f"{category.__module__}.{category.__qualname__}",
+            "filename": str(warning_message.filename),
+            "lineno": int(warning_message.lineno or 0),
+            "when": when,
+            "nodeid": nodeid,
+        })
+
+
+def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
+    if len(data) != 4:
+        return None
+    (index,) = struct.unpack("<i", data)
+    items = item.session.items
+    return items[index] if 0 <= index < len(items) else None
+
+
+def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
+    """Run setup, call and teardown of ``item`` here, sending each report."""
+    config = item.config
+    manager = config.pluginmanager
+    for name in _PLUGINS_TO_SILENCE:
+        plugin = manager.get_plugin(name)
+        if plugin is not None:
+            manager.unregister(plugin)
+    manager.register(_WarningForwarder(ctx.result_fd), "isolate-warning-forwarder")
+    compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
+    compat.release_parent_finalizers(item)
+    nextitem = decode_nextitem(item, ctx.go_data)
+
+    def send(report: pytest.TestReport) -> None:
+        data: dict[str, Any] = config.hook.pytest_report_to_serializable(
+            config=config, report=report)
+        send_message(ctx.result_fd, "report", data)
+
+    try:
+        compat.run_phases(item, nextitem, send)
+    except pytest.exit.Exception as exc:
+        send_message(ctx.result_fd, "session_exit", {"msg": str(exc.msg),
+                                                     "returncode": exc.returncode})

@@ -1,0 +1,514 @@
+"""pytest's side of an isolated test: prepare, release, collect, classify.
+
+For each isolated item the engine
+  1. sets up, in pytest's process, the collectors and fixtures of wider scope
+     (once, inherited by every sandbox);
+  2. takes the sandbox prepared while the previous test ran, if pytest's state
+     is provably the one it was forked from, or spawns a new one;
+  3. releases it, and right away prepares the next item's sandbox so that its
+     fork, namespaces, root and cgroup placement overlap with this test;
+  4. reads the reports, validates them (the child is untrusted) and turns every
+     other ending into a readable failed report;
+  5. tears down in pytest's process what the next item does not need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pytest
+
+from . import _pytest_compat as compat
+from .child import run_in_sandbox
+from .protocol import Message
+from .rootfs import plan_rootfs, project_paths
+from .sandbox import SETUP_FAILED_EXIT, Sandbox, SandboxOutcome, SandboxPlan, spawn
+from .spec import IsolationSpec, SpecError, format_size
+
+__all__ = ["Engine", "IsolationUnavailable"]
+
+_PHASES = ("setup", "call", "teardown")
+
+
+class IsolationUnavailable(Exception):
+    """The host cannot give this test the isolation it asked for (names the fix)."""
+
+
+@dataclass
+class _Prepared:
+    item: pytest.Item
+    spec: IsolationSpec
+    snapshot: tuple[int, ...]
+    sandbox: Sandbox
+    cgroup: Any
+
+
+class Engine:
+    """One per pytest process (each xdist worker has its own)."""
+
+    def __init__(self, config: pytest.Config, spec_for: Callable[[pytest.Item], IsolationSpec]):
+        self.config = config
+        self.spec_for = spec_for
+        self.rootless = os.geteuid() != 0
+        self._plans: dict[IsolationSpec, SandboxPlan] = {}
+        self._filters: dict[frozenset[str], bytes] = {}
+        self._prepared: _Prepared | None = None
+        self._live: list[Sandbox] = []
+        self._staging: str | None = None
+        self._project: list[str] | None = None
+        self._index: dict[int, int] = {}
+        self._cgroups: Any = None
+        self._cgroup_error: str | None = None
+        self._cgroups_opened = False
+        #: A test called pytest.exit(): (message, returncode), raised after its reports.
+        self.pending_exit: tuple[str, int] | None = None
+
+    # ------------------------------------------------------------------ resources
+
+    def cgroups(self) -> Any:
+        if not self._cgroups_opened:
+            self._cgroups_opened = True
+            try:
+                from .cgroups import open_cgroups
+
+                self._cgroups = open_cgroups(owner_tag="pytest")
+            except Exception as exc:  # CgroupUnavailable and host surprises alike
+                self._cgroup_error = str(exc)
+        return self._cgroups
+
+    def close(self) -> None:
+        self._discard_prepared()
+        for sandbox in list(self._live):
+            sandbox.close()
+        self._live.clear()
+        if self._cgroups is not None:
+            with contextlib.suppress(Exception):
+                self._cgroups.close()
+        if self._staging is not None:
+            shutil.rmtree(os.path.dirname(self._staging), ignore_errors=True)
+
+    def _staging_dir(self) -> str:
+        if self._staging is None:
+            # An empty host directory the sandbox mounts its new root on (inside
+            # its own mount namespace: the host never sees the mount).
+            self._staging = os.path.join(tempfile.mkdtemp(prefix="pytest-isolate-"), "root")
+            os.mkdir(self._staging)
+        return self._staging
+
+    def _project_paths(self) -> list[str]:
+        if self._project is None:
+            extra = [str(self.config.rootpath), str(self.config.invocation_params.dir),
+                     os.getcwd()]
+            self._project = project_paths(extra)
+        return self._project
+
+    def plan_for(self, spec: IsolationSpec) -> SandboxPlan:
+        plan = self._plans.get(spec)
+        if plan is None:
+            plan = self._plans[spec] = self._build_plan(spec)
+        return plan
+
+    def _build_plan(self, spec: IsolationSpec) -> SandboxPlan:
+        namespaces = spec.has("namespaces")
+        rootfs = None
+        if namespaces and spec.has("rootfs"):
+            writable = [p for p in (compat.basetemp(self.config),) if p]
+            cgroups = self.cgroups()
+            rootfs = plan_rootfs(
+                staging=self._staging_dir(), cwd=os.getcwd(), home=os.environ.get("HOME"),
+                project=self._project_paths(), binds=spec.binds, writable_paths=writable,
+                tmpfs_size=spec.tmpfs_size, rootless=self.rootless,
+                cgroup2=getattr(cgroups, "version", 0) == 2)
+        caps = None
+        granted: frozenset[str] = frozenset()
+        if spec.has("caps") and (namespaces or not self.rootless):
+            from .capabilities import resolve_caps
+
+            caps = resolve_caps(spec.caps_drop, spec.caps_add, rootless=self.rootless)
+            granted = caps
+        program = None
+        if spec.seccomp and spec.has("seccomp"):
+            from .seccomp import build_filter, seccomp_available
+
+            reason = seccomp_available()
+            if reason:
+                raise IsolationUnavailable(
+                    f"the syscall filter is not available: {reason}; or run this test with "
+                    "@pytest.mark.isolated(seccomp=False) / --isolate-seccomp=false")
+            program = self._filters.get(granted)
+            if program is None:
+                program = self._filters[granted] = build_filter(granted)
+        return SandboxPlan(
+            namespaces=namespaces, rootless=self.rootless and namespaces,
+            new_net=spec.net == "none" and spec.pod is None, pod_netns=None,
+            hostname=spec.hostname, rootfs=rootfs, caps=caps, seccomp_program=program,
+            env_allow=spec.env, strict_fds=spec.strict)
+
+    def _foreign_fds(self) -> set[int]:
+        fds: set[int] = set()
+        for sandbox in self._live:
+            fds.update(sandbox.fds)
+        return fds
+
+    def _spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
+        plan = self.plan_for(spec)
+        cgroup = None
+        if spec.has("cgroup"):
+            from .cgroups import Limits
+
+            limits = Limits(memory=spec.memory, pids=spec.pids, cpu=spec.cpu)
+            manager = self.cgroups()
+            wants_limit = any(v is not None for v in (spec.memory, spec.pids, spec.cpu))
+            if manager is not None:
+                cgroup = manager.create(limits)
+            elif wants_limit:
+                raise IsolationUnavailable(
+                    f"this test asks for a resource limit but no usable cgroup was found: "
+                    f"{self._cgroup_error}")
+        # Freeze what pytest's process holds so the sandbox's garbage collector
+        # does not write to (copy, and be charged for) the whole inherited heap;
+        # unfreeze right after so pytest's own cycles are still collected.
+        gc.freeze()
+        try:
+            sandbox = spawn(plan, cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
+                            run_test=partial(run_in_sandbox, item),
+                            foreign_fds=self._foreign_fds,
+                            cleanup=cgroup.remove if cgroup else None)
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        finally:
+            gc.unfreeze()
+        self._live.append(sandbox)
+        return sandbox, cgroup
+
+    def _release(self, sandbox: Sandbox) -> None:
+        sandbox.close()
+        with contextlib.suppress(ValueError):
+            self._live.remove(sandbox)
+
+    def _discard_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            self._release(prepared.sandbox)
+
+    def _index_of(self, item: pytest.Item | None) -> int:
+        if item is None:
+            return -1
+        items = item.session.items
+        if len(self._index) != len(items):
+            self._index = {id(it): i for i, it in enumerate(items)}
+        return self._index.get(id(item), -1)
+
+    # ------------------------------------------------------------------ the protocol
+
+    def run(self, item: pytest.Item, nextitem: pytest.Item | None,
+            spec: IsolationSpec) -> list[pytest.TestReport]:
+        """runtestprotocol for one isolated item; returns its reports in order."""
+        compat.init_request(item)
+        setup = compat.call_in_phase(item, "setup", lambda: compat.setup_shared(item))
+        if not setup.passed:
+            self._discard_prepared()
+            return [setup, self._teardown(item, nextitem, None)]
+        try:
+            sandbox, cgroup = self._take_or_spawn(item, spec)
+        except (SpecError, IsolationUnavailable, OSError) as exc:
+            report = self._report(item, "setup", _setup_error_text(item, exc), spec=spec)
+            return [report, self._teardown(item, nextitem, None)]
+        sandbox.go(struct.pack("<i", self._index_of(nextitem)))
+        self._prepare_next(item, nextitem)
+        try:
+            outcome = sandbox.collect(spec.timeout)
+        except KeyboardInterrupt:
+            self._release(sandbox)
+            raise
+        stats = None
+        if cgroup is not None:
+            with contextlib.suppress(OSError):
+                stats = cgroup.stats()
+        out, err = _read(sandbox.out_fd), _read(sandbox.err_fd)
+        self._release(sandbox)
+        return self._interpret(item, nextitem, spec, outcome, stats, out, err)
+
+    def _take_or_spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            if (prepared.item is item and prepared.spec == spec
+                    and compat.shared_snapshot(item) == prepared.snapshot
+                    and prepared.sandbox.pid > 0):
+                return prepared.sandbox, prepared.cgroup
+            self._release(prepared.sandbox)
+        return self._spawn(item, spec)
+
+    def _prepare_next(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        """Fork the next item's sandbox now, while this test runs, when pytest's
+        state for it is already final: same parent (nothing to tear down) and
+        every wider fixture it needs already cached (nothing to set up)."""
+        if nextitem is None or nextitem.parent is not item.parent:
+            return
+        if self.config.getoption("usepdb", False):
+            return
+        try:
+            spec = self.spec_for(nextitem)
+        except SpecError:
+            return
+        if not spec.enabled or compat.evaluate_skip(nextitem):
+            return
+        snapshot = compat.shared_snapshot(nextitem)
+        if snapshot is None:
+            return
+        try:
+            sandbox, cgroup = self._spawn(nextitem, spec)
+        except Exception:
+            return  # it fails again, with a report, when its turn comes
+        self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup)
+
+    def _teardown(self, item: pytest.Item, nextitem: pytest.Item | None,
+                  child: pytest.TestReport | None) -> pytest.TestReport:
+        parent = compat.call_in_phase(item, "teardown",
+                                      lambda: compat.teardown_shared(item, nextitem))
+        if child is None:
+            return parent
+        if parent.failed and not child.failed:
+            parent.sections = [*child.sections, *parent.sections]
+            return parent
+        if parent.failed:
+            child.sections.append(("teardown of wider fixtures in pytest's process",
+                                   str(parent.longrepr)))
+        return child
+
+    # ------------------------------------------------------------------ results
+
+    def _interpret(self, item: pytest.Item, nextitem: pytest.Item | None,
+                   spec: IsolationSpec, outcome: SandboxOutcome, stats: Any, out: str,
+                   err: str) -> list[pytest.TestReport]:
+        reports: list[pytest.TestReport] = []
+        problem: str | None = None
+        done = False
+        setup_failure: dict[str, Any] | None = None
+        exit_request: tuple[str, int] | None = None
+        for msg in outcome.messages:
+            if msg.type == "report":
+                report, problem = self._accept_report(item, msg, reports)
+                if report is not None:
+                    reports.append(report)
+            elif msg.type == "warning":
+                problem = _replay_warning(item, msg.payload)
+            elif msg.type == "done":
+                done = True
+            elif msg.type == "setup_failed" and isinstance(msg.payload, dict):
+                setup_failure = msg.payload
+            elif msg.type == "session_exit" and isinstance(msg.payload, dict):
+                exit_request = (str(msg.payload.get("msg", "")),
+                                _int(msg.payload.get("returncode"), 1))
+            if problem:
+                break
+        if outcome.protocol_error and not problem:
+            problem = outcome.protocol_error
+        phase = _next_phase(reports, item)
+        oom = bool(stats and stats.oom_kills)
+        text: str | None = None
+        if problem:
+            text = f"the isolated test sent a malformed result: {problem}"
+        elif outcome.timed_out:
+            text = (f"Timeout: the test ran longer than its timeout of {spec.timeout:g} s; its "
+                    "whole process tree was killed.")
+            if outcome.stack:
+                text += "\n\n" + outcome.stack.rstrip()
+        elif setup_failure is not None:
+            text = _setup_failure_text(setup_failure)
+        elif not done and phase != "done":
+            text = _crash_text(outcome, spec, stats, oom)
+        if text is not None and phase != "done":
+            sections = _output_sections(phase, out, err)
+            reports.append(self._report(item, phase, text, spec=spec, sections=sections,
+                                        duration=outcome.duration))
+        elif text is not None:
+            # Every report arrived but the end was not clean: note it on teardown.
+            reports[-1].sections.append(("isolation", text))
+        if oom and text is None and reports:
+            reports[-1].sections.append((
+                "isolation", f"the kernel's OOM killer ended {stats.oom_kills} process(es) "
+                "of this test (its memory limit is "
+                f"{format_size(spec.memory) if spec.memory else 'unset'})"))
+        child_teardown = reports.pop() if reports and reports[-1].when == "teardown" else None
+        reports.append(self._teardown(item, nextitem, child_teardown))
+        _annotate(reports, spec, stats)
+        if exit_request is not None:
+            self.pending_exit = exit_request
+        return reports
+
+    def _accept_report(self, item: pytest.Item, msg: Message,
+                       reports: list[pytest.TestReport]
+                       ) -> tuple[pytest.TestReport | None, str | None]:
+        data = msg.payload
+        if not isinstance(data, dict) or data.get("$report_type") != "TestReport":
+            return None, "a report frame does not hold a TestReport"
+        # JSON has no tuples; pytest expects them where execnet would keep them.
+        for key in ("location", "longrepr"):
+            value = data.get(key)
+            if isinstance(value, list) and len(value) == 3:
+                data[key] = tuple(value)
+        if isinstance(data.get("sections"), list):
+            data["sections"] = [tuple(s) if isinstance(s, list) else s for s in data["sections"]]
+        try:
+            report = self.config.hook.pytest_report_from_serializable(config=self.config,
+                                                                      data=data)
+        except Exception as exc:
+            return None, f"a report could not be rebuilt ({type(exc).__name__}: {exc})"
+        if not isinstance(report, pytest.TestReport) or report.nodeid != item.nodeid:
+            return None, f"a report names another test ({getattr(report, 'nodeid', None)!r})"
+        if report.when != _next_phase(reports, item):
+            return None, f"a {report.when!r} report arrived out of order"
+        if report.outcome not in ("passed", "failed", "skipped"):
+            return None, f"a report has the outcome {report.outcome!r}"
+        return report, None
+
+    def _report(self, item: pytest.Item, when: str, text: str, *, spec: IsolationSpec | None,
+                sections: list[tuple[str, str]] | None = None,
+                duration: float = 0.0) -> pytest.TestReport:
+        now = time.time()
+        return pytest.TestReport(
+            item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed", text, when,
+            sections=sections or [], duration=duration, start=now - duration, stop=now,
+            user_properties=list(getattr(item, "user_properties", [])))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read(fd: int) -> str:
+    from .sandbox import read_memfd
+
+    try:
+        return read_memfd(fd)
+    except OSError:
+        return ""
+
+
+def _int(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _next_phase(reports: list[pytest.TestReport], item: pytest.Item) -> str:
+    if not reports:
+        return "setup"
+    last = reports[-1]
+    if last.when == "setup":
+        if last.passed and not item.config.getoption("setuponly", False):
+            return "call"
+        return "teardown"
+    if last.when == "call":
+        return "teardown"
+    return "done"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _crash_text(outcome: SandboxOutcome, spec: IsolationSpec, stats: Any, oom: bool) -> str:
+    if oom:
+        limit = format_size(spec.memory) if spec.memory else "unset"
+        peak = format_size(stats.peak_memory) if stats.peak_memory else "unknown"
+        return (f"MemoryError-like: test exceeded its memory limit of {limit} (peak {peak}); "
+                "the kernel's OOM killer ended it. Raise it with "
+                "@pytest.mark.isolated(memory=...) or --isolate-memory")
+    status = outcome.test_status
+    if status is None:
+        status = outcome.wait_status
+    if status is None:
+        return "the isolated test ended without reporting a result"
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        extra = ""
+        if sig == signal.SIGKILL and spec.pids:
+            extra = " (nothing in the kernel's counters says why; another process may have sent it)"
+        return f"the test process was killed by {_signal_name(sig)} ({sig}){extra}"
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
+    if outcome.test_status is None and code == SETUP_FAILED_EXIT:
+        return "the sandbox failed during setup without saying why"
+    return (f"the test process exited with status {code} before reporting a result "
+            "(os._exit() or a C library's exit() in the test)")
+
+
+def _setup_failure_text(payload: dict[str, Any]) -> str:
+    step = str(payload.get("step", "?"))
+    error = str(payload.get("error", "?"))
+    return (f"isolation setup failed at step '{step}': {error}\n"
+            "Run `python -m pytest_isolate doctor` to see what this host supports; "
+            "docs/troubleshooting.md lists each setup error and its fix.")
+
+
+def _setup_error_text(item: pytest.Item, exc: BaseException) -> str:
+    if isinstance(exc, (SpecError, IsolationUnavailable)):
+        return f"{item.nodeid}: {exc}"
+    return f"{item.nodeid}: could not start the sandbox: {exc}"
+
+
+def _output_sections(phase: str, out: str, err: str) -> list[tuple[str, str]]:
+    sections = []
+    if out:
+        sections.append((f"Captured stdout {phase}", out))
+    if err:
+        sections.append((f"Captured stderr {phase}", err))
+    return sections
+
+
+def _replay_warning(item: pytest.Item, payload: Any) -> str | None:
+    if not isinstance(payload, dict):
+        return "a warning frame is not an object"
+    message = str(payload.get("message", ""))[:10000]
+    category_name = str(payload.get("category", ""))
+    category: type[Warning] = UserWarning
+    for candidate in (pytest.PytestWarning, DeprecationWarning, PendingDeprecationWarning,
+                      RuntimeWarning, UserWarning, FutureWarning, ResourceWarning,
+                      SyntaxWarning, ImportWarning, UnicodeWarning, BytesWarning):
+        if category_name.endswith("." + candidate.__qualname__):
+            category = candidate
+            break
+    warning = warnings.WarningMessage(category(message), category,
+                                      str(payload.get("filename", "?")),
+                                      _int(payload.get("lineno"), 0))
+    item.config.hook.pytest_warning_recorded.call_historic(kwargs={
+        "warning_message": warning, "when": "runtest", "nodeid": item.nodeid,
+        "location": None})
+    return None
+
+
+def _annotate(reports: list[pytest.TestReport], spec: IsolationSpec, stats: Any) -> None:
+    """What the report says about its isolation: -v, failures and junitxml."""
+    peak = getattr(stats, "peak_memory", None) if stats is not None else None
+    summary = spec.summary()
+    for report in reports:
+        report.isolate_summary = summary  # type: ignore[attr-defined]
+        if report.failed and not any(name == "isolation" for name, _ in report.sections):
+            report.sections.append(("isolation", f"ran isolated: {summary}"))
+    last = reports[-1]
+    if peak is not None:
+        last.isolate_peak_memory = int(peak)  # type: ignore[attr-defined]
+        last.user_properties.append(("isolate_peak_memory", int(peak)))
+    if stats is not None:
+        if getattr(stats, "pids_max_hits", 0):
+            last.sections.append(("isolation", f"the pids limit of {spec.pids} was hit "
+                                  f"{stats.pids_max_hits} time(s): fork() failed with EAGAIN"))
+        if getattr(stats, "nr_throttled", None):
+            last.sections.append(("isolation", f"CPU quota {spec.cpu} cores: throttled "
+                                  f"{stats.nr_throttled} time(s), "
+                                  f"{(stats.throttled_usec or 0) / 1e6:.2f} s in all"))

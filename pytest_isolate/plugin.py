@@ -1,0 +1,266 @@
+"""The pytest plugin: options, the ``isolated`` marker and the protocol hook.
+
+Precedence of every option, low to high:
+  1. built-in defaults (pytest_isolate.spec.IsolationSpec)
+  2. ini keys (``isolate_memory = 200M`` in pytest.ini / pyproject.toml)
+  3. command line (``--isolate-memory=200M``)
+  4. markers, nearest first (function < class < module ``pytestmark``)
+
+Three error channels, never mixed: a bad command-line or ini value is a
+pytest.UsageError; a bad marker argument is an error on that one test; a host
+that lacks a feature errors (or skips) the test that needs it, naming the fix.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+from _pytest.runner import runtestprotocol as _plain_runtestprotocol
+
+from . import _pytest_compat as compat
+from .engine import Engine
+from .spec import OPTIONS, IsolationSpec, SpecError, default_values, format_size, resolve_spec
+
+__all__ = ["runtestprotocol"]
+
+_spec_key = pytest.StashKey["IsolationSpec | SpecError"]()
+_engine_key = pytest.StashKey[Engine]()
+_base_key = pytest.StashKey[dict[str, Any]]()
+_peaks_key = pytest.StashKey[list[tuple[int, str]]]()
+
+MARKER_DOC = (
+    "isolated(enabled=True, *, timeout=None, memory=None, pids=None, cpu=None, "
+    "caps_drop=(), caps_add=(), seccomp=True, net='none', pod=None, hostname='isolated', "
+    "fs='readonly', rootfs=None, binds=(), env=None, strict=False, tmpfs_size='512M', "
+    "layers='all'): run the test in a throw-away Linux container (own namespaces, read-only "
+    "root, cgroup limits, capabilities dropped, syscall filter). isolated(False) runs it "
+    "without isolation under --isolate. Options: see docs/options.md."
+)
+
+# Distributions that cannot be installed beside this one (same import name or
+# the same marker and flag with other meanings).
+_CLASHING = {
+    "pytest-isolate": "PyPI's 'pytest-isolate' (another project) uses the same import name "
+                      "'pytest_isolate' and the same --isolate flag",
+    "pytest-isolated": "'pytest-isolated' owns a marker also called 'isolated'",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("isolate", "run tests in throw-away Linux containers "
+                                       "(pytest-isolate-linux)")
+    group.addoption("--isolate", action="store_true", default=None,
+                    help="isolate every collected test (ini: isolate = true)")
+    parser.addini("isolate", type="bool", default=False,
+                  help="isolate every collected test (--isolate)")
+    for option in OPTIONS:
+        group.addoption(option.cli, dest="isolate_" + option.name, metavar=option.metavar,
+                        default=None, help=f"{option.help} (ini: {option.ini})")
+        parser.addini(option.ini, help=f"{option.help} ({option.cli})", default=None)
+    group.addoption("--isolate-peak-memory", type=int, metavar="N", default=None,
+                    dest="isolate_peak_memory_n",
+                    help="show the N isolated tests with the highest peak memory "
+                         "(N=0: all; ini: isolate_peak_memory)")
+    parser.addini("isolate_peak_memory", help="like --isolate-peak-memory", default=None)
+    group.addoption("--isolate-doctor", action="store_true", default=False,
+                    help="check which isolation features this host supports, print the fixes "
+                         "for those missing, and exit")
+
+
+def _check_clashes() -> None:
+    for name, why in _CLASHING.items():
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        raise pytest.UsageError(
+            f"pytest-isolate-linux cannot run beside the installed distribution {name!r}: "
+            f"{why}.\nUninstall one of them, e.g. `pip uninstall {name}`.")
+
+
+def _base_values(config: pytest.Config) -> dict[str, Any]:
+    """Defaults < ini < command line, each parsed once; bad values are usage errors."""
+    from .spec import parse_option
+
+    values = default_values()
+    values["enabled"] = bool(config.getini("isolate"))
+    if config.getoption("isolate"):
+        values["enabled"] = True
+    for option in OPTIONS:
+        raw_ini = config.getini(option.ini)
+        raw_cli = config.getoption("isolate_" + option.name)
+        for source, raw in ((f"ini {option.ini} = {raw_ini!r}", raw_ini),
+                            (f"{option.cli}={raw_cli}", raw_cli)):
+            if raw in (None, "", []):
+                continue
+            try:
+                values[option.name] = parse_option(option.name, raw)
+            except SpecError as exc:
+                raise pytest.UsageError(f"{source}: {exc}") from None
+    return values
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_DOC)
+    _check_clashes()
+    base = _base_values(config)
+    config.stash[_base_key] = base
+    config.stash[_peaks_key] = []
+    config.pluginmanager.register(_PeakRecorder(config.stash[_peaks_key]), "isolate-peaks")
+    if base["enabled"] and not sys.platform.startswith("linux"):
+        raise pytest.UsageError(
+            f"--isolate needs Linux (namespaces, cgroups); this is {sys.platform}. "
+            "Run without --isolate, or on a Linux host or VM.")
+    if base["enabled"] and not hasattr(os, "fork"):
+        raise pytest.UsageError("--isolate needs os.fork(), which this Python lacks")
+    config.stash[_engine_key] = Engine(config, lambda item: spec_for(item))
+    compat.patch_rerunfailures(runtestprotocol)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    engine = config.stash.get(_engine_key, None)
+    if engine is not None:
+        engine.close()
+        del config.stash[_engine_key]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    engine = session.config.stash.get(_engine_key, None)
+    if engine is not None:
+        engine.close()
+
+
+def pytest_cmdline_main(config: pytest.Config) -> int | None:
+    if config.getoption("isolate_doctor", False):
+        from .doctor import run_doctor
+
+        return run_doctor(print)
+    return None
+
+
+def spec_for(item: pytest.Item) -> IsolationSpec:
+    """The item's spec, resolved once (SpecError re-raised on every call)."""
+    cached = item.stash.get(_spec_key, None)
+    if cached is None:
+        try:
+            cached = resolve_spec(
+                base=item.config.stash[_base_key],
+                marker_layers=[(m.args, m.kwargs) for m in item.iter_markers("isolated")],
+                where=item.nodeid)
+        except SpecError as exc:
+            cached = exc
+        item.stash[_spec_key] = cached
+    if isinstance(cached, SpecError):
+        raise cached
+    return cached
+
+
+def runtestprotocol(item: pytest.Item, log: bool = True,
+                    nextitem: pytest.Item | None = None) -> list[pytest.TestReport]:
+    """pytest's runtestprotocol, isolated where the item's spec says so.
+
+    This is the unit that plugins re-running tests (pytest-rerunfailures) call,
+    so every rerun is isolated too.
+    """
+    engine = item.config.stash[_engine_key]
+    try:
+        spec = spec_for(item)
+    except SpecError as exc:
+        reports = [engine._report(item, "setup", str(exc), spec=None),
+                   engine._teardown(item, nextitem, None)]
+    else:
+        if not spec.enabled or compat.evaluate_skip(item):
+            return _plain_runtestprotocol(item, log=log, nextitem=nextitem)
+        if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+            reports = [engine._report(item, "setup", f"{item.nodeid}: isolation needs Linux "
+                                      f"and os.fork(); this is {sys.platform}", spec=spec),
+                       engine._teardown(item, nextitem, None)]
+        else:
+            reports = engine.run(item, nextitem, spec)
+    if log:
+        for report in reports:
+            item.ihook.pytest_runtest_logreport(report=report)
+    exit_request, engine.pending_exit = engine.pending_exit, None
+    if exit_request is not None:
+        pytest.exit(exit_request[0], exit_request[1])
+    return reports
+
+
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    try:
+        spec = spec_for(item)
+    except SpecError:
+        spec = None
+    if spec is not None and not spec.enabled:
+        return None  # pytest's own protocol runs it, untouched
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    runtestprotocol(item, log=True, nextitem=nextitem)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config
+                             ) -> Generator[None, Any, Any]:
+    result = yield
+    summary = getattr(report, "isolate_summary", None)
+    verbose = config.get_verbosity()
+    if summary and verbose > 0 and isinstance(result, tuple) and len(result) == 3:
+        category, letter, word = result
+        tag = f"[isolated: {summary}]" if verbose > 1 else "[isolated]"
+        if isinstance(word, tuple) and word and word[0]:
+            word = (f"{word[0]} {tag}", *word[1:])
+        elif isinstance(word, str) and word:
+            word = f"{word} {tag}"
+        result = (category, letter, word)
+    return result
+
+
+class _PeakRecorder:
+    """Collects peak memory from reports (in the xdist controller too, where
+    reports arrive from the workers with their attributes)."""
+
+    def __init__(self, peaks: list[tuple[int, str]]) -> None:
+        self.peaks = peaks
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        peak = getattr(report, "isolate_peak_memory", None)
+        if isinstance(peak, int) and not isinstance(peak, bool):
+            self.peaks.append((peak, report.nodeid))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    base = config.stash.get(_base_key, {})
+    if not base.get("enabled") and config.get_verbosity() < 1:
+        return None
+    from .doctor import header_line
+
+    return [header_line(config.stash[_engine_key])]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    count = config.getoption("isolate_peak_memory_n")
+    if count is None:
+        raw = config.getini("isolate_peak_memory")
+        if raw in (None, ""):
+            return
+        try:
+            count = int(raw)
+        except ValueError:
+            raise pytest.UsageError(
+                f"ini isolate_peak_memory = {raw!r}: use a whole number, e.g. 10") from None
+    peaks = sorted(config.stash[_peaks_key], reverse=True)
+    if count:
+        peaks = peaks[:count]
+    title = "isolated tests by peak memory" + (f" (top {count})" if count else "")
+    terminalreporter.write_sep("=", title)
+    if not peaks:
+        terminalreporter.write_line("(no isolated test reported its peak memory)")
+    for peak, nodeid in peaks:
+        terminalreporter.write_line(f"{format_size(peak):>12}  {nodeid}")

@@ -1,0 +1,360 @@
+"""The new root file system: planned once per session, built in each sandbox.
+
+``plan_rootfs`` (in pytest's process, once per distinct spec) turns the spec
+and the host into a list of typed mount operations, as bubblewrap does with its
+options; ``apply_rootfs`` (in the sandbox, already in its own mount, pid and
+user namespaces) executes them in order on a fresh tmpfs, then pivots into it
+and detaches the old root. Nothing here imports pytest.
+
+The default view (see docs/how-it-works.md):
+- host system directories read-only, recursively (submounts included);
+- the project, the Python installation and sys.path read-only, wherever they live;
+- /home, /root, /run, /mnt, /media, /srv empty unless granted; secrets masked;
+- private writable tmpfs for /tmp, /var/tmp and $HOME; the test's temp base bound
+  writable; a fresh /proc with runc's masks, a minimal /dev, /sys read-only;
+- every writable mount nodev,nosuid.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import stat
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from . import syscalls as sc
+from .spec import Bind
+
+__all__ = ["Op", "RootfsPlan", "SetupStepError", "apply_rootfs", "plan_rootfs"]
+
+#: Host directories shown read-only (symlinks such as /bin -> usr/bin are copied as links).
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+               "/var")
+#: Directories that exist but stay empty unless a path inside them is granted.
+EMPTY_DIRS = ("/home", "/root", "/run", "/mnt", "/media", "/srv", "/tmp", "/var/tmp")
+#: Secrets inside the read-only system view, masked with an empty file or directory.
+MASKED_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-",
+                "/etc/security/opasswd")
+MASKED_GLOBS = ("/etc/ssh/ssh_host_*_key",)
+MASKED_DIRS = ("/etc/ssl/private",)
+# runc's defaults: kernel information and knobs a container has no business with.
+PROC_MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+                     "/proc/timer_stats", "/proc/sched_debug", "/proc/sysrq-trigger")
+PROC_MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi")
+PROC_READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys")
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+class SetupStepError(Exception):
+    """A sandbox setup step failed; names the step, and the OSError's call and errno."""
+
+    def __init__(self, step: str, error: OSError) -> None:
+        super().__init__(f"{step}: {error.strerror or error}")
+        self.step = step
+        self.errno = error.errno
+
+
+@dataclass(frozen=True)
+class Op:
+    """One step of building the root. ``target`` is the path inside the sandbox."""
+
+    kind: str  # dir | symlink | bind | tmpfs | mask_file | mask_dir | proc | dev | sys
+    target: str
+    source: str = ""
+    writable: bool = False
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class RootfsPlan:
+    staging: str                 # host directory the new root is mounted on
+    ops: tuple[Op, ...]
+    cwd: str                     # working directory inside the sandbox
+    rootless: bool
+    cgroup2: bool = False        # mount the (namespaced) cgroup2 tree at /sys/fs/cgroup
+    notes: tuple[str, ...] = field(default=())
+
+
+def _exists(path: str) -> bool:
+    return os.path.lexists(path)
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def project_paths(extra: Iterable[str]) -> list[str]:
+    """Directories the test needs to import: sys.path, the interpreter, the
+    project and the packages already imported (editable installs point outside
+    sys.path). Collapsed so that no path is listed below another."""
+    candidates: set[str] = set()
+    for entry in (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix,
+                  os.path.dirname(sys.executable), *extra):
+        if entry and os.path.isabs(entry) and os.path.exists(entry):
+            candidates.add(os.path.abspath(entry))
+            candidates.add(os.path.realpath(entry))
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and os.path.isabs(path):
+            candidates.add(os.path.dirname(os.path.realpath(path)))
+    try:
+        candidates.add(os.path.realpath(sys.executable))
+    except OSError:
+        pass
+    kept: list[str] = []
+    for path in sorted(candidates, key=lambda p: (p.count("/"), p)):
+        if path == "/" or any(_under(path, d) for d in (*SYSTEM_DIRS, "/proc", "/sys", "/dev")):
+            continue
+        if any(_under(path, k) for k in kept):
+            continue
+        kept.append(path)
+    return sorted(kept)
+
+
+def _var_sockets(limit: int = 20000) -> list[str]:
+    """Unix sockets under /var (read-only mounts do not stop connect()).
+    The scan is bounded; /var/run and /var/lock usually link to the empty /run."""
+    found: list[str] = []
+    seen = 0
+    for top, dirs, files in os.walk("/var"):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))
+                   and os.path.join(top, d) not in ("/var/lib/docker", "/var/lib/containers",
+                                                    "/var/cache", "/var/tmp")]
+        for name in files:
+            seen += 1
+            path = os.path.join(top, name)
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    found.append(path)
+            except OSError:
+                pass
+        if seen > limit:
+            break
+    return found
+
+
+def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[str],
+                binds: Sequence[Bind], writable_paths: Sequence[str], tmpfs_size: int,
+                rootless: bool, cgroup2: bool) -> RootfsPlan:
+    """Build the ordered list of operations for the default read-only host view."""
+    ops: list[Op] = []
+    for path in SYSTEM_DIRS:
+        if os.path.islink(path):
+            ops.append(Op("symlink", path, source=os.readlink(path)))
+        elif os.path.isdir(path):
+            ops.append(Op("bind", path, source=path))
+    for path in EMPTY_DIRS:
+        if path in ("/tmp", "/var/tmp"):
+            ops.append(Op("tmpfs", path, writable=True, size=tmpfs_size))
+        elif not os.path.islink(path):
+            ops.append(Op("dir", path))
+    if home and os.path.isabs(home) and home != "/" and not any(
+            _under(home, d) for d in SYSTEM_DIRS):
+        # A private, writable, throw-away $HOME: tools that write ~/.cache work.
+        ops.append(Op("tmpfs", home, writable=True, size=tmpfs_size))
+    for path in MASKED_FILES:
+        if os.path.isfile(path):
+            ops.append(Op("mask_file", path))
+    for pattern in MASKED_GLOBS:
+        ops.extend(Op("mask_file", p) for p in sorted(glob.glob(pattern)))
+    for path in MASKED_DIRS:
+        if os.path.isdir(path):
+            ops.append(Op("mask_dir", path))
+    ops.extend(Op("mask_file", p) for p in _var_sockets())
+    for path in project:
+        ops.append(Op("bind", path, source=path))
+    for path in writable_paths:
+        ops.append(Op("bind", path, source=path, writable=True))
+    for bind in binds:
+        ops.append(Op("bind", bind.target, source=bind.source, writable=bind.writable))
+    # Kernel file systems come last among the parents they live in.
+    ops.append(Op("proc", "/proc"))
+    ops.append(Op("dev", "/dev", size=tmpfs_size))
+    ops.append(Op("sys", "/sys"))
+    # Depth order: a mount must exist before anything is mounted inside it.
+    # sorted() is stable, so same-depth operations keep their order above.
+    ordered = sorted(ops, key=lambda op: op.target.rstrip("/").count("/"))
+    return RootfsPlan(staging=staging, ops=tuple(ordered), cwd=cwd, rootless=rootless,
+                      cgroup2=cgroup2)
+
+
+# --------------------------------------------------------------------------- in the sandbox
+
+
+def _step(name: str) -> _Step:
+    return _Step(name)
+
+
+class _Step:
+    """Context manager turning an OSError into a SetupStepError naming the step."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, OSError) and not isinstance(exc, SetupStepError):
+            raise SetupStepError(self.name, exc) from exc
+        return False
+
+
+def _mkdirs(path: str) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def _mountpoint(dest: str, source_is_dir: bool) -> None:
+    if source_is_dir:
+        _mkdirs(dest)
+    elif not os.path.lexists(dest):
+        _mkdirs(os.path.dirname(dest))
+        os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+
+def _make_readonly(dest: str) -> None:
+    # A read-only bind takes a second call; MS_BIND|MS_RDONLY alone stays writable.
+    # mount_setattr covers submounts too (/sys/fs/cgroup under /sys, ...).
+    if not sc.mount_setattr_rdonly(dest):
+        sc.mount(None, dest, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_REC)
+
+
+def _bind(op: Op, root: str) -> None:
+    dest = root + op.target
+    if not os.path.lexists(op.source):
+        raise SetupStepError(f"bind {op.source} -> {op.target}",
+                             FileNotFoundError(2, "the host path does not exist"))
+    _mountpoint(dest, os.path.isdir(op.source))
+    sc.mount(op.source, dest, None, sc.MS_BIND | sc.MS_REC)
+    if op.writable:
+        # Writable grants never carry devices or setuid programs (CAP_MKNOD + a
+        # writable mount with devices = the host's disk).
+        sc.mount(None, dest, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV)
+    else:
+        _make_readonly(dest)
+
+
+def _tmpfs(dest: str, size: int, mode: str = "1777", readonly: bool = False) -> None:
+    _mkdirs(dest)
+    flags = sc.MS_NOSUID | sc.MS_NODEV
+    sc.mount("tmpfs", dest, "tmpfs", flags, f"mode={mode},size={max(size, 4096)}")
+    if readonly:
+        sc.mount(None, dest, None, sc.MS_REMOUNT | sc.MS_RDONLY | flags)
+
+
+def _mask_file(root: str, target: str) -> None:
+    dest = root + target
+    if os.path.lexists(dest):
+        sc.mount("/dev/null", dest, None, sc.MS_BIND)
+
+
+def _setup_proc(root: str) -> None:
+    dest = root + "/proc"
+    _mkdirs(dest)
+    # A fresh proc: only the sandbox's pid namespace is visible, so no
+    # /proc/<host pid>/root leads back to the host.
+    sc.mount("proc", dest, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    for path in PROC_MASKED_FILES:
+        _mask_file(root, path)
+    for path in PROC_MASKED_DIRS:
+        if os.path.isdir(root + path):
+            _tmpfs(root + path, 4096, mode="0555", readonly=True)
+    for path in PROC_READONLY:
+        if os.path.exists(root + path):
+            sc.mount(root + path, root + path, None, sc.MS_BIND | sc.MS_REC)
+            _make_readonly(root + path)
+
+
+def _setup_dev(root: str, size: int, rootless: bool) -> None:
+    dest = root + "/dev"
+    # nodev on the tmpfs itself: a node made with mknod here cannot be opened;
+    # the bound host nodes below are mounts of their own and keep working.
+    _tmpfs(dest, 1024 * 1024, mode="0755")
+    for name in DEVICES:
+        if os.path.exists("/dev/" + name):
+            _mountpoint(f"{dest}/{name}", False)
+            sc.mount("/dev/" + name, f"{dest}/{name}", None, sc.MS_BIND)
+    _mkdirs(dest + "/pts")
+    opts = "newinstance,ptmxmode=0666,mode=0620" + ("" if rootless else ",gid=5")
+    try:
+        sc.mount("devpts", dest + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, opts)
+        os.symlink("pts/ptmx", dest + "/ptmx")
+    except OSError:
+        pass  # no private pty: programs needing one fail as on a host without devpts
+    _tmpfs(dest + "/shm", size)
+    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dest}/{link}")
+    os.chmod(dest, 0o755)
+
+
+def _setup_sys(root: str, cgroup2: bool) -> None:
+    dest = root + "/sys"
+    _mkdirs(dest)
+    flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | sc.MS_RDONLY
+    try:
+        # A fresh sysfs shows the sandbox's own network devices (lo only).
+        sc.mount("sysfs", dest, "sysfs", flags)
+    except OSError:
+        # Not allowed without an own network namespace (net="host" rootless).
+        sc.mount("/sys", dest, None, sc.MS_BIND | sc.MS_REC)
+        _make_readonly(dest)
+        return
+    if cgroup2:
+        try:
+            sc.mount("cgroup2", dest + "/fs/cgroup", "cgroup2", flags)
+        except OSError:
+            pass  # informational only: the limits are enforced from outside
+
+
+def apply_rootfs(plan: RootfsPlan) -> None:
+    """Build the root described by ``plan`` and pivot into it.
+
+    Runs in the sandbox after its mount, pid (and user) namespaces exist and
+    before the capability drop. Every failure raises SetupStepError naming the
+    step, the syscall, the path and the errno.
+    """
+    root = plan.staging
+    with _step("make / a recursive slave mount"):
+        # First, or every mount below would propagate back to the host.
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    with _step(f"mount tmpfs on {root}"):
+        sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=1m")
+    for op in plan.ops:
+        with _step(f"{op.kind} {op.target}"):
+            if op.kind == "dir":
+                _mkdirs(root + op.target)
+            elif op.kind == "symlink":
+                os.symlink(op.source, root + op.target)
+            elif op.kind == "bind":
+                _bind(op, root)
+            elif op.kind == "tmpfs":
+                _tmpfs(root + op.target, op.size)
+            elif op.kind == "mask_file":
+                _mask_file(root, op.target)
+            elif op.kind == "mask_dir":
+                if os.path.isdir(root + op.target):
+                    _tmpfs(root + op.target, 4096, mode="0000", readonly=True)
+            elif op.kind == "proc":
+                _setup_proc(root)
+            elif op.kind == "dev":
+                _setup_dev(root, op.size, plan.rootless)
+            elif op.kind == "sys":
+                _setup_sys(root, plan.cgroup2)
+            else:  # pragma: no cover - plans are built by plan_rootfs only
+                raise SetupStepError(op.kind, OSError(22, "unknown operation"))
+    with _step("pivot_root into the new root"):
+        # runc's way: no directory for the old root is needed, and the old root
+        # ends up stacked on "." where it is made a slave and detached, so no
+        # path leads back to the host (a bare chroot is escapable).
+        os.chdir(root)
+        sc.pivot_root(".", ".")
+        sc.mount(None, ".", None, sc.MS_REC | sc.MS_SLAVE)
+        sc.umount2(".", sc.MNT_DETACH)
+        os.chdir("/")
+    with _step("remount the new root read-only"):
+        sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+    with _step(f"chdir {plan.cwd}"):
+        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")

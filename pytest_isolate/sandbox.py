@@ -1,0 +1,539 @@
+"""One sandbox: the ordered setup sequence and the handle pytest's side holds.
+
+This is the only place that decides the order of the setup steps. It reads
+top to bottom like the talk the project grew from:
+
+  pytest (P) --fork--> sandbox init, pid 1 of a new pid namespace
+     1. die with P (parent-death signal); drop descriptors of other sandboxes
+     2. place itself in its cgroup            (before the cgroup namespace)
+     3. new user namespace when not root      (owns everything created after)
+     4. new mount, net, uts, ipc, cgroup namespaces
+     5. the new root: tmpfs, binds, /proc, /dev, /sys, pivot_root, old root detached
+     6. hostname, loopback up
+     7. fork the test process; stay as the reaper (pid 1)
+  test process:
+     8. close directory descriptors (CVE-2024-21626), environment allow-list
+     9. capabilities dropped, no_new_privs          (before the filter: it needs nnp)
+    10. wait for "go" from P   (a sandbox can be prepared while the previous test runs)
+    11. the syscall filter, last                    (our own setup is unaffected)
+    12. the test
+
+As root, P itself unshares the pid namespace before forking (and returns to its
+own right after), so the first child is pid 1 and no third process is needed.
+Rootless, the child makes the user namespace first and forks once more to
+become pid 1. Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import syscalls as sc
+from .protocol import FrameReader, Message, ProtocolError, send_message
+from .rootfs import RootfsPlan, SetupStepError, apply_rootfs
+
+__all__ = ["SETUP_FAILED_EXIT", "Sandbox", "SandboxOutcome", "SandboxPlan", "TestContext",
+           "spawn"]
+
+#: Exit status of a sandbox process whose setup failed (after a setup_failed frame).
+SETUP_FAILED_EXIT = 121
+#: P asks the sandbox for the test's stack with this signal (forwarded down to the test).
+DUMP_SIGNAL = signal.SIGRTMIN + 3
+#: The C-level fallback dump (faulthandler), for a test stuck outside Python code.
+FAULT_SIGNAL = signal.SIGRTMIN + 4
+
+_O_PATH = getattr(os, "O_PATH", 0o10000000)
+_NS_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP)
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """What the sandbox process does, decided once per distinct spec."""
+
+    namespaces: bool = True
+    rootless: bool = False
+    new_net: bool = True
+    pod_netns: str | None = None
+    hostname: str = "isolated"
+    rootfs: RootfsPlan | None = None
+    caps: frozenset[str] | None = None
+    seccomp_program: bytes | None = None
+    env_allow: tuple[str, ...] | None = None
+    strict_fds: bool = False
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+
+
+@dataclass
+class TestContext:
+    """Handed to the test callback inside the sandbox."""
+
+    result_fd: int
+    out_fd: int
+    err_fd: int
+    stack_fd: int
+    go_data: bytes = b""
+
+    __test__ = False
+
+
+@dataclass
+class SandboxOutcome:
+    messages: list[Message]
+    wait_status: int | None          # of the process P forked (init, or the rootless outer)
+    test_status: int | None          # the test process's status, as init reported it
+    timed_out: bool
+    protocol_error: str | None
+    stack: str
+    duration: float
+
+
+class Sandbox:
+    """P's handle on one sandbox: its pid, pipes and captured output."""
+
+    def __init__(self, pid: int, result_fd: int, go_fd: int, out_fd: int, err_fd: int,
+                 stack_fd: int, cleanup: Callable[[], None] | None) -> None:
+        self.pid = pid
+        self.result_fd = result_fd
+        self.go_fd = go_fd
+        self.out_fd = out_fd
+        self.err_fd = err_fd
+        self.stack_fd = stack_fd
+        self._cleanup = cleanup
+        self._reaped: int | None = None
+        self.pidfd = os.pidfd_open(pid)
+        self.started = 0.0
+        self.fds = (result_fd, go_fd, out_fd, err_fd, stack_fd, self.pidfd)
+
+    def go(self, data: bytes = b"") -> None:
+        """Release the prepared test; the timeout clock starts here. ``data``
+        (at most 8 bytes) reaches the test callback as ``ctx.go_data``."""
+        self.started = time.monotonic()
+        try:
+            os.write(self.go_fd, b"g" + data[:8])
+        except OSError:
+            pass  # the sandbox already died; collect() reports how
+
+    def kill(self) -> None:
+        if self._reaped is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def _reap(self) -> int:
+        if self._reaped is None:
+            _, status = os.waitpid(self.pid, 0)
+            self._reaped = status
+        return self._reaped
+
+    def collect(self, timeout: float | None) -> SandboxOutcome:
+        """Read frames while waiting (a chatty child never blocks on a full
+        pipe), until the sandbox is gone, the timeout passes, or the child
+        breaks the protocol."""
+        reader = FrameReader()
+        messages: list[Message] = []
+        protocol_error: str | None = None
+        timed_out = False
+        deadline = None if timeout is None else self.started + timeout
+        poller = select.poll()
+        poller.register(self.result_fd, select.POLLIN)
+        poller.register(self.pidfd, select.POLLIN)
+        result_open = True
+        while True:
+            wait_ms = -1
+            if deadline is not None:
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            events = poller.poll(wait_ms)
+            if not events and deadline is not None and time.monotonic() >= deadline:
+                timed_out = True
+                break
+            done = False
+            for fd, _ in events:
+                if fd == self.result_fd and result_open:
+                    data = os.read(fd, 1 << 20)
+                    if not data:
+                        result_open = False
+                        poller.unregister(fd)
+                        continue
+                    try:
+                        messages.extend(reader.feed(data))
+                    except ProtocolError as exc:
+                        protocol_error = str(exc)
+                        done = True
+                elif fd == self.pidfd:
+                    done = True
+            if done:
+                break
+        stack = ""
+        if timed_out:
+            stack = self._dump_stack()
+        if timed_out or protocol_error:
+            self.kill()
+        status = self._reap()
+        # The pid namespace is gone once its init is reaped; drain what is left.
+        if result_open and protocol_error is None:
+            protocol_error = self._drain(reader, messages)
+        test_status = None
+        for msg in messages:
+            if msg.type == "exit" and isinstance(msg.payload, dict):
+                value = msg.payload.get("status")
+                if isinstance(value, int) and not isinstance(value, bool):
+                    test_status = value
+        return SandboxOutcome(messages, status, test_status, timed_out, protocol_error, stack,
+                              time.monotonic() - self.started)
+
+    def _drain(self, reader: FrameReader, messages: list[Message]) -> str | None:
+        end = time.monotonic() + 2.0
+        try:
+            while time.monotonic() < end:
+                ready, _, _ = select.select([self.result_fd], [], [], 0.05)
+                if not ready:
+                    continue
+                data = os.read(self.result_fd, 1 << 20)
+                if not data:
+                    reader.finish()
+                    return None
+                messages.extend(reader.feed(data))
+        except ProtocolError as exc:
+            return str(exc)
+        return None
+
+    def _dump_stack(self) -> str:
+        """Ask the test for its Python stack (pytest-timeout style), falling
+        back to faulthandler's C-level dump if Python code does not run."""
+        for sig, wait in ((DUMP_SIGNAL, 0.3), (FAULT_SIGNAL, 0.2)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+            end = time.monotonic() + wait
+            size = 0
+            while time.monotonic() < end:
+                time.sleep(0.02)
+                new_size = os.fstat(self.stack_fd).st_size
+                if new_size and new_size == size:
+                    break
+                size = new_size
+            if size:
+                break
+        return read_memfd(self.stack_fd)
+
+    def close(self) -> None:
+        """Release everything: kill if still alive, reap, close fds, cleanup."""
+        if self._reaped is None:
+            self.kill()
+            self._reap()
+        for fd in self.fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fds = ()
+        if self._cleanup is not None:
+            cleanup, self._cleanup = self._cleanup, None
+            cleanup()
+
+
+def read_memfd(fd: int, limit: int = 1 << 20) -> str:
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, min(size, limit), 0)
+    text = data.decode("utf-8", "replace")
+    if size > limit:
+        text += f"\n[... {size - limit} more bytes not shown]"
+    return text
+
+
+# --------------------------------------------------------------------------- P's side
+
+
+def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
+          run_test: Callable[[TestContext], None], foreign_fds: Callable[[], set[int]],
+          cleanup: Callable[[], None] | None = None) -> Sandbox:
+    """Fork a sandbox that sets itself up and waits for ``go()``."""
+    result_r, result_w = os.pipe2(os.O_CLOEXEC)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC)
+    out_fd = os.memfd_create("isolate-stdout", os.MFD_CLOEXEC)
+    err_fd = os.memfd_create("isolate-stderr", os.MFD_CLOEXEC)
+    stack_fd = os.memfd_create("isolate-stack", os.MFD_CLOEXEC)
+    ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
+    own = {result_w, go_r, out_fd, err_fd, stack_fd}
+    as_pid1 = plan.namespaces and not plan.rootless
+    own_pidns = -1
+    if as_pid1:
+        # Root: P unshares the pid namespace for its next child only, so the
+        # sandbox is born as pid 1 and needs no extra fork. P returns to its own
+        # namespace right after the fork.
+        own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        sc.unshare(sc.CLONE_NEWPID)
+    pid = -1
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12+ warns when a multi-threaded process forks (xdist's
+            # execnet thread); the child never touches locks other threads held.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except BaseException:
+        for fd in (result_r, result_w, go_r, go_w, out_fd, err_fd, stack_fd):
+            os.close(fd)
+        raise
+    finally:
+        # Only P gets here with pid != 0 or an error; the child is already in
+        # the new namespace and must not (cannot) go back.
+        if as_pid1 and pid != 0:
+            sc.setns(own_pidns, sc.CLONE_NEWPID)
+            os.close(own_pidns)
+    if pid == 0:  # pragma: no cover - runs in the sandbox
+        _sandbox_main(plan, cgroup_procs, ctx, go_r, own, foreign_fds(), run_test)
+    os.close(result_w)
+    os.close(go_r)
+    return Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
+
+
+# --------------------------------------------------------------------------- the sandbox
+
+
+def _fail(ctx: TestContext, step: str, exc: BaseException) -> None:
+    error = str(exc) if isinstance(exc, OSError | SetupStepError) else "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__))
+    with contextlib.suppress(Exception):
+        send_message(ctx.result_fd, "setup_failed", {
+            "step": getattr(exc, "step", step), "error": error,
+            "errno": getattr(exc, "errno", None)})
+    os._exit(SETUP_FAILED_EXIT)
+
+
+def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestContext,
+                  go_r: int, own: set[int], foreign: set[int],
+                  run_test: Callable[[TestContext], None]) -> None:  # pragma: no cover
+    step = "start"
+    try:
+        step = "set the parent-death signal"
+        _die_with_parent()
+        for fd in foreign - own:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        step = "place the sandbox in its cgroup"
+        for path in cgroup_procs:
+            with SetupStepErrorContext(f"write 0 to {path}"):
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
+        if not plan.namespaces:
+            _test_main(plan, ctx, go_r, own, run_test)
+        flags = _NS_FLAGS | (sc.CLONE_NEWNET if plan.new_net else 0)
+        if plan.rootless:
+            step = "create the user namespace"
+            with SetupStepErrorContext("unshare the user, pid and other namespaces"):
+                sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWPID | flags)
+            _map_ids(plan.uid, plan.gid)
+            step = "fork the sandbox init"
+            pid = os.fork()
+            if pid:
+                _relay(pid, ctx, go_r)
+            _die_with_parent()
+        else:
+            step = "unshare the namespaces"
+            with SetupStepErrorContext("unshare mount, uts, ipc, cgroup, net namespaces"):
+                sc.unshare(flags)
+        if plan.pod_netns:
+            with SetupStepErrorContext(f"join the pod's network namespace {plan.pod_netns}"):
+                fd = os.open(plan.pod_netns, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    sc.setns(fd, sc.CLONE_NEWNET)
+                finally:
+                    os.close(fd)
+        # The test must not share a session (or terminal) with pytest: setsid
+        # also blocks TIOCSTI injection into the terminal without CAP_SYS_ADMIN.
+        os.setsid()
+        if plan.rootfs is not None:
+            step = "build the root file system"
+            apply_rootfs(plan.rootfs)
+        step = "set the hostname"
+        with SetupStepErrorContext(f"sethostname({plan.hostname!r})"):
+            sc.sethostname(plan.hostname)
+        if plan.new_net:
+            with SetupStepErrorContext("bring the loopback interface up"):
+                _loopback_up()
+        # Our init is not dumpable: a test running as the same uid cannot
+        # ptrace it or read its memory to forge frames from outside the test.
+        sc.prctl(sc.PR_SET_DUMPABLE, 0)
+        step = "fork the test process"
+        pid = os.fork()
+        if pid == 0:
+            _test_main(plan, ctx, go_r, own, run_test)
+        os.close(go_r)
+        _init_loop(pid, ctx)
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a frame
+        _fail(ctx, step, exc)
+    os._exit(SETUP_FAILED_EXIT)
+
+
+class SetupStepErrorContext:
+    """Name the step of an OSError raised inside the block."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, OSError) and not isinstance(exc, SetupStepError):
+            raise SetupStepError(self.step, exc) from exc
+        return False
+
+
+def _die_with_parent() -> None:
+    parent = os.getppid()
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(SETUP_FAILED_EXIT)
+
+
+def _map_ids(uid: int, gid: int) -> None:
+    # An unprivileged process may map only its own ids, and must deny
+    # setgroups before writing gid_map.
+    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
+                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
+        with SetupStepErrorContext(f"write {text!r} to {path}"):
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+
+
+def _loopback_up() -> None:
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, siocgifflags, ifreq))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
+
+
+def _forward(child: int) -> None:
+    def handler(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signum)
+    signal.signal(DUMP_SIGNAL, handler)
+    signal.signal(FAULT_SIGNAL, handler)
+
+
+def _relay(pid: int, ctx: TestContext, go_r: int) -> None:  # pragma: no cover
+    """Rootless: the outer process stays outside the pid namespace only to be
+    P's child; it ends with the init it forked."""
+    os.close(go_r)
+    _forward(pid)
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 1)
+
+
+def _init_loop(test_pid: int, ctx: TestContext) -> None:  # pragma: no cover
+    """pid 1: reap every orphan; when the test process ends, report its status
+    and exit, which makes the kernel kill whatever the test left behind."""
+    _forward(test_pid)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == test_pid:
+            with contextlib.suppress(OSError):
+                send_message(ctx.result_fd, "exit", {"status": status})
+            os._exit(0)
+
+
+def _close_directory_fds(keep: set[int], strict: bool) -> None:
+    """A descriptor of a host directory defeats pivot_root (openat, fchdir +
+    chroot: runc CVE-2024-21626). Strict mode keeps only stdio and our own."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        if strict and fd > 2:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        except OSError:
+            continue  # the listing's own descriptor, already closed
+        if stat.S_ISDIR(mode) or flags & _O_PATH:
+            os.close(fd)
+
+
+def _apply_env(allow: tuple[str, ...]) -> None:
+    exact = {name for name in allow if not name.endswith("*")}
+    prefixes = tuple(name[:-1] for name in allow if name.endswith("*"))
+    for name in list(os.environ):
+        if name not in exact and not name.startswith(prefixes):
+            del os.environ[name]
+
+
+def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
+               run_test: Callable[[TestContext], None]) -> None:  # pragma: no cover
+    step = "prepare the test process"
+    try:
+        _close_directory_fds(own, plan.strict_fds)
+        if plan.env_allow is not None:
+            _apply_env(plan.env_allow)
+        _install_dump_handlers(ctx.stack_fd)
+        if plan.caps is not None:
+            step = "drop capabilities"
+            from .capabilities import apply_capabilities
+            apply_capabilities(plan.caps)
+        else:
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        step = "wait for the go signal"
+        message = os.read(go_r, 9)
+        if not message.startswith(b"g"):
+            os._exit(0)  # discarded by P before use: leave quietly
+        ctx.go_data = message[1:]
+        os.close(go_r)
+        if plan.seccomp_program is not None:
+            step = "load the syscall filter"
+            from .seccomp import load_filter
+            load_filter(plan.seccomp_program)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(ctx, step, exc)
+    try:
+        run_test(ctx)
+        send_message(ctx.result_fd, "done", {})
+    except KeyboardInterrupt:
+        os._exit(130)
+    except BaseException as exc:  # noqa: BLE001
+        _fail(ctx, "run the test protocol", exc)
+    os._exit(0)
+
+
+def _install_dump_handlers(stack_fd: int) -> None:
+    import faulthandler
+
+    def dump(signum: int, frame: object) -> None:
+        lines = ["+" * 30 + " Timeout " + "+" * 30 + "\n"]
+        frames = sys._current_frames()
+        import threading
+        names = {t.ident: t.name for t in threading.enumerate()}
+        for ident, stack_frame in frames.items():
+            lines.append(f"\n{'~' * 20} Stack of {names.get(ident, '<unknown>')} ({ident}) "
+                         f"{'~' * 20}\n")
+            lines.extend(traceback.format_stack(stack_frame))
+        lines.append("+" * 69 + "\n")
+        with contextlib.suppress(OSError):
+            os.pwrite(stack_fd, "".join(lines).encode(), 0)
+
+    signal.signal(DUMP_SIGNAL, dump)
+    faulthandler.register(FAULT_SIGNAL, file=stack_fd, all_threads=True)
+

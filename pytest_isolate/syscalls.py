@@ -1,0 +1,188 @@
+"""The kernel calls the sandbox needs, each raising OSError with its errno.
+
+The standard library is used where it has the call (os.unshare and os.setns
+from Python 3.12 on, os.pidfd_open, os.memfd_create); everything else goes
+through libc with ``use_errno=True``. Flags are rendered by name in errors so
+a failed step reads as ``mount('/proc', MS_NOSUID|MS_NODEV): EPERM``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+
+__all__ = [
+    "CLONE_NEWCGROUP",
+    "CLONE_NEWIPC",
+    "CLONE_NEWNET",
+    "CLONE_NEWNS",
+    "CLONE_NEWPID",
+    "CLONE_NEWUSER",
+    "CLONE_NEWUTS",
+    "MNT_DETACH",
+    "MS_BIND",
+    "MS_NODEV",
+    "MS_NOEXEC",
+    "MS_NOSUID",
+    "MS_PRIVATE",
+    "MS_RDONLY",
+    "MS_REC",
+    "MS_REMOUNT",
+    "MS_SLAVE",
+    "SyscallError",
+    "mount",
+    "mount_setattr_rdonly",
+    "pivot_root",
+    "prctl",
+    "sethostname",
+    "setns",
+    "umount2",
+    "unshare",
+]
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_STRICTATIME = 1 << 24
+
+MNT_DETACH = 2
+
+_MS_NAMES = {
+    MS_RDONLY: "MS_RDONLY", MS_NOSUID: "MS_NOSUID", MS_NODEV: "MS_NODEV",
+    MS_NOEXEC: "MS_NOEXEC", MS_REMOUNT: "MS_REMOUNT", MS_BIND: "MS_BIND",
+    MS_MOVE: "MS_MOVE", MS_REC: "MS_REC", MS_PRIVATE: "MS_PRIVATE", MS_SLAVE: "MS_SLAVE",
+    MS_STRICTATIME: "MS_STRICTATIME",
+}
+_CLONE_NAMES = {
+    CLONE_NEWNS: "CLONE_NEWNS", CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
+    CLONE_NEWUTS: "CLONE_NEWUTS", CLONE_NEWIPC: "CLONE_NEWIPC",
+    CLONE_NEWUSER: "CLONE_NEWUSER", CLONE_NEWPID: "CLONE_NEWPID",
+    CLONE_NEWNET: "CLONE_NEWNET",
+}
+
+# mount_setattr(2), Linux 5.12+: the one call that makes a whole tree read-only.
+_SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}.get(platform.machine())
+_AT_RECURSIVE = 0x8000
+_AT_EMPTY_PATH = 0x1000
+_MOUNT_ATTR_RDONLY = 0x1
+_MOUNT_ATTR_NOSUID = 0x2
+_MOUNT_ATTR_NODEV = 0x4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+class SyscallError(OSError):
+    """OSError whose message names the call and its arguments."""
+
+
+def flag_names(flags: int, table: dict[int, str] | None = None) -> str:
+    table = _MS_NAMES if table is None else table
+    names = [name for bit, name in table.items() if flags & bit]
+    rest = flags & ~sum(b for b in table if flags & b)
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+def _raise(call: str) -> None:
+    err = ctypes.get_errno()
+    raise SyscallError(err, f"{call}: {errno.errorcode.get(err, err)} ({os.strerror(err)})")
+
+
+def _b(path: str | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
+        shown = f"mount({source!r}, {target!r}, {fstype!r}, {flag_names(flags)}"
+        _raise(shown + (f", {data!r})" if data else ")"))
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    if _libc.umount2(_b(target), flags) != 0:
+        _raise(f"umount2({target!r}, {'MNT_DETACH' if flags & MNT_DETACH else flags})")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    # glibc has no wrapper for pivot_root: call it by number.
+    nr = {"x86_64": 155, "aarch64": 41}[platform.machine()]
+    if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
+        _raise(f"pivot_root({new_root!r}, {put_old!r})")
+
+
+def mount_setattr_rdonly(path: str, *, nosuid_nodev: bool = False) -> bool:
+    """Make the mount at ``path`` and every submount read-only in one call.
+
+    Returns False where the kernel lacks mount_setattr (before 5.12), so the
+    caller falls back to remounting each submount.
+    """
+    if _SYS_MOUNT_SETATTR is None:
+        return False
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+    attr = MountAttr(_MOUNT_ATTR_RDONLY | (_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+                                           if nosuid_nodev else 0), 0, 0, 0)
+    rc = _libc.syscall(_SYS_MOUNT_SETATTR, -100, _b(path), _AT_RECURSIVE,
+                       ctypes.byref(attr), ctypes.sizeof(attr))
+    if rc != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            return False
+        _raise(f"mount_setattr({path!r}, AT_RECURSIVE, MOUNT_ATTR_RDONLY)")
+    return True
+
+
+def unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        _raise(f"unshare({flag_names(flags, _CLONE_NAMES)})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        _raise(f"setns({fd}, {flag_names(nstype, _CLONE_NAMES)})")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    if _libc.sethostname(raw, len(raw)) != 0:
+        _raise(f"sethostname({name!r})")
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    rc: int = _libc.prctl(option, arg2, arg3, arg4, arg5)
+    if rc < 0:
+        _raise(f"prctl({option}, {arg2})")
+    return rc
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_CHILD_SUBREAPER = 36
