@@ -1,0 +1,258 @@
+"""Capabilities: which of root's powers a test keeps, and no_new_privs.
+
+The only module that touches python-prctl. It uses the C extension ``_prctl``
+that python-prctl ships rather than its ``prctl.py`` wrapper: that wrapper
+(1.8.1) calls ``warnings.warn`` on line 64 without importing ``warnings``, so
+importing it raises NameError on any host whose libcap knows a capability the
+wrapper cannot name, and it also lists the constant CAP_LAST_CAP as a
+capability called ``last_cap``. ``_prctl`` is a thin layer over prctl(2) and
+libcap's cap_set_proc(3) with none of those problems. The ambient set is not
+covered by python-prctl 1.8.1 at all, so it goes through ``syscalls.prctl``.
+
+Names are the kernel's, upper case, without the ``CAP_`` prefix
+(``"SYS_ADMIN"``); the bit number of a name is its index in the kernel's list.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+from collections.abc import Iterable
+from functools import cache
+from types import ModuleType
+
+from . import syscalls
+
+__all__ = [
+    "ALL_CAPS",
+    "DEFAULT_ROOT_CAPS",
+    "apply_capabilities",
+    "caps_from_mask",
+    "caps_to_mask",
+    "current_caps",
+    "normalize_cap_names",
+    "resolve_caps",
+]
+
+# include/uapi/linux/capability.h, in bit order. The numbering is kernel ABI and
+# never changes; new capabilities are only ever appended.
+_KERNEL_CAP_NAMES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
+    "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
+    "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
+    "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
+    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
+    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
+    "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+
+
+def _read_cap_last_cap() -> int:
+    # The highest capability the running kernel knows (Linux 3.2+). Older
+    # kernels lack the file; the table above is the best guess there.
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return len(_KERNEL_CAP_NAMES) - 1
+
+
+#: The highest capability number of the running kernel.
+CAP_LAST_CAP = _read_cap_last_cap()
+
+#: Every capability the running kernel has, by name, in bit order.
+ALL_CAPS: tuple[str, ...] = _KERNEL_CAP_NAMES[: CAP_LAST_CAP + 1]
+
+#: What a test running as root keeps by default: Docker's 14 minus MKNOD.
+#: Docker can keep MKNOD only because its device cgroup denies access to the
+#: nodes; here writable mounts are nodev and tests do not need device nodes.
+DEFAULT_ROOT_CAPS: frozenset[str] = frozenset({
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
+    "NET_BIND_SERVICE", "NET_RAW", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP",
+})
+
+_BIT = {name: bit for bit, name in enumerate(_KERNEL_CAP_NAMES)}
+
+# prctl(2) options python-prctl 1.8.1 does not know.
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def normalize_cap_names(names: Iterable[str]) -> tuple[str, ...]:
+    """Turn user-written names into kernel names: ``"cap_chown"`` -> ``"CHOWN"``.
+
+    Any case, with or without the ``CAP_`` prefix; ``"all"`` becomes ``"ALL"``.
+    Duplicates are dropped, order is kept. An unknown name raises SpecError
+    listing the valid names.
+    """
+    # Imported lazily: spec.py imports this module lazily too (a cycle otherwise).
+    from .spec import SpecError  # noqa: PLC0415
+
+    result: list[str] = []
+    for raw in names:
+        name = raw.strip().upper()
+        if name.startswith("CAP_"):
+            name = name[4:]
+        if name != "ALL" and name not in ALL_CAPS:
+            if name in _BIT:
+                raise SpecError(
+                    f"capability {raw!r} is not supported by this kernel "
+                    f"(its highest is {ALL_CAPS[-1].lower()}, number {CAP_LAST_CAP}); "
+                    f"remove it or run on a newer kernel"
+                )
+            valid = ", ".join(cap.lower() for cap in ALL_CAPS)
+            raise SpecError(f"unknown capability {raw!r}; valid names: {valid} or all")
+        if name not in result:
+            result.append(name)
+    return tuple(result)
+
+
+def resolve_caps(drop: tuple[str, ...], add: tuple[str, ...], *, rootless: bool) -> frozenset[str]:
+    """The set a test keeps, from normalized ``caps_drop`` and ``caps_add``.
+
+    As root the start is DEFAULT_ROOT_CAPS. Rootless the start is empty: an
+    unprivileged user has no capabilities on the host, and handing it the
+    default set within its user namespace (where it is uid 0) would make file
+    permissions inside mean something else than outside (DAC_OVERRIDE, FOWNER).
+
+    ``ALL`` in ``add`` means every capability there is to keep: all of them
+    within a user namespace (rootless), and as root the ones this process holds
+    (a host or an outer container may have removed some, e.g. SYS_RESOURCE).
+    Explicit names beat ``ALL``: ``drop=("ALL",), add=("CHOWN",)`` keeps CHOWN,
+    ``add=("ALL",), drop=("SYS_ADMIN",)`` keeps everything but SYS_ADMIN. A name
+    in both lists is kept (add is applied after drop).
+    """
+    keep = set() if rootless else set(DEFAULT_ROOT_CAPS)
+    explicit_drop = {name for name in drop if name != "ALL"}
+    explicit_add = {name for name in add if name != "ALL"}
+    if "ALL" in drop:
+        keep.clear()
+    keep -= explicit_drop
+    if "ALL" in add:
+        everything = set(ALL_CAPS)
+        if not rootless:
+            status = current_caps()
+            everything &= caps_from_mask(status["CapPrm"] & status["CapBnd"])
+        keep |= everything - explicit_drop
+    keep |= explicit_add
+    return frozenset(keep)
+
+
+def caps_to_mask(names: Iterable[str]) -> int:
+    """The bit mask of capability names, as /proc/self/status shows it."""
+    mask = 0
+    for name in names:
+        mask |= 1 << _BIT[name]
+    return mask
+
+
+def caps_from_mask(mask: int) -> frozenset[str]:
+    """Capability names set in ``mask``; unnamed bits appear as ``"CAP_<n>"``."""
+    return frozenset(
+        _KERNEL_CAP_NAMES[bit] if bit < len(_KERNEL_CAP_NAMES) else f"CAP_{bit}"
+        for bit in range(64)
+        if mask >> bit & 1
+    )
+
+
+def current_caps() -> dict[str, int]:
+    """CapInh, CapPrm, CapEff, CapBnd and CapAmb of this process, as ints."""
+    result: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Cap"):
+                key, _, value = line.partition(":")
+                result[key] = int(value, 16)
+    return result
+
+
+@cache
+def _prctl() -> ModuleType:
+    # Imported on first use: normalize_cap_names runs in the parent during spec
+    # parsing and must not need the extension.
+    return importlib.import_module("_prctl")
+
+
+def _describe(mask: int) -> str:
+    return ",".join(sorted(name.lower() for name in caps_from_mask(mask))) or "none"
+
+
+def apply_capabilities(keep: frozenset[str]) -> None:
+    """Reduce this process to ``keep`` and set no_new_privs. Call in the child.
+
+    Afterwards bounding = permitted = effective = ``keep``, inheritable and
+    ambient are empty, and no exec (setuid binary, file capabilities) can
+    raise privileges again. Raises OSError naming the step and the capability.
+    """
+    before = current_caps()
+    held = before["CapPrm"] & before["CapBnd"]
+    missing = caps_to_mask(keep) & ~held
+    if missing:
+        raise OSError(
+            errno.EPERM,
+            f"apply_capabilities: cannot keep {_describe(missing)}: the process running "
+            f"the test does not hold it (CapPrm={before['CapPrm']:016x}, "
+            f"CapBnd={before['CapBnd']:016x}); remove it from caps_add or run pytest "
+            f"with that capability",
+        )
+    _prctl_mod = _prctl()
+
+    # 1. The bounding set first: dropping from it needs CAP_SETPCAP, which the
+    #    next steps may take away. It is what root regains on every execve, so
+    #    it must equal `keep` or a test could exec its way back to more.
+    for bit in range(CAP_LAST_CAP + 1):
+        name = _KERNEL_CAP_NAMES[bit] if bit < len(_KERNEL_CAP_NAMES) else f"CAP_{bit}"
+        if name in keep or not before["CapBnd"] >> bit & 1:
+            continue
+        try:
+            if bit <= _prctl_mod.CAP_LAST_CAP:
+                _prctl_mod.prctl(_prctl_mod.PR_CAPBSET_DROP, bit)
+            else:  # newer than the libcap python-prctl was built against
+                syscalls.prctl(24, bit)  # PR_CAPBSET_DROP
+        except OSError as exc:
+            raise OSError(exc.errno, f"apply_capabilities: dropping {name} from the "
+                          f"bounding set (prctl PR_CAPBSET_DROP): {exc.strerror}") from exc
+
+    # 2. Ambient capabilities survive execve of unprivileged programs; a set
+    #    left here by the process that started pytest would outlive the drop
+    #    (CVE-2022-24769, Moby/containerd passing inheritable and ambient on).
+    try:
+        syscalls.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: kernel before 4.3, no ambient set
+            raise OSError(exc.errno, "apply_capabilities: clearing the ambient set "
+                          f"(prctl PR_CAP_AMBIENT_CLEAR_ALL): {exc.strerror}") from exc
+
+    # 3. Inheritable empty, permitted and effective = keep, in one capset(2):
+    #    lowering permitted is always allowed, and effective must stay within it.
+    keep_bits = [_BIT[name] for name in keep]
+    other_bits = [bit for bit in range(min(CAP_LAST_CAP, _prctl_mod.CAP_LAST_CAP) + 1)
+                  if bit not in keep_bits]
+    all_bits = keep_bits + other_bits
+    try:
+        _prctl_mod.set_caps(keep_bits, keep_bits, [], other_bits, other_bits, all_bits)
+    except OSError as exc:
+        raise OSError(exc.errno, "apply_capabilities: setting permitted and effective to "
+                      f"{_describe(caps_to_mask(keep))} (capset): {exc.strerror}") from exc
+
+    # 4. no_new_privs, always: setuid/setgid bits and file capabilities stop
+    #    granting anything on execve, and it is what lets an unprivileged
+    #    process load the seccomp filter next.
+    try:
+        _prctl_mod.prctl(_prctl_mod.PR_SET_NO_NEW_PRIVS, 1)
+    except OSError as exc:
+        raise OSError(exc.errno, "apply_capabilities: setting no_new_privs "
+                      f"(prctl PR_SET_NO_NEW_PRIVS): {exc.strerror}") from exc
+
+    # libcap only sets the bits it knows; check the kernel's view so a newer
+    # kernel's unnamed capability cannot slip through unnoticed.
+    after = current_caps()
+    want = caps_to_mask(keep)
+    for key in ("CapPrm", "CapEff", "CapBnd"):
+        if after[key] != want:
+            raise OSError(errno.EPERM, f"apply_capabilities: {key} is "
+                          f"{_describe(after[key])} after the drop, expected {_describe(want)}")
+    if after["CapInh"] or after.get("CapAmb", 0):
+        raise OSError(errno.EPERM, "apply_capabilities: inheritable or ambient set not empty "
+                      f"after the drop (CapInh={after['CapInh']:x}, "
+                      f"CapAmb={after.get('CapAmb', 0):x})")
