@@ -24,24 +24,23 @@ __all__ = ["run_in_sandbox"]
 _PLUGINS_TO_SILENCE = ("workerinteractor",)
 
 
-class _WarningForwarder:
-    """Registered in the sandbox: sends each recorded warning to pytest's process."""
+#: Set in the sandbox only: where plugin.pytest_warning_recorded forwards warnings.
+FORWARD_FD: int | None = None
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
 
-    @pytest.hookimpl
-    def pytest_warning_recorded(self, warning_message: warnings.WarningMessage, when: str,
-                                nodeid: str, location: tuple[str, int, str] | None) -> None:
-        category = warning_message.category
-        send_message(self.fd, "warning", {
-            "message": str(warning_message.message),
-            "category": f"{category.__module__}.{category.__qualname__}",
-            "filename": str(warning_message.filename),
-            "lineno": int(warning_message.lineno or 0),
-            "when": when,
-            "nodeid": nodeid,
-        })
+def forward_warning(warning_message: warnings.WarningMessage, when: str, nodeid: str) -> None:
+    """Send a warning recorded in the sandbox to pytest's process."""
+    if FORWARD_FD is None:
+        return
+    category = warning_message.category
+    send_message(FORWARD_FD, "warning", {
+        "message": str(warning_message.message),
+        "category": f"{category.__module__}.{category.__qualname__}",
+        "filename": str(warning_message.filename),
+        "lineno": int(warning_message.lineno or 0),
+        "when": when,
+        "nodeid": nodeid,
+    })
 
 
 def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
@@ -54,13 +53,14 @@ def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
 
 def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
     """Run setup, call and teardown of ``item`` here, sending each report."""
+    global FORWARD_FD
     config = item.config
     manager = config.pluginmanager
     for name in _PLUGINS_TO_SILENCE:
         plugin = manager.get_plugin(name)
         if plugin is not None:
             manager.unregister(plugin)
-    manager.register(_WarningForwarder(ctx.result_fd), "isolate-warning-forwarder")
+    FORWARD_FD = ctx.result_fd
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
     compat.release_parent_finalizers(item)
     nextitem = decode_nextitem(item, ctx.go_data)

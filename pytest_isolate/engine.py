@@ -66,6 +66,8 @@ class Engine:
         self._filters: dict[frozenset[str], bytes] = {}
         self._prepared: _Prepared | None = None
         self._live: list[Sandbox] = []
+        self._finished: list[Sandbox] = []
+        self._dying: list[Sandbox] = []
         self._staging: str | None = None
         self._project: list[str] | None = None
         self._index: dict[int, int] = {}
@@ -89,6 +91,8 @@ class Engine:
         return self._cgroups
 
     def close(self) -> None:
+        self.finish_item()
+        self._reap_dying(block=True)
         self._discard_prepared()
         for sandbox in list(self._live):
             sandbox.close()
@@ -240,8 +244,33 @@ class Engine:
             with contextlib.suppress(OSError):
                 stats = cgroup.stats()
         out, err = _read(sandbox.out_fd), _read(sandbox.err_fd)
-        self._release(sandbox)
+        # Released after the reports are logged (finish_item), so the sandbox's
+        # exit overlaps with pytest's reporting; before the next test starts.
+        self._finished.append(sandbox)
         return self._interpret(item, nextitem, spec, outcome, stats, out, err)
+
+    def finish_item(self) -> None:
+        """Kill and reap the finished sandboxes, remove their cgroups: nothing of
+        a test outlives it into the next one."""
+        finished, self._finished = self._finished, []
+        for sandbox in finished:
+            sandbox.kill()
+        self._dying.extend(finished)
+        self._reap_dying(block=False)
+
+    def _reap_dying(self, block: bool) -> None:
+        """Reap killed sandboxes and remove their cgroups. Not blocking on the
+        hot path: a killed sandbox runs no code, only the kernel's teardown."""
+        still = []
+        for sandbox in self._dying:
+            if block:
+                self._release(sandbox)
+            elif sandbox.try_close():
+                with contextlib.suppress(ValueError):
+                    self._live.remove(sandbox)
+            else:
+                still.append(sandbox)
+        self._dying = still
 
     def _take_or_spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
         prepared, self._prepared = self._prepared, None

@@ -183,9 +183,12 @@ def runtestprotocol(item: pytest.Item, log: bool = True,
                        engine._teardown(item, nextitem, None)]
         else:
             reports = engine.run(item, nextitem, spec)
-    if log:
-        for report in reports:
-            item.ihook.pytest_runtest_logreport(report=report)
+    try:
+        if log:
+            for report in reports:
+                item.ihook.pytest_runtest_logreport(report=report)
+    finally:
+        engine.finish_item()
     exit_request, engine.pending_exit = engine.pending_exit, None
     if exit_request is not None:
         pytest.exit(exit_request[0], exit_request[1])
@@ -220,6 +223,12 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config
             word = f"{word} {tag}"
         result = (category, letter, word)
     return result
+
+
+def pytest_warning_recorded(warning_message: Any, when: str, nodeid: str) -> None:
+    from .child import forward_warning
+
+    forward_warning(warning_message, when, nodeid)
 
 
 class _PeakRecorder:

@@ -151,6 +151,7 @@ class Sandbox:
         poller.register(self.result_fd, select.POLLIN)
         poller.register(self.pidfd, select.POLLIN)
         result_open = True
+        complete = False
         while True:
             wait_ms = -1
             if deadline is not None:
@@ -172,6 +173,11 @@ class Sandbox:
                     except ProtocolError as exc:
                         protocol_error = str(exc)
                         done = True
+                    # Every report is in: the sandbox's exit (address space and
+                    # namespaces torn down) overlaps with pytest logging them.
+                    if messages and messages[-1].type == "done":
+                        complete = True
+                        done = True
                 elif fd == self.pidfd:
                     done = True
             if done:
@@ -181,10 +187,12 @@ class Sandbox:
             stack = self._dump_stack()
         if timed_out or protocol_error:
             self.kill()
-        status = self._reap()
-        # The pid namespace is gone once its init is reaped; drain what is left.
-        if result_open and protocol_error is None:
-            protocol_error = self._drain(reader, messages)
+        status = None
+        if not complete:
+            status = self._reap()
+            # The pid namespace is gone once its init is reaped; drain what is left.
+            if result_open and protocol_error is None:
+                protocol_error = self._drain(reader, messages)
         test_status = None
         for msg in messages:
             if msg.type == "exit" and isinstance(msg.payload, dict):
@@ -227,6 +235,17 @@ class Sandbox:
             if size:
                 break
         return read_memfd(self.stack_fd)
+
+    def try_close(self) -> bool:
+        """Kill, and if the sandbox is already gone, release it; never blocks.
+        A killed sandbox runs no more code: what is left is the kernel's teardown."""
+        self.kill()
+        if self._reaped is None:
+            ready, _, _ = select.select([self.pidfd], [], [], 0)
+            if not ready:
+                return False
+        self.close()
+        return True
 
     def close(self) -> None:
         """Release everything: kill if still alive, reap, close fds, cleanup."""
