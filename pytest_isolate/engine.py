@@ -15,6 +15,7 @@ For each isolated item the engine
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import shutil
@@ -130,11 +131,20 @@ class Engine:
         if namespaces and spec.has("rootfs"):
             writable = [p for p in (compat.basetemp(self.config),) if p]
             cgroups = self.cgroups()
+            image_root = None
+            if spec.rootfs is not None:
+                from .images import ImageError, default_cache_dir, prepare_image
+
+                try:
+                    image_root = prepare_image(spec.rootfs, default_cache_dir())
+                except ImageError as exc:
+                    raise IsolationUnavailable(f"rootfs={spec.rootfs!r}: {exc}") from None
             rootfs = plan_rootfs(
                 staging=self._staging_dir(), cwd=os.getcwd(), home=os.environ.get("HOME"),
                 project=self._project_paths(), binds=spec.binds, writable_paths=writable,
                 tmpfs_size=spec.tmpfs_size, rootless=self.rootless,
-                cgroup2=getattr(cgroups, "version", 0) == 2)
+                cgroup2=getattr(cgroups, "version", 0) == 2, overlay=spec.fs == "overlay",
+                image_root=image_root)
         caps = None
         granted: frozenset[str] = frozenset()
         if spec.has("caps") and (namespaces or not self.rootless):
@@ -168,6 +178,14 @@ class Engine:
 
     def _spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
         plan = self.plan_for(spec)
+        if spec.pod is not None:
+            from .pods import PodError, lookup_pod
+
+            try:
+                netns, userns = lookup_pod(spec.pod)
+            except PodError as exc:
+                raise IsolationUnavailable(str(exc)) from None
+            plan = dataclasses.replace(plan, pod_netns=netns, pod_userns=userns)
         cgroup = None
         if spec.has("cgroup"):
             from .cgroups import Limits

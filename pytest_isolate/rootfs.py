@@ -22,7 +22,7 @@ import os
 import stat
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import syscalls as sc
 from .spec import Bind
@@ -60,7 +60,7 @@ class SetupStepError(Exception):
 class Op:
     """One step of building the root. ``target`` is the path inside the sandbox."""
 
-    kind: str  # dir | symlink | bind | tmpfs | mask_file | mask_dir | proc | dev | sys
+    kind: str  # dir | symlink | bind | overlay | tmpfs | mask_file | mask_dir | proc | dev | sys
     target: str
     source: str = ""
     writable: bool = False
@@ -74,7 +74,9 @@ class RootfsPlan:
     cwd: str                     # working directory inside the sandbox
     rootless: bool
     cgroup2: bool = False        # mount the (namespaced) cgroup2 tree at /sys/fs/cgroup
-    notes: tuple[str, ...] = field(default=())
+    overlay: bool = False        # fs="overlay": the root stays writable, writes discarded
+    image_root: str | None = None
+    scratch_size: int = 512 * 1024 * 1024
 
 
 def _exists(path: str) -> bool:
@@ -137,34 +139,45 @@ def _var_sockets(limit: int = 20000) -> list[str]:
 
 def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[str],
                 binds: Sequence[Bind], writable_paths: Sequence[str], tmpfs_size: int,
-                rootless: bool, cgroup2: bool) -> RootfsPlan:
-    """Build the ordered list of operations for the default read-only host view."""
+                rootless: bool, cgroup2: bool, overlay: bool = False,
+                image_root: str | None = None) -> RootfsPlan:
+    """Build the ordered list of operations for the sandbox's root.
+
+    Default: the host's system directories read-only. ``image_root``: an
+    unpacked image instead (the host's Python and project still bound in).
+    ``overlay``: every read-only view becomes an overlay whose writes land in
+    a private tmpfs and vanish with the sandbox.
+    """
     ops: list[Op] = []
-    for path in SYSTEM_DIRS:
-        if os.path.islink(path):
-            ops.append(Op("symlink", path, source=os.readlink(path)))
-        elif os.path.isdir(path):
-            ops.append(Op("bind", path, source=path))
-    for path in EMPTY_DIRS:
-        if path in ("/tmp", "/var/tmp"):
-            ops.append(Op("tmpfs", path, writable=True, size=tmpfs_size))
-        elif not os.path.islink(path):
-            ops.append(Op("dir", path))
+    shown = "overlay" if overlay else "bind"
+    if image_root is None:
+        for path in SYSTEM_DIRS:
+            if os.path.islink(path):
+                ops.append(Op("symlink", path, source=os.readlink(path)))
+            elif os.path.isdir(path):
+                ops.append(Op(shown, path, source=path))
+        for path in EMPTY_DIRS:
+            if path in ("/tmp", "/var/tmp"):
+                ops.append(Op("tmpfs", path, writable=True, size=tmpfs_size))
+            elif not os.path.islink(path):
+                ops.append(Op("dir", path))
+        for path in MASKED_FILES:
+            if os.path.isfile(path):
+                ops.append(Op("mask_file", path))
+        for pattern in MASKED_GLOBS:
+            ops.extend(Op("mask_file", p) for p in sorted(glob.glob(pattern)))
+        for path in MASKED_DIRS:
+            if os.path.isdir(path):
+                ops.append(Op("mask_dir", path))
+        ops.extend(Op("mask_file", p) for p in _var_sockets())
+    else:
+        ops.append(Op("tmpfs", "/tmp", writable=True, size=tmpfs_size))
     if home and os.path.isabs(home) and home != "/" and not any(
             _under(home, d) for d in SYSTEM_DIRS):
         # A private, writable, throw-away $HOME: tools that write ~/.cache work.
         ops.append(Op("tmpfs", home, writable=True, size=tmpfs_size))
-    for path in MASKED_FILES:
-        if os.path.isfile(path):
-            ops.append(Op("mask_file", path))
-    for pattern in MASKED_GLOBS:
-        ops.extend(Op("mask_file", p) for p in sorted(glob.glob(pattern)))
-    for path in MASKED_DIRS:
-        if os.path.isdir(path):
-            ops.append(Op("mask_dir", path))
-    ops.extend(Op("mask_file", p) for p in _var_sockets())
     for path in project:
-        ops.append(Op("bind", path, source=path))
+        ops.append(Op(shown, path, source=path))
     for path in writable_paths:
         ops.append(Op("bind", path, source=path, writable=True))
     for bind in binds:
@@ -177,7 +190,8 @@ def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[s
     # sorted() is stable, so same-depth operations keep their order above.
     ordered = sorted(ops, key=lambda op: op.target.rstrip("/").count("/"))
     return RootfsPlan(staging=staging, ops=tuple(ordered), cwd=cwd, rootless=rootless,
-                      cgroup2=cgroup2)
+                      cgroup2=cgroup2, overlay=overlay, image_root=image_root,
+                      scratch_size=tmpfs_size)
 
 
 # --------------------------------------------------------------------------- in the sandbox
@@ -234,6 +248,23 @@ def _bind(op: Op, root: str) -> None:
         sc.mount(None, dest, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV)
     else:
         _make_readonly(dest)
+
+
+def _escape_overlay_path(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
+
+
+def _overlay(lower: str, dest: str, scratch: str, name: str, rootless: bool) -> None:
+    upper = f"{scratch}/upper/{name}"
+    work = f"{scratch}/work/{name}"
+    os.makedirs(upper, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
+    options = (f"lowerdir={_escape_overlay_path(lower)},upperdir={_escape_overlay_path(upper)},"
+               f"workdir={_escape_overlay_path(work)}")
+    if rootless:
+        # In a user namespace overlayfs keeps its metadata in user.* xattrs.
+        options += ",userxattr"
+    sc.mount("overlay", dest, "overlay", sc.MS_NOSUID | sc.MS_NODEV, options)
 
 
 def _tmpfs(dest: str, size: int, mode: str = "1777", readonly: bool = False) -> None:
@@ -317,12 +348,25 @@ def apply_rootfs(plan: RootfsPlan) -> None:
     step, the syscall, the path and the errno.
     """
     root = plan.staging
+    scratch = os.path.dirname(root)
     with _step("make / a recursive slave mount"):
         # First, or every mount below would propagate back to the host.
         sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
-    with _step(f"mount tmpfs on {root}"):
-        sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=1m")
-    for op in plan.ops:
+    with _step(f"mount the scratch tmpfs on {scratch}"):
+        # Holds the new root's mount point and the overlays' upper layers; it is
+        # left behind with the old root, but overlays keep their own reference.
+        sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
+                 f"mode=0700,size={plan.scratch_size}")
+        os.mkdir(root, 0o755)
+    if plan.image_root is not None:
+        with _step(f"mount the image {plan.image_root} as the root"):
+            # An overlay even when read-only: mount points for the host's Python
+            # and project can be made in its upper layer, never in the image.
+            _overlay(plan.image_root, root, scratch, "image", plan.rootless)
+    else:
+        with _step(f"mount tmpfs on {root}"):
+            sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=1m")
+    for index, op in enumerate(plan.ops):
         with _step(f"{op.kind} {op.target}"):
             if op.kind == "dir":
                 _mkdirs(root + op.target)
@@ -330,6 +374,9 @@ def apply_rootfs(plan: RootfsPlan) -> None:
                 os.symlink(op.source, root + op.target)
             elif op.kind == "bind":
                 _bind(op, root)
+            elif op.kind == "overlay":
+                _mountpoint(root + op.target, True)
+                _overlay(op.source, root + op.target, scratch, str(index), plan.rootless)
             elif op.kind == "tmpfs":
                 _tmpfs(root + op.target, op.size)
             elif op.kind == "mask_file":
@@ -354,7 +401,8 @@ def apply_rootfs(plan: RootfsPlan) -> None:
         sc.mount(None, ".", None, sc.MS_REC | sc.MS_SLAVE)
         sc.umount2(".", sc.MNT_DETACH)
         os.chdir("/")
-    with _step("remount the new root read-only"):
-        sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+    if not plan.overlay:
+        with _step("remount the new root read-only"):
+            sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
     with _step(f"chdir {plan.cwd}"):
         os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")

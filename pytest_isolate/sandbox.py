@@ -6,6 +6,7 @@ top to bottom like the talk the project grew from:
   pytest (P) --fork--> sandbox init, pid 1 of a new pid namespace
      1. die with P (parent-death signal); drop descriptors of other sandboxes
      2. place itself in its cgroup            (before the cgroup namespace)
+        join a pod's network (and, rootless, user) namespace when asked
      3. new user namespace when not root      (owns everything created after)
      4. new mount, net, uts, ipc, cgroup namespaces
      5. the new root: tmpfs, binds, /proc, /dev, /sys, pivot_root, old root detached
@@ -66,7 +67,8 @@ class SandboxPlan:
     namespaces: bool = True
     rootless: bool = False
     new_net: bool = True
-    pod_netns: str | None = None
+    pod_netns: str | None = None       # /proc/<pod holder>/ns/net, joined instead of a new one
+    pod_userns: str | None = None      # rootless: the pod's user namespace, joined first
     hostname: str = "isolated"
     rootfs: RootfsPlan | None = None
     caps: frozenset[str] | None = None
@@ -350,6 +352,21 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
                     os.close(fd)
         if not plan.namespaces:
             _test_main(plan, ctx, go_r, own, run_test)
+        if plan.pod_netns:
+            # Join the pod before making our own user namespace: rootless, the
+            # pod's network namespace belongs to the pod's user namespace, which
+            # ours must then descend from to be allowed in.
+            step = "join the pod"
+            for path, nstype in ((plan.pod_userns, sc.CLONE_NEWUSER),
+                                 (plan.pod_netns, sc.CLONE_NEWNET)):
+                if not path:
+                    continue
+                with SetupStepErrorContext(f"setns into {path}"):
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        sc.setns(fd, nstype)
+                    finally:
+                        os.close(fd)
         flags = _NS_FLAGS | (sc.CLONE_NEWNET if plan.new_net else 0)
         if plan.rootless:
             step = "create the user namespace"
@@ -365,13 +382,6 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
             step = "unshare the namespaces"
             with SetupStepErrorContext("unshare mount, uts, ipc, cgroup, net namespaces"):
                 sc.unshare(flags)
-        if plan.pod_netns:
-            with SetupStepErrorContext(f"join the pod's network namespace {plan.pod_netns}"):
-                fd = os.open(plan.pod_netns, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    sc.setns(fd, sc.CLONE_NEWNET)
-                finally:
-                    os.close(fd)
         # The test must not share a session (or terminal) with pytest: setsid
         # also blocks TIOCSTI injection into the terminal without CAP_SYS_ADMIN.
         os.setsid()
