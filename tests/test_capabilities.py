@@ -3,8 +3,8 @@
 Each kernel test forks a child, applies the layer there and reports back
 through a pipe; the child always leaves with os._exit. As root the child
 changes only itself (and a private mount namespace where it mounts). Run as
-an unprivileged user, the child first enters a user namespace where it is
-uid 0 (the rootless path), so the same policy acts within that namespace.
+an unprivileged user, the child first enters a user namespace (the rootless
+path), so the same policy acts within that namespace.
 """
 
 from __future__ import annotations
@@ -54,16 +54,17 @@ class ChildError(Exception):
 def enter_namespaces(flags: int = 0) -> None:
     """The part of the engine's setup these tests need before the layer runs.
 
-    Rootless, a user namespace comes first: the process is uid 0 in it with
-    every capability of that namespace, which is what the layer then reduces.
+    Rootless, a user namespace comes first, mapping the user's own uid and gid
+    as the engine does: its creator holds every capability of that namespace,
+    which is what the layer then reduces.
     """
     if ROOTLESS:
         uid, gid = os.geteuid(), os.getegid()
         syscalls.unshare(syscalls.CLONE_NEWUSER | flags)
         # setgroups must be denied before an unprivileged gid_map is accepted.
         Path("/proc/self/setgroups").write_text("deny")
-        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
-        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+        Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
     elif flags:
         syscalls.unshare(flags)
     if flags & syscalls.CLONE_NEWNS:
@@ -164,10 +165,18 @@ def test_explicit_names_beat_all() -> None:
     assert "SYS_ADMIN" not in resolve_caps(("SYS_ADMIN",), ("ALL",), rootless=False)
 
 
-def test_add_all_as_root_keeps_only_what_this_process_holds() -> None:
+def _all_and_held() -> list[list[str]]:
     status = current_caps()
-    held = caps_from_mask(status["CapPrm"] & status["CapBnd"])
-    assert resolve_caps((), ("ALL",), rootless=False) == held & set(ALL_CAPS)
+    held = caps_from_mask(status["CapPrm"] & status["CapBnd"]) & set(ALL_CAPS)
+    return [sorted(resolve_caps((), ("ALL",), rootless=False)), sorted(held)]
+
+
+def test_add_all_as_root_keeps_only_what_this_process_holds() -> None:
+    # In the child: rootless, only within a user namespace is anything held.
+    result = run_in_child(_all_and_held)
+    assert isinstance(result, list)
+    everything, held = result
+    assert everything == held
 
 
 def test_masks_round_trip() -> None:
@@ -228,19 +237,36 @@ def _status_of_an_exec() -> int:
 
 
 def test_a_program_run_by_the_test_gets_no_more_than_the_policy() -> None:
-    # uid 0 regains its bounding set on execve: that is why it must equal the policy.
-    assert run_in_child(_status_of_an_exec) == caps_to_mask(policy(add=("sys_admin",)))
+    effective = run_in_child(_status_of_an_exec)
+    if ROOTLESS:
+        # The test keeps the user's uid, not 0: the kernel gives a non-root
+        # uid's program no capabilities at execve (ambient is empty).
+        assert effective == 0
+    else:
+        # uid 0 regains its bounding set on execve: that is why it must equal the policy.
+        assert effective == caps_to_mask(policy(add=("sys_admin",)))
 
 
 def _keep_a_dropped_cap() -> None:
-    apply_capabilities(policy(drop=("all",), add=("chown",)))
-    apply_capabilities(policy(drop=("all",), add=("chown", "sys_nice")))
+    apply_capabilities(policy(add=("setpcap",)))
+    apply_capabilities(policy(add=("setpcap", "sys_nice")))
 
 
 def test_keeping_a_capability_the_process_lacks_is_an_error_naming_it() -> None:
     with pytest.raises(ChildError, match=r"cannot keep sys_nice: the process running the "
                                          r"test does not hold it"):
         run_in_child(_keep_a_dropped_cap)
+
+
+def _drop_without_setpcap() -> None:
+    apply_capabilities(policy(drop=("all",), add=("chown",)))
+    apply_capabilities(frozenset())
+
+
+def test_dropping_without_setpcap_is_an_error_naming_the_step() -> None:
+    with pytest.raises(ChildError, match=r"dropping CHOWN from the bounding set .*"
+                                         r"CAP_SETPCAP is needed"):
+        run_in_child(_drop_without_setpcap)
 
 
 # ---------------------------------------------------------- kernel: effects
