@@ -552,8 +552,11 @@ def _install_dump_handlers(stack_fd: int) -> None:
 
     def dump(signum: int, frame: object) -> None:
         lines = ["+" * 30 + " Timeout " + "+" * 30 + "\n"]
-        frames = sys._current_frames()
         import threading
+
+        frames = sys._current_frames()
+        # The interrupted frame, not this handler's own, for the main thread.
+        frames[threading.main_thread().ident or 0] = frame  # type: ignore[assignment]
         names = {t.ident: t.name for t in threading.enumerate()}
         for ident, stack_frame in frames.items():
             lines.append(f"\n{'~' * 20} Stack of {names.get(ident, '<unknown>')} ({ident}) "

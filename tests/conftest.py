@@ -1,0 +1,44 @@
+"""Shared test helpers: one gate for host features, named by what is missing."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+@functools.cache
+def _userns_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "true"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@functools.cache
+def _cgroup_version() -> int:
+    with open("/proc/self/mounts") as f:
+        kinds = {line.split()[2] for line in f}
+    return 1 if "cgroup" in kinds else 2 if "cgroup2" in kinds else 0
+
+
+_FEATURES = {
+    "root": (lambda: os.geteuid() == 0, "needs root"),
+    "rootless": (lambda: os.geteuid() != 0, "needs an unprivileged user"),
+    "userns": (_userns_works, "needs unprivileged user namespaces"),
+    "cgroup2": (lambda: _cgroup_version() == 2, "needs a pure cgroup v2 host"),
+    "cgroup1": (lambda: _cgroup_version() == 1, "needs cgroup v1 (hybrid) mounts"),
+    "busybox": (lambda: shutil.which("busybox") is not None, "needs busybox-static"),
+}
+
+
+def requires(*features: str) -> pytest.MarkDecorator:
+    """Skip unless every named host feature is present; the reason names it."""
+    missing = [_FEATURES[f][1] for f in features if not _FEATURES[f][0]()]
+    return pytest.mark.skipif(bool(missing), reason="; ".join(missing) or "ok")
