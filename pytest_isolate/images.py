@@ -127,7 +127,12 @@ def prepare_image(
     _prepare_cache_dir(cache_dir)
     policy = _Policy(allow_devices, allow_setuid, keep_owners=os.geteuid() == 0)
     variant = "rootfs" + ("+devices" if allow_devices else "") + ("+setuid" if allow_setuid else "")
-    with open(source, "rb") as archive:
+    try:
+        archive = open(source, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise ImageError(f"image {source!r} cannot be read: {exc.strerror}; fix: make it "
+                         "readable by the user running pytest", archive=source) from exc
+    with archive:
         identity = _identity(os.fstat(archive.fileno()))
         digest = _archive_digest(source, archive, identity, cache_dir)
         image_dir = os.path.join(cache_dir, digest)
@@ -313,7 +318,7 @@ def _unpack(archive: IO[bytes], label: str, root: str, policy: _Policy) -> dict[
     extractor = _Extractor(root, policy)
     try:
         with outer:
-            kind, members = _detect_format(outer, label)
+            kind, members = _detect_format(outer)
             if kind == "tar":
                 extractor.apply_layer(outer, label, layered=False)
                 layers = 1
@@ -340,7 +345,7 @@ def _check_compression(magic: bytes, label: str) -> None:
                          "gzip or xz", archive=label)
 
 
-def _detect_format(outer: tarfile.TarFile, label: str) -> tuple[str, dict[str, tarfile.TarInfo]]:
+def _detect_format(outer: tarfile.TarFile) -> tuple[str, dict[str, tarfile.TarInfo]]:
     """Tell a plain rootfs tarball from a docker-save or OCI layout one.
 
     Headers are read only until a member that no image layout has (a layout holds

@@ -8,6 +8,7 @@ outside the cache.
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import io
 import json
@@ -411,6 +412,14 @@ def test_docker_save_layers_apply_in_order_with_whiteouts(
     root = Path(prepare_image(image, str(cache)))
     _check_layers_applied(root)
     assert json.loads(Path(f"{root}.done").read_text())["format"] == "docker-save"
+
+
+def test_gzipped_docker_save_applies_its_layers(tmp_path: Path, cache: Path) -> None:
+    saved = tmp_path / "saved.tar"
+    layered.write_docker_save(str(saved), _base_and_top())
+    image = tmp_path / "saved.tar.gz"  # docker save IMAGE | gzip > saved.tar.gz
+    image.write_bytes(gzip.compress(saved.read_bytes()))
+    _check_layers_applied(Path(prepare_image(str(image), str(cache))))
 
 
 def test_docker_save_with_a_layer_stored_as_symlink_applies_it_twice(
