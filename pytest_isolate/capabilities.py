@@ -247,9 +247,8 @@ def apply_capabilities(keep: frozenset[str]) -> None:
                           f"bounding set (prctl PR_CAPBSET_DROP): {exc.strerror}; "
                           f"CAP_SETPCAP is needed for that") from exc
 
-    # 2. Ambient capabilities survive execve of unprivileged programs; a set
-    #    left here by the process that started pytest would outlive the drop
-    #    (CVE-2022-24769: runtimes passed inheritable capabilities on).
+    # 2. Ambient capabilities survive execve of unprivileged programs: a set
+    #    left here by whatever started pytest would outlive the drop.
     try:
         syscalls.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError as exc:
@@ -258,7 +257,9 @@ def apply_capabilities(keep: frozenset[str]) -> None:
                           f"(prctl PR_CAP_AMBIENT_CLEAR_ALL): {exc.strerror}") from exc
 
     # 3. Inheritable empty, permitted and effective = keep, in one capset(2):
-    #    lowering permitted is always allowed, and effective must stay within it.
+    #    lowering permitted is always allowed, and effective must stay within
+    #    it. A non-empty inheritable set let programs with inheritable file
+    #    capabilities gain them at execve in Moby/containerd (CVE-2022-24769).
     keep_bits = [_BIT[name] for name in keep]
     other_bits = [bit for bit in range(min(CAP_LAST_CAP, prctl.CAP_LAST_CAP) + 1)
                   if bit not in keep_bits]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import requires
 
 from pytest_isolate import syscalls
 from pytest_isolate.capabilities import (
@@ -37,7 +38,6 @@ from pytest_isolate.capabilities import (
 from pytest_isolate.spec import SpecError
 
 ROOTLESS = os.geteuid() != 0
-needs_real_root = pytest.mark.skipif(ROOTLESS, reason="needs real root")
 
 
 # ------------------------------------------------------------------ helpers
@@ -81,13 +81,18 @@ def run_in_child(body: Callable[[], object], namespaces: int = 0) -> object:
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        result: dict[str, object]
         try:
             os.close(read_fd)
             enter_namespaces(namespaces)
-            result: dict[str, object] = {"ok": body()}
-        except BaseException as exc:
-            result = {"error": f"{type(exc).__name__}: {exc}",
-                      "errno": getattr(exc, "errno", None)}
+        except OSError as exc:
+            result = {"setup": str(exc)}
+        else:
+            try:
+                result = {"ok": body()}
+            except BaseException as exc:
+                result = {"error": f"{type(exc).__name__}: {exc}",
+                          "errno": getattr(exc, "errno", None)}
         try:
             os.write(write_fd, json.dumps(result).encode())
         finally:
@@ -98,6 +103,9 @@ def run_in_child(body: Callable[[], object], namespaces: int = 0) -> object:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, f"child ended with status {status:#x}"
     outcome = json.loads(data)
+    if "setup" in outcome:
+        assert ROOTLESS, f"entering the test's namespaces failed: {outcome['setup']}"
+        pytest.skip(f"rootless runs need unprivileged user namespaces: {outcome['setup']}")
     if "error" in outcome:
         raise ChildError(outcome["error"], outcome["errno"])
     return outcome["ok"]
@@ -106,16 +114,6 @@ def run_in_child(body: Callable[[], object], namespaces: int = 0) -> object:
 def policy(drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> frozenset[str]:
     """The set a test keeps on this host (root or rootless), as the engine resolves it."""
     return resolve_caps(normalize_cap_names(drop), normalize_cap_names(add), rootless=ROOTLESS)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _user_namespaces_work() -> None:
-    if not ROOTLESS:
-        return
-    try:
-        run_in_child(lambda: None)
-    except ChildError as exc:
-        pytest.skip(f"rootless tests need unprivileged user namespaces: {exc}")
 
 
 # ------------------------------------------------------------- names, policy
@@ -284,7 +282,7 @@ def _chown_as(keep: frozenset[str], path: Path) -> None:
     os.chown(path, 12345, -1)  # another uid: chown to one's own uid needs nothing
 
 
-@needs_real_root  # rootless only one uid is mapped: any other uid gives EINVAL
+@requires("root")  # rootless only one uid is mapped: any other uid gives EINVAL
 def test_chown_to_another_uid_fails_with_eperm_without_cap_chown(victim: Path) -> None:
     with pytest.raises(ChildError) as info:
         run_in_child(lambda: _chown_as(policy(drop=("chown",)), victim))
@@ -292,7 +290,7 @@ def test_chown_to_another_uid_fails_with_eperm_without_cap_chown(victim: Path) -
     assert victim.stat().st_uid == 0
 
 
-@needs_real_root
+@requires("root")
 def test_chown_to_another_uid_works_with_cap_chown(victim: Path) -> None:
     run_in_child(lambda: _chown_as(policy(), victim))
     assert victim.stat().st_uid == 12345
@@ -363,7 +361,7 @@ def _euid_of_setuid_helper(helper: Path, apply: bool) -> str:
                           check=True).stdout.strip()
 
 
-@needs_real_root  # a setuid-root file needs root to create, and a second uid to run it
+@requires("root")  # a setuid-root file needs root to create, and a second uid to run it
 def test_setuid_root_helper_does_not_raise_euid(setuid_id: Path) -> None:
     # Without the layer the helper does raise euid: the check below means something.
     assert run_in_child(lambda: _euid_of_setuid_helper(setuid_id, apply=False)) == "0"
