@@ -27,6 +27,7 @@ from types import ModuleType
 
 import filelock
 import pytest
+from conftest import requires
 
 from pytest_isolate.images import ImageError, default_cache_dir, prepare_image
 
@@ -35,7 +36,6 @@ RECIPE = ROOT / "rootfs" / "build-busybox-image.sh"
 BUSYBOX = os.environ.get("BUSYBOX", "/bin/busybox")
 UNPACKED = "unpacked image"  # the log line written once per real unpack
 
-requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, chown, mknod)")
 
 
 def _load_layered_image() -> ModuleType:
@@ -148,7 +148,7 @@ def test_busybox_tarball_unpacks_with_its_os_release_and_shell(
     assert "root:x:0:0" in (root / "etc/passwd").read_text()
 
 
-@requires_root
+@requires("root")
 def test_busybox_image_runs_its_own_shell_under_chroot(busybox_image: str, cache: Path) -> None:
     root = prepare_image(busybox_image, str(cache))
     result = subprocess.run(["chroot", root, "/bin/sh", "-c", "cat /etc/os-release; echo $0"],
@@ -335,7 +335,7 @@ def test_setuid_file_is_unpacked_when_allowed(tmp_path: Path, cache: Path) -> No
         prepare_image(image, str(cache))
 
 
-@requires_root
+@requires("root")
 def test_device_nodes_are_made_when_allowed(tmp_path: Path, cache: Path) -> None:
     image = write_tar(tmp_path / "dev.tar", [member("dev/null", "chr", dev=(1, 3), mode=0o666),
                                              member("run/pipe", "fifo")])
@@ -345,7 +345,7 @@ def test_device_nodes_are_made_when_allowed(tmp_path: Path, cache: Path) -> None
     assert stat.S_ISFIFO((root / "run/pipe").lstat().st_mode)
 
 
-@requires_root
+@requires("root")
 def test_owners_from_the_archive_are_kept_as_root(tmp_path: Path, cache: Path) -> None:
     image = write_tar(tmp_path / "own.tar", [
         member("home/user", "dir", uid=1234, gid=2345, mode=0o750),
@@ -576,7 +576,7 @@ def nobody_dir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-@requires_root
+@requires("root")
 def test_rootless_unpack_makes_every_file_the_callers(nobody_dir: Path) -> None:
     python = "/usr/bin/python3"
     filelock_dir = str(Path(str(filelock.__file__)).parents[1])
