@@ -236,8 +236,11 @@ def _check(rc: int, step: str) -> None:
                            f"({os.strerror(-rc)})")
 
 
+@cache
 def seccomp_available() -> str | None:
-    """None if the filter can be built and loaded here, else the reason and the fix."""
+    """None if the filter can be built and loaded here, else the reason and the fix.
+
+    Cached: the host does not change during a session."""
     try:
         with open("/proc/sys/kernel/seccomp/actions_avail") as f:
             actions = f.read().split()
