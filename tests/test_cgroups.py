@@ -27,7 +27,7 @@ from pytest_isolate.cgroups import (
 )
 from pytest_isolate.cgroups.common import process_starttime, read_pids
 from pytest_isolate.cgroups.v1 import V1Manager
-from pytest_isolate.cgroups.v2 import PROCS_LEAF, V2Manager
+from pytest_isolate.cgroups.v2 import PROCS_LEAF, V2Manager, _foreign_processes
 
 MiB = 1024 * 1024
 TAG = "tests" + os.environ.get("PYTEST_XDIST_WORKER", "")
@@ -221,13 +221,16 @@ def test_kill_ends_a_double_forked_grandchild(manager: CgroupManager) -> None:
     tc = manager.create(Limits())
 
     def escape(w: int) -> int:
+        ready_r, ready_w = os.pipe()
         if os.fork() == 0:
             os.setsid()
             if os.fork() == 0:
                 os.write(w, str(os.getpid()).encode())
-                os.close(w)
+                os.write(ready_w, b"x")
                 time.sleep(60)
             os._exit(0)
+        os.close(ready_w)
+        os.read(ready_r, 1)  # the grandchild has written its pid
         os.wait()
         return 0
 
@@ -420,3 +423,20 @@ def test_place_current_process_names_the_path_on_failure() -> None:
         place_current_process(["/nonexistent/cgroup.procs"])
     assert info.value.errno == errno.ENOENT
     assert "/nonexistent/cgroup.procs" in str(info.value)
+
+
+def test_delegation_counts_a_parent_running_another_program_as_foreign() -> None:
+    me, parent = os.getpid(), os.getppid()
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+        same = os.readlink(f"/proc/{parent}/exe") == os.readlink("/proc/self/exe")
+        # Our own descendants are ours; a parent is ours only if it runs the
+        # same interpreter (an xdist controller), never a shell or a CI agent.
+        assert _foreign_processes([me, child, parent]) == ([] if same else [parent])
+        assert _foreign_processes([me, child]) == []
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

@@ -359,10 +359,11 @@ def _prepare(hierarchy: Hierarchy, base: str, placement: str, owner: str) -> V2M
             fix = FIX_DELEGATE
         else:
             fix = f"check that {base} is a cgroup v2 directory writable by uid {os.geteuid()}"
+        why = f"{e.strerror}"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            why += f": cgroup {hierarchy.cgpath_of(base)} is not delegated to uid {os.geteuid()}"
         raise CgroupUnavailable(
-            f"cgroup v2: cannot create {e.filename or shared}: {e.strerror} "
-            f"(uid {os.geteuid()}, {placement})",
-            fix,
+            f"cgroup v2: cannot create {e.filename or shared}: {why} ({placement})", fix
         ) from None
     for c in offered - enabled:
         unavailable[c] = CgroupUnavailable(
