@@ -57,8 +57,8 @@ class Limits:
 
     def __post_init__(self) -> None:
         # The spec validates user input; this guards the kernel against a caller's bug.
-        if self.memory is not None and self.memory < 4096:
-            raise ValueError(f"Limits(memory={self.memory}): must be at least 4096 bytes")
+        if self.memory is not None and self.memory < 1:
+            raise ValueError(f"Limits(memory={self.memory}): must be a positive number of bytes")
         if self.pids is not None and self.pids < 1:
             raise ValueError(f"Limits(pids={self.pids}): must be at least 1")
         if self.cpu is not None and not self.cpu >= 0.01:

@@ -16,8 +16,10 @@ holds processes cannot hand controllers to children (EBUSY). In order:
    interpreter (an xdist controller, tox) and their descendants; a shell, an
    editor or a CI agent in the same cgroup stops us, because moving another
    program's processes is not ours to do;
-4. we are root and the hierarchy root is the real root: base is the root,
-   beside system.slice (``/sys/fs/cgroup/pytest-isolate``, documented);
+4. the top of the cgroup2 mount is writable (root) and may have children
+   with controllers (the real root, or a container's root whose processes
+   were moved into a leaf): base is the top, beside system.slice
+   (``/sys/fs/cgroup/pytest-isolate``, documented);
 5. otherwise no cgroup: the error names the fix (a delegated scope).
 """
 
@@ -56,6 +58,14 @@ __all__ = ["PROCS_LEAF", "V2Manager", "V2TestCgroup", "open_v2"]
 PROCS_LEAF = "pytest-isolate.procs"
 
 FIX_DELEGATE = "systemd-run --user --scope -p Delegate=yes pytest ..."
+#: Inside a container (cgroup namespace root holding the job's shell): what
+#: Docker's own dind entrypoint does, run as root before pytest.
+FIX_CONTAINER = (
+    "inside a container, move its processes into a leaf first (as root): "
+    "mkdir -p /sys/fs/cgroup/init && xargs -rn1 < /sys/fs/cgroup/cgroup.procs "
+    "> /sys/fs/cgroup/init/cgroup.procs && sed -e 's/ / +/g' -e 's/^/+/' "
+    "< /sys/fs/cgroup/cgroup.controllers > /sys/fs/cgroup/cgroup.subtree_control"
+)
 
 
 class V2TestCgroup(TestCgroup):
@@ -286,10 +296,18 @@ def open_v2(hierarchy: Hierarchy, own_path: str, owner_tag: str) -> V2Manager:
     euid = os.geteuid()
     # The real root has no cgroup.type; a cgroup namespace's root does.
     own_is_root = not os.path.exists(f"{own}/cgroup.type")
-    mount_is_root = not os.path.exists(f"{hierarchy.mountpoint}/cgroup.type")
+    top = hierarchy.mountpoint
+    top_is_root = not os.path.exists(f"{top}/cgroup.type")
+    # The top of the mount can hold our subtree if it is the real root (exempt
+    # from the rule) or already hands controllers down, so it has no processes:
+    # a container whose processes were moved into a leaf (the dind init step).
+    top_ok = os.access(top, os.W_OK) and (
+        top_is_root or bool(read_text(f"{top}/cgroup.subtree_control").split())
+    )
+    top_placement = f"tests below {top}/{SHARED_DIR}, the top of the cgroup2 mount"
     with session_lock(os.path.dirname(own) if own.endswith(PROCS_LEAF) else own):
         if own_is_root:
-            base, placement = own, f"below the root cgroup {hierarchy.mountpoint}"
+            base, placement = own, f"below the root cgroup {top}"
         elif os.path.basename(own) == PROCS_LEAF:
             base = os.path.dirname(own)
             placement = f"delegated: pytest in {hierarchy.cgpath_of(own)}"
@@ -301,14 +319,13 @@ def open_v2(hierarchy: Hierarchy, own_path: str, owner_tag: str) -> V2Manager:
                 leaf = _delegate(own, hierarchy, frozenset(CONTROLLERS))
                 base = own
                 placement = f"delegated: pytest moved into {hierarchy.cgpath_of(leaf)}"
-            except CgroupUnavailable:
-                if euid != 0 or not mount_is_root:
-                    raise
-                base = hierarchy.mountpoint
-                placement = f"root: tests below {base}/{SHARED_DIR}"
-        elif euid == 0 and mount_is_root:
-            base = hierarchy.mountpoint
-            placement = f"root: tests below {base}/{SHARED_DIR}"
+            except CgroupUnavailable as e:
+                if not top_ok:
+                    fix = e.fix if top_is_root else f"{e.fix}; or, {FIX_CONTAINER}"
+                    raise CgroupUnavailable(e.missing, fix) from None
+                base, placement = top, top_placement
+        elif top_ok:
+            base, placement = top, top_placement
         else:
             raise CgroupUnavailable(
                 f"cgroup v2: this process's cgroup {own_path} is not delegated to uid {euid} "
