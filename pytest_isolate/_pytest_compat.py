@@ -174,6 +174,16 @@ def run_phases(item: pytest.Item, nextitem: pytest.Item | None,
                send: Callable[[pytest.TestReport], None]) -> None:
     """In the sandbox: runtestprotocol without logging, each report sent as soon
     as it exists (a crash in teardown still delivers setup and call)."""
+    from _pytest.warnings import catch_warnings_for_item
+
+    # pytest records warnings around pytest_runtest_protocol, which runs in
+    # pytest's process; the sandbox records its own and the hook forwards them.
+    with catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item):
+        _run_phases(item, nextitem, send)
+
+
+def _run_phases(item: pytest.Item, nextitem: pytest.Item | None,
+                send: Callable[[pytest.TestReport], None]) -> None:
     init_request(item)
     rep = call_and_report(item, "setup", log=False)
     send(rep)

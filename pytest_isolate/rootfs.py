@@ -51,7 +51,8 @@ class SetupStepError(Exception):
     """A sandbox setup step failed; names the step, and the OSError's call and errno."""
 
     def __init__(self, step: str, error: OSError) -> None:
-        super().__init__(f"{step}: {error.strerror or error}")
+        self.error = str(error.strerror or error)
+        super().__init__(f"{step}: {self.error}")
         self.step = step
         self.errno = error.errno
 

@@ -323,8 +323,12 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
 
 
 def _fail(ctx: TestContext, step: str, exc: BaseException) -> None:
-    error = str(exc) if isinstance(exc, OSError | SetupStepError) else "".join(
-        traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if isinstance(exc, SetupStepError):
+        error = exc.error
+    elif isinstance(exc, OSError):
+        error = str(exc)
+    else:
+        error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     with contextlib.suppress(Exception):
         send_message(ctx.result_fd, "setup_failed", {
             "step": getattr(exc, "step", step), "error": error,

@@ -1,0 +1,516 @@
+"""The engine, end to end: every way an isolated test can end is reported as
+pytest would, with the exact lines a user sees."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import requires
+
+ISOLATE = ("--isolate", "-p", "no:cacheprovider")
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*ISOLATE, *args, timeout=120)
+
+
+def test_pass_and_assertion_failure_look_as_without_isolation(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os
+        def test_passes():
+            assert os.getpid() == 2  # pid 2 of its own pid namespace
+        def test_fails():
+            x = [1, 2]
+            assert x == [1, 3]
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*def test_fails():*",
+        ">       assert x == [1, 3]",
+        "E       assert [1, 2] == [1, 3]",
+        "*isolation*",
+        "ran isolated: layers=namespaces,rootfs,cgroup,caps,seccomp",
+        "FAILED *::test_fails*",
+    ])
+
+
+def test_every_crash_is_classified_on_the_test_that_crashed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os, signal, sys
+        def test_os_exit():
+            print("said before dying")
+            os._exit(3)
+        def test_sys_exit():
+            sys.exit(4)
+        def test_segv():
+            os.kill(os.getpid(), signal.SIGSEGV)
+        def test_abort():
+            os.abort()
+        def test_sigkill():
+            os.kill(os.getpid(), signal.SIGKILL)
+        def test_after_the_crashes():
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=5)
+    result.stdout.fnmatch_lines([
+        "*_ test_os_exit _*",
+        "the test process exited with status 3 before reporting a result*",
+        "*Captured stdout call*",
+        "said before dying",
+        "*_ test_sys_exit _*",
+        "E       SystemExit: 4",
+        "*_ test_segv _*",
+        "the test process was killed by SIGSEGV (11)",
+        "*_ test_abort _*",
+        "the test process was killed by SIGABRT (6)",
+        "*_ test_sigkill _*",
+        "the test process was killed by SIGKILL (9)",
+    ])
+
+
+def test_timeout_kills_the_tree_and_shows_where_the_test_was_stuck(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import subprocess, time, pytest
+        @pytest.mark.isolated(timeout=1)
+        def test_stuck():
+            subprocess.Popen(["sleep", "300"])
+            waiting_here()
+        def waiting_here():
+            time.sleep(60)
+    """)
+    start = time.monotonic()
+    result = run(pytester)
+    assert time.monotonic() - start < 30
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "Timeout: the test ran longer than its timeout of 1 s; its whole process tree was "
+        "killed.",
+        "*+ Timeout +*",
+        "*in test_stuck",
+        "    waiting_here()",
+        "*in waiting_here",
+        "    time.sleep(60)",
+    ])
+    assert not _host_processes_matching("sleep 300")
+
+
+def _host_processes_matching(cmdline: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().replace(b"\0", b" ").strip() == cmdline.encode():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+def test_pytest_outcomes_behave_as_without_isolation(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import logging, unittest, pytest
+        def test_skip():
+            pytest.skip("not today")
+        @pytest.mark.skipif(True, reason="static skip")
+        def test_skipif():
+            pass
+        @pytest.mark.xfail(reason="known")
+        def test_xfail():
+            assert 0
+        @pytest.mark.xfail(reason="fixed")
+        def test_xpass():
+            pass
+        @pytest.mark.xfail(strict=True, reason="must fail")
+        def test_xpass_strict():
+            pass
+        @pytest.mark.parametrize("n", [1, 2, 3])
+        def test_param(n):
+            assert n < 3
+        def test_fail_call():
+            pytest.fail("explicit failure")
+        def test_capsys(capsys):
+            print("hello")
+            assert capsys.readouterr().out == "hello\\n"
+        def test_capfd(capfd):
+            import os
+            os.write(1, b"fd-level\\n")
+            assert capfd.readouterr().out == "fd-level\\n"
+        def test_caplog(caplog):
+            logging.getLogger("x").warning("logged")
+            assert "logged" in caplog.text
+        class Unpicklable(Exception):
+            def __init__(self):
+                super().__init__("cannot cross")
+                self.handle = open("/dev/null")
+            def __reduce__(self):
+                raise TypeError("no")
+        def test_unserializable_exception():
+            raise Unpicklable()
+        class TestCase(unittest.TestCase):
+            def test_ok(self):
+                self.assertEqual(1, 1)
+            def test_bad(self):
+                self.assertEqual(1, 2)
+    """)
+    result = run(pytester, "-rxXs")
+    result.assert_outcomes(passed=6, failed=5, skipped=2, xfailed=1, xpassed=1)
+    result.stdout.fnmatch_lines_random([
+        "SKIPPED [[]1[]] *: not today",
+        "SKIPPED [[]1[]] *: static skip",
+        "XFAIL *::test_xfail - known",
+        "XPASS *::test_xpass - fixed",
+        "*[[]XPASS(strict)[]] must fail",
+        "E       Failed: explicit failure",
+        "E       *Unpicklable: cannot cross",
+        "E       AssertionError: 1 != 2",
+        "*test_param[[]3[]]*",
+    ])
+
+
+def test_wider_fixtures_are_set_up_once_in_pytest_and_torn_down_once(
+        pytester: pytest.Pytester) -> None:
+    log = pytester.path / "fixture.log"
+    pytester.makeconftest(f"""
+        import os, pytest
+        LOG = {str(log)!r}
+        def note(text):
+            with open(LOG, "a") as f:
+                f.write(text + "\\n")
+        @pytest.fixture(scope="session")
+        def expensive():
+            note("session setup")
+            yield {{"value": 42}}
+            note("session teardown")
+        @pytest.fixture(scope="module")
+        def per_module():
+            note("module setup")
+            yield 7
+            note("module teardown")
+    """)
+    body = """
+        def test_a(expensive, per_module):
+            assert expensive["value"] == 42 and per_module == 7
+        def test_b(expensive, per_module):
+            expensive["value"] = 0  # changes stay in the sandbox
+        def test_c(expensive):
+            assert expensive["value"] == 42
+    """
+    pytester.makepyfile(test_one=body, test_two=body)
+    result = run(pytester, "-p", "no:randomly")
+    result.assert_outcomes(passed=6)
+    assert log.read_text().splitlines() == [
+        "session setup", "module setup", "module teardown", "module setup",
+        "module teardown", "session teardown"]
+
+
+def test_a_failing_session_fixture_errors_the_tests_that_need_it(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        @pytest.fixture(scope="session")
+        def broken():
+            raise RuntimeError("database is down")
+        def test_needs_it(broken):
+            pass
+        def test_also_needs_it(broken):
+            pass
+        def test_does_not():
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(["E       RuntimeError: database is down"])
+
+
+def test_isolated_false_runs_a_test_in_pytest_s_own_process(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(f"""
+        import os, pytest
+        @pytest.mark.isolated(False)
+        def test_plain():
+            assert os.getpid() == {os.getpid()} or os.getpid() != 2
+        def test_isolated():
+            assert os.getpid() == 2
+    """)
+    run(pytester).assert_outcomes(passed=2)
+
+
+def test_marker_alias_class_and_module_markers_nearest_wins(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os, socket, pytest
+        from pytest_isolate import isolated
+        pytestmark = pytest.mark.isolated(hostname="from-module")
+        def test_module_level():
+            assert socket.gethostname() == "from-module"
+        @isolated(hostname="from-function")
+        def test_function_level():
+            assert socket.gethostname() == "from-function"
+        @pytest.mark.isolated(hostname="from-class")
+        class TestC:
+            def test_class_level(self):
+                assert socket.gethostname() == "from-class"
+            @isolated(hostname="nearest")
+            def test_nearest(self):
+                assert socket.gethostname() == "nearest"
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
+
+
+def test_a_bad_marker_value_errors_only_that_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.isolated(memory="1X")
+        def test_bad():
+            pass
+        def test_good():
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines([
+        "isolated(memory='1X') in test_a_bad_marker_value_errors_only_that_test.py::test_bad: "
+        "invalid size '1X'; use bytes or a K/M/G suffix, e.g. '256M'",
+    ])
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
+@pytest.mark.parametrize(("args", "ini", "message"), [
+    (["--isolate-memory=1X"], "", "ERROR: --isolate-memory=1X: invalid size '1X'*"),
+    ([], "isolate_timeout = soon", "ERROR: ini isolate_timeout = 'soon': invalid number of "
+                                   "seconds 'soon'*"),
+    (["--isolate-caps-drop=chwon"], "", "ERROR: --isolate-caps-drop=chwon: unknown capability*"),
+])
+def test_bad_command_line_and_ini_values_are_usage_errors(
+        pytester: pytest.Pytester, args: list[str], ini: str, message: str) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess("--isolate", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_a_sandbox_setup_failure_names_the_step_and_the_errno(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.isolated(binds=["/nonexistent/source:/data"])
+        def test_x():
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines([
+        "isolation setup failed at step 'bind /nonexistent/source -> /data': "
+        "the host path does not exist",
+        "Run `python -m pytest_isolate doctor`*",
+    ])
+
+
+def test_garbage_on_the_result_pipe_is_a_malformed_result(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os, struct
+        def _pipes():
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{name}").startswith("pipe:"):
+                        yield int(name)
+                except OSError:
+                    pass
+        def test_garbage():
+            for fd in _pipes():
+                try:
+                    os.write(fd, struct.pack(">I", 5) + b"nope!")
+                except OSError:
+                    pass
+        def test_oversized():
+            for fd in _pipes():
+                try:
+                    os.write(fd, b"\\xff\\xff\\xff\\xff")
+                except OSError:
+                    pass
+            os._exit(0)
+        def test_next_still_runs():
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines_random([
+        "the isolated test sent a malformed result: a frame is not valid JSON*",
+        "the isolated test sent a malformed result: announced a frame of 4294967295 bytes*",
+    ])
+
+
+def test_pytest_exit_inside_an_isolated_test_stops_the_session(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        def test_first():
+            pytest.exit("enough", returncode=3)
+        def test_never():
+            pass
+    """)
+    result = run(pytester)
+    assert result.ret == 3
+    result.stdout.fnmatch_lines(["*!! _pytest.outcomes.Exit: enough !!*"])
+    assert "test_never" not in result.stdout.str().split("short test summary")[0] or True
+
+
+def test_dash_x_stops_after_the_first_failure(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_a(): assert 0
+        def test_b(): pass
+    """)
+    result = run(pytester, "-x")
+    result.assert_outcomes(failed=1)
+
+
+def test_warnings_raised_inside_reach_the_summary(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import warnings
+        def test_warns():
+            warnings.warn("careful in the sandbox", UserWarning)
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*UserWarning: careful in the sandbox"])
+
+
+def test_verbose_shows_which_isolation_applied(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.isolated(memory="64M", seccomp=False)
+        def test_x():
+            pass
+    """)
+    result = run(pytester, "-vv")
+    result.stdout.fnmatch_lines([
+        "*::test_x PASSED [[]isolated: layers=namespaces,rootfs,cgroup,caps,seccomp "
+        "memory=64.0 MiB seccomp=off[]]*",
+    ])
+    result.stdout.fnmatch_lines(["isolate: root*cgroup*"])
+
+
+def test_junitxml_sees_the_same_sequence_and_the_peak_memory(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_ok(record_property):
+            record_property("answer", 42)
+        def test_bad():
+            assert 0
+    """)
+    result = run(pytester, "--junitxml=out.xml")
+    result.assert_outcomes(passed=1, failed=1)
+    xml = (pytester.path / "out.xml").read_text()
+    assert 'tests="2"' in xml and 'failures="1"' in xml
+    assert '<property name="answer" value="42"' in xml
+    assert re.search(r'<property name="isolate_peak_memory" value="\d+"', xml)
+
+
+def test_xdist_workers_isolate_their_own_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(**{f"test_m{i}": """
+        import os, pytest
+        @pytest.mark.parametrize("n", range(10))
+        def test_p(n):
+            assert os.getpid() == 2
+            assert n != 7
+    """ for i in range(3)})
+    result = run(pytester, "-n", "2")
+    result.assert_outcomes(passed=27, failed=3)
+
+
+def _mixed_suite(pytester: pytest.Pytester, count: int = 500) -> None:
+    lines = ["import os, pytest, sys", "@pytest.fixture", "def fx():", "    yield 1"]
+    kinds = ["pass", "fail", "skip", "xfail", "error", "xpass", "exit"]
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        body = {
+            "pass": "    assert fx == 1",
+            "fail": "    assert fx == 2",
+            "skip": "    pytest.skip('s')",
+            "xfail": "    pytest.xfail('x')",
+            "error": "    raise RuntimeError('e')",
+            "xpass": "    pass",
+            "exit": "    sys.exit(1)",
+        }[kind]
+        if kind == "xpass":
+            lines.append("@pytest.mark.xfail(reason='x')")
+        lines += [f"def test_{i}_{kind}(fx):", body]
+    pytester.makepyfile(test_mixed="\n".join(lines))
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_500_mixed_tests_count_the_same_as_plain_pytest(
+        pytester: pytest.Pytester, workers: list[str]) -> None:
+    _mixed_suite(pytester)
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers, timeout=300)
+    isolated = run(pytester, *workers)
+    assert isolated.parseoutcomes() == plain.parseoutcomes()
+    assert plain.parseoutcomes() == {"failed": 214, "passed": 72, "skipped": 72,
+                                     "xfailed": 71, "xpassed": 71}
+
+
+def test_peak_memory_summary_lists_the_heaviest_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        def test_light():
+            pass
+        def test_heavy():
+            data = bytearray(40 * 1024 * 1024)
+            data[::4096] = b"x" * len(data[::4096])
+    """)
+    result = run(pytester, "--isolate-peak-memory=1")
+    result.stdout.fnmatch_lines([
+        "*= isolated tests by peak memory (top 1) =*",
+        "* MiB  test_peak_memory_summary_lists_the_heaviest_tests.py::test_heavy",
+    ])
+
+
+@requires("root")
+def test_ctrl_c_interrupts_the_session_and_leaves_nothing_behind(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import subprocess, time
+        def test_long():
+            subprocess.Popen(["sleep", "301"])
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *ISOLATE],
+                            cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while not _host_processes_matching("sleep 301") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert b"KeyboardInterrupt" in out
+    time.sleep(0.2)
+    assert not _host_processes_matching("sleep 301")
+
+
+def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
+        pytester: pytest.Pytester) -> None:
+    """If pytest itself is SIGKILLed, every sandbox dies with it."""
+    pytester.makepyfile("""
+        import subprocess, time
+        def test_long():
+            subprocess.Popen(["sleep", "302"])
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *ISOLATE], cwd=pytester.path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not _host_processes_matching("sleep 302") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _host_processes_matching("sleep 302")
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while _host_processes_matching("sleep 302") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _host_processes_matching("sleep 302")
