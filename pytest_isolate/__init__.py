@@ -1,17 +1,30 @@
 """pytest-isolate: run pytest tests inside throw-away Linux containers.
 
 ``@isolated(**options)`` is the same as ``@pytest.mark.isolated(**options)``;
-``pytest --isolate`` isolates every test. See docs/ for the options.
+``pytest --isolate`` isolates every test. See docs/ for the options. The layer
+modules (namespaces, rootfs, cgroups, capabilities, seccomp, images, pods)
+import without pytest; only ``isolated`` needs it, so it is resolved lazily.
 """
 
 from __future__ import annotations
 
-import pytest
+from typing import Any
 
 from .spec import IsolationSpec, SpecError
 
-__all__ = ["IsolationSpec", "SpecError", "__version__", "isolated"]
+__all__ = ["IsolationSpec", "Pod", "SpecError", "__version__", "isolated", "pod"]
 __version__ = "0.1.0"
 
-#: ``@isolated(memory="100M")`` marks a test (class, module) like ``@pytest.mark.isolated``.
-isolated = pytest.mark.isolated
+
+def __getattr__(name: str) -> Any:
+    if name == "isolated":
+        import pytest
+
+        #: ``@isolated(memory="100M")`` marks a test, class or module like
+        #: ``@pytest.mark.isolated``.
+        return pytest.mark.isolated
+    if name in ("pod", "Pod"):
+        from . import pods
+
+        return getattr(pods, name)
+    raise AttributeError(f"module 'pytest_isolate' has no attribute {name!r}")

@@ -9,6 +9,7 @@ loudly when a pytest release changes one of them.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -21,8 +22,8 @@ __all__ = [
     "basetemp",
     "call_in_phase",
     "evaluate_skip",
-    "patch_rerunfailures",
     "init_request",
+    "patch_rerunfailures",
     "redirect_capture",
     "release_parent_finalizers",
     "run_phases",
@@ -84,7 +85,7 @@ def setup_shared(item: pytest.Item) -> None:
     finally:
         finalizers, _ = stack.pop(item)
         # Only wider fixtures ran: their finalizers belong to their own scope's node.
-        assert not finalizers, f"function-level finalizers registered in pytest's process: {finalizers}"
+        assert not finalizers, f"function-level finalizers in pytest's process: {finalizers}"
 
 
 def shared_snapshot(item: pytest.Item) -> tuple[int, ...] | None:
@@ -188,9 +189,13 @@ def _run_phases(item: pytest.Item, nextitem: pytest.Item | None,
     rep = call_and_report(item, "setup", log=False)
     send(rep)
     if rep.passed:
+        setup_only = item.config.getoption("setuponly", False)
         if item.config.getoption("setupshow", False):
-            show_test_item(item)
-        if not item.config.getoption("setuponly", False):
+            if "add_space" in inspect.signature(show_test_item).parameters:  # pytest 9
+                show_test_item(item, add_space=not setup_only)
+            else:  # pragma: no cover - pytest 8
+                show_test_item(item)  # type: ignore[call-arg]
+        if not setup_only:
             send(call_and_report(item, "call", log=False))
     if item.session.shouldfail or item.session.shouldstop:
         nextitem = None
@@ -202,4 +207,4 @@ def patch_rerunfailures(isolated_protocol: Callable[..., list[pytest.TestReport]
     runtestprotocol; point it at ours so every rerun is isolated too."""
     module = sys.modules.get("pytest_rerunfailures")
     if module is not None and hasattr(module, "runtestprotocol"):
-        module.runtestprotocol = isolated_protocol
+        module.runtestprotocol = isolated_protocol  # type: ignore[attr-defined]

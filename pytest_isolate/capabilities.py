@@ -89,7 +89,7 @@ def normalize_cap_names(names: Iterable[str]) -> tuple[str, ...]:
     listing the valid names.
     """
     # Imported lazily: spec.py imports this module lazily too (a cycle otherwise).
-    from .spec import SpecError  # noqa: PLC0415
+    from .spec import SpecError
 
     result: list[str] = []
     for raw in names:

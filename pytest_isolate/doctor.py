@@ -674,7 +674,8 @@ def run_doctor(write: Callable[[str], None]) -> int:
         write(line)
     write("")
     fatal = [c.feature for c in checks if c.required and c.works is False]
-    optional = [c.needed_by for c in checks if not c.required and c.works is False]
+    optional = [use for c in checks if not c.required and c.works is False
+                for use in c.needed_by.split(", ")]
     if fatal:
         write(f"--isolate cannot run with its defaults here: {', '.join(fatal)} "
               f"({len(fatal)} missing). Apply the fixes above, then run the doctor again.")

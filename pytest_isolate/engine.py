@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -138,7 +138,7 @@ class Engine:
                 try:
                     image_root = prepare_image(spec.rootfs, default_cache_dir())
                 except ImageError as exc:
-                    raise IsolationUnavailable(f"rootfs={spec.rootfs!r}: {exc}") from None
+                    raise IsolationUnavailable(str(exc)) from None
             rootfs = plan_rootfs(
                 staging=self._staging_dir(), cwd=os.getcwd(), home=os.environ.get("HOME"),
                 project=self._project_paths(), binds=spec.binds, writable_paths=writable,
@@ -380,6 +380,7 @@ class Engine:
         elif not done and phase != "done":
             text = _crash_text(outcome, spec, stats, oom)
         if text is not None and phase != "done":
+            assert phase in _PHASES
             sections = _output_sections(phase, out, err)
             reports.append(self._report(item, phase, text, spec=spec, sections=sections,
                                         duration=outcome.duration))
@@ -424,7 +425,8 @@ class Engine:
             return None, f"a report has the outcome {report.outcome!r}"
         return report, None
 
-    def _report(self, item: pytest.Item, when: str, text: str, *, spec: IsolationSpec | None,
+    def _report(self, item: pytest.Item, when: Literal["setup", "call", "teardown"], text: str,
+                *, spec: IsolationSpec | None,
                 sections: list[tuple[str, str]] | None = None,
                 duration: float = 0.0) -> pytest.TestReport:
         now = time.time()
@@ -450,7 +452,8 @@ def _int(value: object, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def _next_phase(reports: list[pytest.TestReport], item: pytest.Item) -> str:
+def _next_phase(reports: list[pytest.TestReport],
+                item: pytest.Item) -> Literal["setup", "call", "teardown", "done"]:
     if not reports:
         return "setup"
     last = reports[-1]

@@ -119,7 +119,7 @@ def pytest_configure(config: pytest.Config) -> None:
             "Run without --isolate, or on a Linux host or VM.")
     if base["enabled"] and not hasattr(os, "fork"):
         raise pytest.UsageError("--isolate needs os.fork(), which this Python lacks")
-    config.stash[_engine_key] = Engine(config, lambda item: spec_for(item))
+    config.stash[_engine_key] = Engine(config, spec_for)
     compat.patch_rerunfailures(runtestprotocol)
 
 
@@ -149,8 +149,9 @@ def spec_for(item: pytest.Item) -> IsolationSpec:
     cached = item.stash.get(_spec_key, None)
     if cached is None:
         try:
+            base: dict[str, Any] = item.config.stash[_base_key]
             cached = resolve_spec(
-                base=item.config.stash[_base_key],
+                base=base,
                 marker_layers=[(m.args, m.kwargs) for m in item.iter_markers("isolated")],
                 where=item.nodeid)
         except SpecError as exc:
@@ -264,7 +265,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         except ValueError:
             raise pytest.UsageError(
                 f"ini isolate_peak_memory = {raw!r}: use a whole number, e.g. 10") from None
-    peaks = sorted(config.stash[_peaks_key], reverse=True)
+    recorded: list[tuple[int, str]] = config.stash[_peaks_key]
+    peaks = sorted(recorded, reverse=True)
     if count:
         peaks = peaks[:count]
     title = "isolated tests by peak memory" + (f" (top {count})" if count else "")

@@ -399,7 +399,7 @@ def _holder_main(ready_w: int, owner: int, rootless: bool, uid: int,
         # open would delay their EOFs until the pod closes.
         _close_descriptors(keep=ready_w)
         # Imported here: the popen trampoline loads this module and needs none of it.
-        from .sandbox import _loopback_up, _map_ids  # noqa: PLC0415
+        from .sandbox import _loopback_up, _map_ids
 
         flags = sc.CLONE_NEWNET | sc.CLONE_NEWPID
         if rootless:

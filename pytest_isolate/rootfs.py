@@ -17,12 +17,14 @@ The default view (see docs/how-it-works.md):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import stat
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from . import syscalls as sc
 from .spec import Bind
@@ -102,10 +104,8 @@ def project_paths(extra: Iterable[str]) -> list[str]:
         path = getattr(module, "__file__", None)
         if isinstance(path, str) and os.path.isabs(path):
             candidates.add(os.path.dirname(os.path.realpath(path)))
-    try:
+    with contextlib.suppress(OSError):
         candidates.add(os.path.realpath(sys.executable))
-    except OSError:
-        pass
     kept: list[str] = []
     for path in sorted(candidates, key=lambda p: (p.count("/"), p)):
         if path == "/" or any(_under(path, d) for d in (*SYSTEM_DIRS, "/proc", "/sys", "/dev")):
@@ -211,7 +211,7 @@ class _Step:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> Literal[False]:
         if isinstance(exc, OSError) and not isinstance(exc, SetupStepError):
             raise SetupStepError(self.name, exc) from exc
         return False
@@ -335,10 +335,9 @@ def _setup_sys(root: str, cgroup2: bool) -> None:
         _make_readonly(dest)
         return
     if cgroup2:
-        try:
+        with contextlib.suppress(OSError):
+            # Informational only: the limits are enforced from outside.
             sc.mount("cgroup2", dest + "/fs/cgroup", "cgroup2", flags)
-        except OSError:
-            pass  # informational only: the limits are enforced from outside
 
 
 def apply_rootfs(plan: RootfsPlan) -> None:

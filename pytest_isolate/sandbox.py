@@ -41,6 +41,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from . import syscalls as sc
 from .protocol import FrameReader, Message, ProtocolError, send_message
@@ -118,16 +119,14 @@ class Sandbox:
         self._reaped: int | None = None
         self.pidfd = os.pidfd_open(pid)
         self.started = 0.0
-        self.fds = (result_fd, go_fd, out_fd, err_fd, stack_fd, self.pidfd)
+        self.fds: tuple[int, ...] = (result_fd, go_fd, out_fd, err_fd, stack_fd, self.pidfd)
 
     def go(self, data: bytes = b"") -> None:
         """Release the prepared test; the timeout clock starts here. ``data``
         (at most 8 bytes) reaches the test callback as ``ctx.go_data``."""
         self.started = time.monotonic()
-        try:
+        with contextlib.suppress(OSError):  # already dead: collect() reports how
             os.write(self.go_fd, b"g" + data[:8])
-        except OSError:
-            pass  # the sandbox already died; collect() reports how
 
     def kill(self) -> None:
         if self._reaped is None:
@@ -361,12 +360,12 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
             # pod's network namespace belongs to the pod's user namespace, which
             # ours must then descend from to be allowed in.
             step = "join the pod"
-            for path, nstype in ((plan.pod_userns, sc.CLONE_NEWUSER),
-                                 (plan.pod_netns, sc.CLONE_NEWNET)):
-                if not path:
+            joins = ((plan.pod_userns, sc.CLONE_NEWUSER), (plan.pod_netns, sc.CLONE_NEWNET))
+            for ns_path, nstype in joins:
+                if ns_path is None:
                     continue
-                with SetupStepErrorContext(f"setns into {path}"):
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                with SetupStepErrorContext(f"setns into {ns_path}"):
+                    fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
                     try:
                         sc.setns(fd, nstype)
                     finally:
@@ -407,7 +406,7 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
             _test_main(plan, ctx, go_r, own, run_test)
         os.close(go_r)
         _init_loop(pid, ctx)
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes a frame
+    except BaseException as exc:
         _fail(ctx, step, exc)
     os._exit(SETUP_FAILED_EXIT)
 
@@ -421,7 +420,7 @@ class SetupStepErrorContext:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> Literal[False]:
         if isinstance(exc, OSError) and not isinstance(exc, SetupStepError):
             raise SetupStepError(self.step, exc) from exc
         return False
@@ -539,14 +538,14 @@ def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
             step = "load the syscall filter"
             from .seccomp import load_filter
             load_filter(plan.seccomp_program)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         _fail(ctx, step, exc)
     try:
         run_test(ctx)
         send_message(ctx.result_fd, "done", {})
     except KeyboardInterrupt:
         os._exit(130)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         _fail(ctx, "run the test protocol", exc)
     os._exit(0)
 

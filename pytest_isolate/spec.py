@@ -153,7 +153,7 @@ def _parse_seconds(value: object) -> float:
 
 def _parse_pids(value: object) -> int:
     try:
-        pids = int(value)  # type: ignore[call-overload]
+        pids: int = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise SpecError(f"invalid process count {value!r}; e.g. 64") from None
     if isinstance(value, bool) or pids < 1 or str(value).strip() != str(pids):
@@ -206,7 +206,8 @@ def _parse_net(value: object) -> str:
 def _parse_hostname(value: object) -> str:
     text = str(value)
     if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})", text):
-        raise SpecError(f"invalid hostname {value!r}; use letters, digits, '-' and '.', <= 63 chars")
+        raise SpecError(
+            f"invalid hostname {value!r}; use letters, digits, '-' and '.', <= 63 chars")
     return text
 
 
@@ -332,8 +333,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("hostname", _parse_hostname, "hostname seen by the test", "NAME"),
     Option("fs", _parse_fs, "file system view: 'readonly' host view, or 'overlay' "
            "(writable, writes discarded)", "MODE"),
-    Option("rootfs", _parse_path, "run in another root file system: a directory or a "
-           ".tar/.tar.gz/.tar.xz image", "PATH"),
+    Option("rootfs", _parse_path, "run in another root file system: a directory, a "
+           ".tar/.tar.gz/.tar.xz image, or a `docker save` / OCI layout tarball", "PATH"),
     Option("binds", _parse_binds, "host paths to grant: HOST[:CONTAINER][:ro|:rw], "
            "comma-separated", "BINDS"),
     Option("env", _parse_env, "environment allow-list (names, NAME* prefixes) or 'inherit'",
@@ -442,7 +443,8 @@ def _finalize(spec: IsolationSpec, where: str) -> IsolationSpec:
     """Cross-option rules, checked once all sources are merged."""
     problems = []
     if spec.pod and spec.net == "host":
-        problems.append("pod= joins a pod's network namespace; it cannot be combined with net='host'")
+        problems.append(
+            "pod= joins a pod's network namespace; it cannot be combined with net='host'")
     if spec.has("rootfs") and not spec.has("namespaces"):
         problems.append("layer 'rootfs' requires layer 'namespaces'")
     if problems:
