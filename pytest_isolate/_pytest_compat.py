@@ -23,7 +23,7 @@ __all__ = [
     "call_in_phase",
     "evaluate_skip",
     "init_request",
-    "patch_rerunfailures",
+    "install_protocol",
     "redirect_capture",
     "release_parent_finalizers",
     "run_phases",
@@ -202,9 +202,35 @@ def _run_phases(item: pytest.Item, nextitem: pytest.Item | None,
     send(call_and_report(item, "teardown", log=False, nextitem=nextitem))
 
 
-def patch_rerunfailures(isolated_protocol: Callable[..., list[pytest.TestReport]]) -> None:
-    """pytest-rerunfailures runs items through its own module-level reference to
-    runtestprotocol; point it at ours so every rerun is isolated too."""
+def reruns_expected(item: pytest.Item) -> bool:
+    """True when pytest-rerunfailures may run ``item`` again: pytest's process
+    must then keep the wider fixtures until the last attempt is over."""
     module = sys.modules.get("pytest_rerunfailures")
-    if module is not None and hasattr(module, "runtestprotocol"):
-        module.runtestprotocol = isolated_protocol  # type: ignore[attr-defined]
+    if module is None or not item.config.pluginmanager.has_plugin("rerunfailures"):
+        return False
+    try:
+        return bool(module.get_reruns_count(item))
+    except Exception:
+        return False
+
+
+def install_protocol(isolated_protocol: Callable[..., list[pytest.TestReport]]
+                     ) -> Callable[[], None]:
+    """Make ``isolated_protocol`` the runtestprotocol that pytest's runner and
+    pytest-rerunfailures call (each looks it up in its own module). Returns
+    the undo, for config.add_cleanup (pytester runs sessions in-process)."""
+    import _pytest.runner
+
+    undo = []
+    for name in ("_pytest.runner", "pytest_rerunfailures"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "runtestprotocol"):
+            undo.append((module, module.runtestprotocol))
+            module.runtestprotocol = isolated_protocol
+    assert _pytest.runner.runtestprotocol is isolated_protocol
+
+    def restore() -> None:
+        for module, original in undo:
+            module.runtestprotocol = original
+
+    return restore

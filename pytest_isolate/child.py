@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from . import _pytest_compat as compat
+from .coverage_support import start_in_sandbox, stop_in_sandbox
 from .protocol import send_message
 from .sandbox import TestContext
 
@@ -26,6 +27,8 @@ _PLUGINS_TO_SILENCE = ("workerinteractor",)
 
 #: Set in the sandbox only: where plugin.pytest_warning_recorded forwards warnings.
 FORWARD_FD: int | None = None
+#: Set by the engine before forking when coverage measures the session.
+COVERAGE_DIR: str | None = None
 
 
 def forward_warning(warning_message: warnings.WarningMessage, when: str, nodeid: str) -> None:
@@ -70,8 +73,11 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
             config=config, report=report)
         send_message(ctx.result_fd, "report", data)
 
+    coverage = start_in_sandbox(COVERAGE_DIR)
     try:
         compat.run_phases(item, nextitem, send)
     except pytest.exit.Exception as exc:
         send_message(ctx.result_fd, "session_exit", {"msg": str(exc.msg),
                                                      "returncode": exc.returncode})
+    finally:
+        stop_in_sandbox(coverage)

@@ -77,6 +77,7 @@ class Engine:
         self._cgroups_opened = False
         #: A test called pytest.exit(): (message, returncode), raised after its reports.
         self.pending_exit: tuple[str, int] | None = None
+        self._deferred_teardown: tuple[pytest.Item, pytest.Item | None] | None = None
 
     # ------------------------------------------------------------------ resources
 
@@ -104,6 +105,12 @@ class Engine:
         if self._staging is not None:
             shutil.rmtree(os.path.dirname(self._staging), ignore_errors=True)
 
+    def merge_coverage(self) -> None:
+        from . import child
+        from .coverage_support import combine_into_session
+
+        combine_into_session(child.COVERAGE_DIR)
+
     def _staging_dir(self) -> str:
         if self._staging is None:
             # An empty host directory the sandbox mounts its new root on (inside
@@ -126,6 +133,11 @@ class Engine:
         return plan
 
     def _build_plan(self, spec: IsolationSpec) -> SandboxPlan:
+        from . import child
+        from .coverage_support import prepare_dir
+
+        if child.COVERAGE_DIR is None:
+            child.COVERAGE_DIR = prepare_dir(compat.basetemp(self.config))
         namespaces = spec.has("namespaces")
         rootfs = None
         if namespaces and spec.has("rootfs"):
@@ -267,6 +279,15 @@ class Engine:
         self._finished.append(sandbox)
         return self._interpret(item, nextitem, spec, outcome, stats, out, err)
 
+    def finish_protocol(self, item: pytest.Item) -> pytest.TestReport | None:
+        """After every attempt at ``item``: the teardown deferred for reruns."""
+        deferred, self._deferred_teardown = self._deferred_teardown, None
+        if deferred is None or deferred[0] is not item:
+            return None
+        report = compat.call_in_phase(item, "teardown",
+                                      lambda: compat.teardown_shared(item, deferred[1]))
+        return report if report.failed else None
+
     def finish_item(self) -> None:
         """Kill and reap the finished sandboxes, remove their cgroups: nothing of
         a test outlives it into the next one."""
@@ -325,6 +346,13 @@ class Engine:
 
     def _teardown(self, item: pytest.Item, nextitem: pytest.Item | None,
                   child: pytest.TestReport | None) -> pytest.TestReport:
+        if compat.reruns_expected(item):
+            # Another attempt may follow: the wider fixtures stay up until
+            # pytest_runtest_protocol is over (finish_protocol).
+            self._deferred_teardown = (item, nextitem)
+            if child is not None:
+                return child
+            return compat.call_in_phase(item, "teardown", lambda: None)
         parent = compat.call_in_phase(item, "teardown",
                                       lambda: compat.teardown_shared(item, nextitem))
         if child is None:

@@ -120,7 +120,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if base["enabled"] and not hasattr(os, "fork"):
         raise pytest.UsageError("--isolate needs os.fork(), which this Python lacks")
     config.stash[_engine_key] = Engine(config, spec_for)
-    compat.patch_rerunfailures(runtestprotocol)
+    config.add_cleanup(compat.install_protocol(runtestprotocol))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -128,6 +128,19 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if engine is not None:
         engine.close()
         del config.stash[_engine_key]
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    """Merge the sandboxes' coverage before pytest-cov's own wrapper (outside
+    this one) saves and reports."""
+    try:
+        return (yield)
+    finally:
+        engine = session.config.stash.get(_engine_key, None)
+        if engine is not None:
+            engine.close()
+            engine.merge_coverage()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -166,8 +179,9 @@ def runtestprotocol(item: pytest.Item, log: bool = True,
                     nextitem: pytest.Item | None = None) -> list[pytest.TestReport]:
     """pytest's runtestprotocol, isolated where the item's spec says so.
 
-    This is the unit that plugins re-running tests (pytest-rerunfailures) call,
-    so every rerun is isolated too.
+    Installed in place of pytest's own (and pytest-rerunfailures' reference to
+    it): whichever plugin runs the protocol, and however often, every run of
+    an isolated item is isolated.
     """
     engine = item.config.stash[_engine_key]
     try:
@@ -196,17 +210,19 @@ def runtestprotocol(item: pytest.Item, log: bool = True,
     return reports
 
 
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
+                            ) -> Generator[None, object, object]:
+    """Around every protocol (ours, pytest's, pytest-rerunfailures'): tear
+    down wider fixtures held back while reruns were possible."""
     try:
-        spec = spec_for(item)
-    except SpecError:
-        spec = None
-    if spec is not None and not spec.enabled:
-        return None  # pytest's own protocol runs it, untouched
-    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-    runtestprotocol(item, log=True, nextitem=nextitem)
-    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-    return True
+        return (yield)
+    finally:
+        engine = item.config.stash.get(_engine_key, None)
+        if engine is not None:
+            failed = engine.finish_protocol(item)
+            if failed is not None:
+                item.ihook.pytest_runtest_logreport(report=failed)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -514,3 +514,38 @@ def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
     while _host_processes_matching("sleep 302") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _host_processes_matching("sleep 302")
+
+
+def test_reruns_of_pytest_rerunfailures_are_isolated_too(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_rerunfailures")
+    pytester.makepyfile("""
+        import os
+        def test_flaky(tmp_path_factory):
+            log = tmp_path_factory.getbasetemp() / "attempts"
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            assert len(log.read_text().split()) >= 3
+    """)
+    result = run(pytester, "--reruns", "3")
+    assert result.parseoutcomes() == {"passed": 1, "rerun": 2}
+    attempts = (pytester.path / "runpytest-0" / "attempts").read_text().split()
+    assert attempts == ["2", "2", "2"]  # each attempt was pid 2 of its own sandbox
+
+
+def test_coverage_measured_inside_sandboxes_is_combined(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_cov")
+    pytester.makepyfile(mod="""
+        def branch(x):
+            if x > 0:
+                return "positive"
+            return "other"
+    """, test_cov="""
+        from mod import branch
+        def test_positive():
+            assert branch(1) == "positive"
+        def test_other():
+            assert branch(-1) == "other"
+    """)
+    result = run(pytester, "--cov=mod", "--cov-report=term-missing")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["mod.py * 4 * 0 * 100%*"])
