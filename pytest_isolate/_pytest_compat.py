@@ -9,6 +9,7 @@ loudly when a pytest release changes one of them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -160,6 +161,22 @@ def redirect_capture(config: pytest.Config, out_fd: int, err_fd: int) -> None:
         os.dup2(fd, number)
         if getattr(capture, "_state", None) == "started":
             os.dup2(number, targetfd)
+
+
+def capture_fds(config: pytest.Config) -> set[int]:
+    """Descriptors pytest's capture holds (saved terminal, capture files): kept
+    open in strict mode, where every other inherited descriptor is closed."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    fds: set[int] = set()
+    for capture in (getattr(capturing, name, None) for name in ("in_", "out", "err")):
+        saved = getattr(capture, "targetfd_save", None)
+        if isinstance(saved, int):
+            fds.add(saved)
+        tmpfile = getattr(capture, "tmpfile", None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fds.add(tmpfile.fileno())  # type: ignore[union-attr]
+    return fds
 
 
 def basetemp(config: pytest.Config) -> str | None:

@@ -156,7 +156,7 @@ class Engine:
                 project=self._project_paths(), binds=spec.binds, writable_paths=writable,
                 tmpfs_size=spec.tmpfs_size, rootless=self.rootless,
                 cgroup2=getattr(cgroups, "version", 0) == 2, overlay=spec.fs == "overlay",
-                image_root=image_root)
+                image_root=image_root, strict=spec.strict)
         caps = None
         granted: frozenset[str] = frozenset()
         if spec.has("caps") and (namespaces or not self.rootless):
@@ -219,6 +219,7 @@ class Engine:
             sandbox = spawn(plan, cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
                             run_test=partial(run_in_sandbox, item),
                             foreign_fds=self._foreign_fds,
+                            keep_fds=partial(compat.capture_fds, self.config),
                             cleanup=cgroup.remove if cgroup else None)
         except BaseException:
             if cgroup is not None:

@@ -34,6 +34,8 @@ __all__ = ["Op", "RootfsPlan", "SetupStepError", "apply_rootfs", "plan_rootfs"]
 #: Host directories shown read-only (symlinks such as /bin -> usr/bin are copied as links).
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
                "/var")
+#: Strict mode shows only what Python and its subprocesses need to run.
+STRICT_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 #: Directories that exist but stay empty unless a path inside them is granted.
 EMPTY_DIRS = ("/home", "/root", "/run", "/mnt", "/media", "/srv", "/tmp", "/var/tmp")
 #: Secrets inside the read-only system view, masked with an empty file or directory.
@@ -141,7 +143,7 @@ def _var_sockets(limit: int = 20000) -> list[str]:
 def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[str],
                 binds: Sequence[Bind], writable_paths: Sequence[str], tmpfs_size: int,
                 rootless: bool, cgroup2: bool, overlay: bool = False,
-                image_root: str | None = None) -> RootfsPlan:
+                image_root: str | None = None, strict: bool = False) -> RootfsPlan:
     """Build the ordered list of operations for the sandbox's root.
 
     Default: the host's system directories read-only. ``image_root``: an
@@ -152,7 +154,7 @@ def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[s
     ops: list[Op] = []
     shown = "overlay" if overlay else "bind"
     if image_root is None:
-        for path in SYSTEM_DIRS:
+        for path in STRICT_SYSTEM_DIRS if strict else SYSTEM_DIRS:
             if os.path.islink(path):
                 ops.append(Op("symlink", path, source=os.readlink(path)))
             elif os.path.isdir(path):

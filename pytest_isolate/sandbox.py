@@ -277,6 +277,7 @@ def read_memfd(fd: int, limit: int = 1 << 20) -> str:
 
 def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
           run_test: Callable[[TestContext], None], foreign_fds: Callable[[], set[int]],
+          keep_fds: Callable[[], set[int]] = set,
           cleanup: Callable[[], None] | None = None) -> Sandbox:
     """Fork a sandbox that sets itself up and waits for ``go()``."""
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
@@ -286,6 +287,7 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
     stack_fd = os.memfd_create("isolate-stack", os.MFD_CLOEXEC)
     ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
     own = {result_w, go_r, out_fd, err_fd, stack_fd}
+    # ``keep_fds`` and ``foreign_fds`` are evaluated in the child, after the fork.
     as_pid1 = plan.namespaces and not plan.rootless
     own_pidns = -1
     if as_pid1:
@@ -312,7 +314,7 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
             sc.setns(own_pidns, sc.CLONE_NEWPID)
             os.close(own_pidns)
     if pid == 0:  # pragma: no cover - runs in the sandbox
-        _sandbox_main(plan, cgroup_procs, ctx, go_r, own, foreign_fds(), run_test)
+        _sandbox_main(plan, cgroup_procs, ctx, go_r, own | keep_fds(), foreign_fds(), run_test)
     os.close(result_w)
     os.close(go_r)
     return Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
