@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# test.sh: the project's tests, in one command. Sets up (scripts/setup-dev.sh),
+# then runs, each under a clear header:
+#
+#   main          the test suite as the calling user (root in CI)
+#   rootless      the suite again as the unprivileged user `isotest`, from a
+#                 copy it can read, with Debian's /usr/bin/python3 in its own venv
+#                 (/opt/pytest-isolate-ci-venv, /tmp/pytest-isolate-ci-rootless)
+#                 (needs root to create the user; skipped otherwise)
+#   vm-root       in a VM with only cgroup v2 (../shared/tools/cg2vm), as root
+#   vm-rootless   same VM, as `isotest` in a delegated cgroup (systemd-style)
+#                 (both VM parts need root and cg2vm beside the checkout)
+#   lint          ruff check
+#   types         mypy --strict (configured in pyproject.toml)
+#
+# The last line sums every part, e.g. "312 passed, 0 failed, 20 skipped"; the
+# exit status is 0 only when every part passed. pytest's "no tests collected"
+# (exit 5) counts as a pass with no tests.
+#
+# Usage: scripts/test.sh [PART...]        (default: every part)
+#   env ISOLATE_TEST_WORKERS  pytest-xdist workers for the suite runs (default:
+#                             the CPU count, at most 4; 0 runs without xdist)
+#   env ISOLATE_VM_K          pytest -k expression for the VM runs (default: the
+#                             cgroup-related tests; "" runs the whole suite)
+#   env CG2VM                 path to cg2vm (default ../shared/tools/cg2vm)
+set -euo pipefail
+
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$root"
+python=${VENV:-$root/.venv}/bin/python
+cpus=$(nproc)
+workers=${ISOLATE_TEST_WORKERS:-$(( cpus > 4 ? 4 : cpus ))}
+xdist=(); [ "$workers" -gt 1 ] && xdist=(-n "$workers")
+vm_k=${ISOLATE_VM_K-test_cgroups or test_doctor or test_limits or cgroup or memory or oom or pids or cpu or limit or peak}
+cg2vm=${CG2VM:-$root/../shared/tools/cg2vm}
+user=isotest
+# Not the paths tests/rootless_util.py uses: its venv must stay free of any
+# installed copy of the package, and ours holds one.
+user_venv=/opt/pytest-isolate-ci-venv
+user_copy=/tmp/pytest-isolate-ci-rootless
+# pytest as a part: warnings are errors (pyproject), no cache written into the tree.
+pytest_args=(-p no:cacheprovider -ra)
+
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(main rootless vm-root vm-rootless lint types)
+
+start=$(date +%s)
+passed=0 failed=0 skipped=0 errors=0 xfailed=0 xpassed=0
+table=()
+any_failed=0
+
+header() { printf '\n%s\n== %s\n%s\n' "$(printf '=%.0s' {1..78})" "$*" "$(printf '=%.0s' {1..78})"; }
+record() {  # record PART STATUS SECONDS DETAIL
+  table+=("$(printf '  %-12s %-8s %5ss  %s' "$1" "$2" "$3" "$4")")
+  [ "$2" = FAILED ] && any_failed=1
+  return 0
+}
+count() {  # count WORD LINE -> the number before WORD in a pytest summary line
+  { grep -oE "[0-9]+ $2" <<<"$1" || echo 0; } | head -n1 | cut -d' ' -f1
+}
+
+# run_pytest PART TIMEOUT CMD... : run one pytest invocation, tee its output,
+# and add the counts of its summary line to the totals.
+run_pytest() {
+  local part=$1 limit=$2; shift 2
+  local log t0 rc line p f s e xf xp
+  log=$(mktemp "${TMPDIR:-/tmp}/pytest-isolate-$part.XXXXXX")
+  t0=$(date +%s)
+  set +e
+  timeout --kill-after=30 "$limit" "$@" 2>&1 </dev/null | tee "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  # The summary: the last line that names a count and a duration ("... in 12.34s").
+  line=$(grep -E '[0-9]+ (passed|failed|errors?|skipped|xfailed|xpassed)|no tests ran' "$log" \
+         | grep -E ' in [0-9.]+s' | tail -n1 || true)
+  rm -f -- "$log"
+  p=$(count "$line" passed); f=$(count "$line" failed); s=$(count "$line" skipped)
+  e=$(count "$line" 'errors?'); xf=$(count "$line" xfailed); xp=$(count "$line" xpassed)
+  local secs=$(( $(date +%s) - t0 )) status=ok detail
+  detail=$(sed -E 's/^=+ //; s/ =+$//' <<<"${line:-no summary line}")
+  case $rc in
+    0) ;;
+    5) detail="no tests collected (exit 5): $detail" ;;
+    1) status=FAILED ;;
+    124|137) status=FAILED; detail="timed out after ${limit}s: $detail"; [ "$f$e" = 00 ] && e=1 ;;
+    *) status=FAILED; detail="exit $rc: $detail"; [ "$f$e" = 00 ] && e=1 ;;
+  esac
+  passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+  errors=$((errors + e)); xfailed=$((xfailed + xf)); xpassed=$((xpassed + xp))
+  record "$part" "$status" "$secs" "$detail"
+}
+
+# run_check PART CMD... : a non-pytest check (lint, types); a failure counts as one failed.
+run_check() {
+  local part=$1 t0 rc; shift
+  t0=$(date +%s)
+  set +e; "$@" 2>&1 </dev/null; rc=$?; set -e
+  if [ "$rc" = 0 ]; then
+    record "$part" ok $(( $(date +%s) - t0 )) "$*"
+  else
+    failed=$((failed + 1))
+    record "$part" FAILED $(( $(date +%s) - t0 )) "exit $rc: $*"
+  fi
+}
+
+skip_part() { record "$1" skipped 0 "$2"; echo "skipped: $2"; }
+
+# Make $user_copy a copy of this tree that `isotest` can read,
+# and $user_venv a venv of Debian's python3 with the package.
+# The pyenv interpreters live under /root (mode 700), out of the user's reach.
+prepare_rootless() {
+  id "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+  local sys_python=/usr/bin/python3
+  [ -x "$sys_python" ] || { echo "no $sys_python for the unprivileged venv" >&2; return 1; }
+  if ! "$user_venv/bin/python" -c 'import sys' 2>/dev/null; then
+    rm -rf -- "$user_venv"
+    "$sys_python" -m venv "$user_venv"
+  fi
+  rm -rf -- "$user_copy"
+  mkdir -p "$user_copy"
+  tar -C "$root" --exclude=./.git --exclude=./.venv --exclude=./.tox --exclude=./site \
+      --exclude='*.egg-info' --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache \
+      --exclude=.pytest_cache --exclude=./benchmarks/out -cf - . | tar -C "$user_copy" -xf -
+  local log=$user_venv/pip-install.log
+  if ! "$user_venv/bin/python" -m pip install --disable-pip-version-check -e "$user_copy[test]" \
+       >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "pip install into $user_venv failed (log: $log)" >&2
+    return 1
+  fi
+  chown -R "$user:" "$user_copy"
+  chmod -R a+rX "$user_venv"
+}
+
+# The test user's command prefix: a clean, predictable environment. (An array,
+# not a function: `timeout` can only run commands.)
+user_env() {
+  local home
+  home=$(getent passwd "$user" | cut -d: -f6)
+  as_user=(env -i HOME="$home" USER="$user" LOGNAME="$user" LANG=C.UTF-8
+           PATH=/usr/local/bin:/usr/bin:/bin CI="${CI:-}")
+}
+
+"$root/scripts/setup-dev.sh"
+is_root=0; [ "$(id -u)" -eq 0 ] && is_root=1
+rootless_ready=
+
+for part in "${parts[@]}"; do
+  case $part in
+    main)
+      header "main: the suite as $(id -un) (${workers} workers)"
+      run_pytest main 900 "$python" -m pytest "${pytest_args[@]}" "${xdist[@]}" tests/
+      ;;
+    rootless)
+      header "rootless: the suite as the unprivileged user '$user'"
+      if [ "$is_root" = 0 ]; then
+        skip_part rootless "needs root to create '$user' (the main part already ran rootless)"
+        continue
+      fi
+      if prepare_rootless; then
+        rootless_ready=1
+        user_env
+        cd "$user_copy"
+        run_pytest rootless 900 runuser -u "$user" -- "${as_user[@]}" \
+          "$user_venv/bin/python" -m pytest "${pytest_args[@]}" "${xdist[@]}" tests/
+        cd "$root"
+      else
+        errors=$((errors + 1)); record rootless FAILED 0 "setting up the user's venv failed"
+      fi
+      ;;
+    vm-root|vm-rootless)
+      header "$part: cgroup v2 only, in a VM ($cg2vm)"
+      if [ ! -x "$cg2vm" ]; then skip_part "$part" "no $cg2vm"; continue; fi
+      if [ "$is_root" = 0 ]; then skip_part "$part" "cg2vm-setup needs root"; continue; fi
+      "$(dirname -- "$cg2vm")/cg2vm-setup"
+      k=(); [ -n "$vm_k" ] && k=(-k "$vm_k")
+      if [ "$part" = vm-root ]; then
+        run_pytest vm-root 1500 "$cg2vm" --timeout 1200 -- \
+          "$python" -m pytest "${pytest_args[@]}" "${xdist[@]}" "${k[@]}" tests/
+      else
+        if [ -z "$rootless_ready" ]; then
+          prepare_rootless || { errors=$((errors + 1)); record vm-rootless FAILED 0 "setting up the user's venv failed"; continue; }
+          rootless_ready=1
+        fi
+        # cg2vm shares the working directory; /tmp inside the VM is a fresh tmpfs,
+        # so the copy is shared by being the working directory.
+        user_env
+        cd "$user_copy"
+        run_pytest vm-rootless 1500 "$cg2vm" --timeout 1200 --user "$user" -- "${as_user[@]}" \
+          "$user_venv/bin/python" -m pytest "${pytest_args[@]}" "${xdist[@]}" "${k[@]}" tests/
+        cd "$root"
+      fi
+      ;;
+    lint)
+      header "lint: ruff check"
+      run_check lint "$python" -m ruff check pytest_isolate tests examples benchmarks scripts
+      ;;
+    types)
+      header "types: mypy --strict"
+      run_check types "$python" -m mypy
+      ;;
+    *) echo "test.sh: unknown part '$part' (main rootless vm-root vm-rootless lint types)" >&2; exit 2 ;;
+  esac
+done
+
+header "summary"
+printf '%s\n' "${table[@]}"
+extra=
+[ "$errors" -gt 0 ] && extra+=", $errors errors"
+[ "$xfailed" -gt 0 ] && extra+=", $xfailed xfailed"
+[ "$xpassed" -gt 0 ] && extra+=", $xpassed xpassed"
+echo
+echo "$passed passed, $failed failed, $skipped skipped$extra in $(( $(date +%s) - start ))s (all parts)"
+exit "$any_failed"
