@@ -110,6 +110,22 @@ def shared_snapshot(item: pytest.Item) -> tuple[int, ...] | None:
     return tuple(ids)
 
 
+def shared_ready(item: pytest.Item) -> bool:
+    """True when setup_shared(item) would do nothing: the setup stack is the
+    item's parent chain without errors, and every wider fixture is cached
+    with a value (not an error) for the item's parameters."""
+    parent = item.parent
+    stack = item.session._setupstate.stack
+    if parent is None or list(stack) != parent.listchain():
+        return False
+    if any(exc is not None for _, exc in stack.values()):
+        return False
+    if shared_snapshot(item) is None:
+        return False
+    return all(fixturedef.cached_result[2] is None  # type: ignore[index]
+               for _, fixturedef in _wider_fixtures(item))
+
+
 def teardown_shared(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Tear down, in pytest's process, what ``nextitem`` does not need."""
     item.session._setupstate.teardown_exact(nextitem)
@@ -124,9 +140,12 @@ def release_parent_finalizers(item: pytest.Item) -> None:
             stack[node] = ([], exc)
 
 
-def call_in_phase(item: pytest.Item, when: str, func: Callable[[], None]) -> pytest.TestReport:
+def call_in_phase(item: pytest.Item, when: str, func: Callable[[], None], *,
+                  hooks: bool = True) -> pytest.TestReport:
     """Run ``func`` as (part of) phase ``when`` with pytest's per-item capture,
-    and make the report pytest would make for it."""
+    and make the report pytest would make for it. ``hooks=False`` builds it
+    without pytest_runtest_makereport: plugins' wrappers of that hook saw the
+    phase in the sandbox already and may expect state only set up there."""
     capman = item.config.pluginmanager.getplugin("capturemanager")
     reraise: tuple[type[BaseException], ...] = (pytest.exit.Exception,)
     if not item.config.getoption("usepdb", False):
@@ -136,6 +155,8 @@ def call_in_phase(item: pytest.Item, when: str, func: Callable[[], None]) -> pyt
             call = CallInfo.from_call(func, when=when, reraise=reraise)  # type: ignore[arg-type]
     else:
         call = CallInfo.from_call(func, when=when, reraise=reraise)  # type: ignore[arg-type]
+    if not hooks:
+        return pytest.TestReport.from_item_and_call(item, call)
     report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
     return report
 

@@ -254,10 +254,11 @@ class Engine:
             spec: IsolationSpec) -> list[pytest.TestReport]:
         """runtestprotocol for one isolated item; returns its reports in order."""
         compat.init_request(item)
-        setup = compat.call_in_phase(item, "setup", lambda: compat.setup_shared(item))
-        if not setup.passed:
-            self._discard_prepared()
-            return [setup, self._teardown(item, nextitem, None)]
+        if not compat.shared_ready(item):
+            setup = compat.call_in_phase(item, "setup", lambda: compat.setup_shared(item))
+            if not setup.passed:
+                self._discard_prepared()
+                return [setup, self._teardown(item, nextitem, None, hooks=True)]
         try:
             sandbox, cgroup = self._take_or_spawn(item, spec)
         except (SpecError, IsolationUnavailable, OSError) as exc:
@@ -286,7 +287,8 @@ class Engine:
         if deferred is None or deferred[0] is not item:
             return None
         report = compat.call_in_phase(item, "teardown",
-                                      lambda: compat.teardown_shared(item, deferred[1]))
+                                      lambda: compat.teardown_shared(item, deferred[1]),
+                                      hooks=False)
         return report if report.failed else None
 
     def finish_item(self) -> None:
@@ -346,16 +348,22 @@ class Engine:
         self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup)
 
     def _teardown(self, item: pytest.Item, nextitem: pytest.Item | None,
-                  child: pytest.TestReport | None) -> pytest.TestReport:
+                  child: pytest.TestReport | None, *, hooks: bool = False) -> pytest.TestReport:
+        """The teardown report: the sandbox's, merged with the teardown of
+        wider fixtures in pytest's process. ``hooks`` only when the setup
+        report was also made through pytest_runtest_makereport here."""
         if compat.reruns_expected(item):
             # Another attempt may follow: the wider fixtures stay up until
             # pytest_runtest_protocol is over (finish_protocol).
             self._deferred_teardown = (item, nextitem)
             if child is not None:
                 return child
-            return compat.call_in_phase(item, "teardown", lambda: None)
+            return compat.call_in_phase(item, "teardown", lambda: None, hooks=hooks)
+        if child is not None and nextitem is not None and nextitem.parent is item.parent:
+            return child  # pytest's process has nothing to tear down before a sibling
         parent = compat.call_in_phase(item, "teardown",
-                                      lambda: compat.teardown_shared(item, nextitem))
+                                      lambda: compat.teardown_shared(item, nextitem),
+                                      hooks=hooks)
         if child is None:
             return parent
         if parent.failed and not child.failed:

@@ -83,7 +83,7 @@ def test_timeout_kills_the_tree_and_shows_where_the_test_was_stuck(
         import subprocess, time, pytest
         @pytest.mark.isolated(timeout=1)
         def test_stuck():
-            subprocess.Popen(["sleep", "300"])
+            subprocess.Popen(["sleep", "313.7"])
             waiting_here()
         def waiting_here():
             time.sleep(60)
@@ -101,7 +101,7 @@ def test_timeout_kills_the_tree_and_shows_where_the_test_was_stuck(
         "*in waiting_here",
         "    time.sleep(60)",
     ])
-    assert not _host_processes_matching("sleep 300")
+    assert not _host_processes_matching("sleep 313.7")
 
 
 def _host_processes_matching(cmdline: str) -> list[int]:
@@ -478,19 +478,19 @@ def test_ctrl_c_interrupts_the_session_and_leaves_nothing_behind(
     pytester.makepyfile("""
         import subprocess, time
         def test_long():
-            subprocess.Popen(["sleep", "301"])
+            subprocess.Popen(["sleep", "301.3"])
             time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-m", "pytest", *ISOLATE],
                             cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
-    while not _host_processes_matching("sleep 301") and time.monotonic() < deadline:
+    while not _host_processes_matching("sleep 301.3") and time.monotonic() < deadline:
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert b"KeyboardInterrupt" in out
     time.sleep(0.2)
-    assert not _host_processes_matching("sleep 301")
+    assert not _host_processes_matching("sleep 301.3")
 
 
 def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
@@ -499,21 +499,21 @@ def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
     pytester.makepyfile("""
         import subprocess, time
         def test_long():
-            subprocess.Popen(["sleep", "302"])
+            subprocess.Popen(["sleep", "302.9"])
             time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-m", "pytest", *ISOLATE], cwd=pytester.path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
-    while not _host_processes_matching("sleep 302") and time.monotonic() < deadline:
+    while not _host_processes_matching("sleep 302.9") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _host_processes_matching("sleep 302")
+    assert _host_processes_matching("sleep 302.9")
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 5
-    while _host_processes_matching("sleep 302") and time.monotonic() < deadline:
+    while _host_processes_matching("sleep 302.9") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _host_processes_matching("sleep 302")
+    assert not _host_processes_matching("sleep 302.9")
 
 
 def test_reruns_of_pytest_rerunfailures_are_isolated_too(pytester: pytest.Pytester) -> None:
