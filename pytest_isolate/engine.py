@@ -200,13 +200,17 @@ class Engine:
             plan = dataclasses.replace(plan, pod_netns=netns, pod_userns=userns)
         cgroup = None
         if spec.has("cgroup"):
-            from .cgroups import Limits
+            from .cgroups import CgroupUnavailable, Limits
 
             limits = Limits(memory=spec.memory, pids=spec.pids, cpu=spec.cpu)
             manager = self.cgroups()
             wants_limit = any(v is not None for v in (spec.memory, spec.pids, spec.cpu))
             if manager is not None:
-                cgroup = manager.create(limits)
+                try:
+                    manager.check(limits)
+                    cgroup = manager.create(limits)
+                except CgroupUnavailable as exc:
+                    raise IsolationUnavailable(str(exc)) from None
             elif wants_limit:
                 raise IsolationUnavailable(
                     f"this test asks for a resource limit but no usable cgroup was found: "
@@ -261,7 +265,7 @@ class Engine:
                 return [setup, self._teardown(item, nextitem, None, hooks=True)]
         try:
             sandbox, cgroup = self._take_or_spawn(item, spec)
-        except (SpecError, IsolationUnavailable, OSError) as exc:
+        except Exception as exc:  # never INTERNALERROR: an error on this test
             report = self._report(item, "setup", _setup_error_text(item, exc), spec=spec)
             return [report, self._teardown(item, nextitem, None)]
         sandbox.go(struct.pack("<i", self._index_of(nextitem)))
@@ -546,7 +550,9 @@ def _setup_failure_text(payload: dict[str, Any]) -> str:
 def _setup_error_text(item: pytest.Item, exc: BaseException) -> str:
     if isinstance(exc, (SpecError, IsolationUnavailable)):
         return f"{item.nodeid}: {exc}"
-    return f"{item.nodeid}: could not start the sandbox: {exc}"
+    if isinstance(exc, OSError):
+        return f"{item.nodeid}: could not start the sandbox: {exc}"
+    return f"{item.nodeid}: could not start the sandbox: {type(exc).__name__}: {exc}"
 
 
 def _output_sections(phase: str, out: str, err: str) -> list[tuple[str, str]]:
@@ -592,6 +598,8 @@ def _annotate(reports: list[pytest.TestReport], spec: IsolationSpec, stats: Any)
         last.isolate_peak_memory = int(peak)  # type: ignore[attr-defined]
         last.user_properties.append(("isolate_peak_memory", int(peak)))
     if stats is not None:
+        # Where the user looks first: the call's report (its failure, or -rP).
+        last = next((r for r in reports if r.when == "call"), last)
         if getattr(stats, "pids_max_hits", 0):
             last.sections.append(("isolation", f"the pids limit of {spec.pids} was hit "
                                   f"{stats.pids_max_hits} time(s): fork() failed with EAGAIN"))
