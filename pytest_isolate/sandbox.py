@@ -314,6 +314,8 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
             sc.setns(own_pidns, sc.CLONE_NEWPID)
             os.close(own_pidns)
     if pid == 0:  # pragma: no cover - runs in the sandbox
+        if own_pidns >= 0:
+            os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
         _sandbox_main(plan, cgroup_procs, ctx, go_r, own | keep_fds(), foreign_fds(), run_test)
     os.close(result_w)
     os.close(go_r)
