@@ -76,6 +76,10 @@ ENGINE_GAPS = {
     "libcap.so.2: cannot open shared object file": (
         "the engine loads python-prctl's extension (libcap.so.2) after pivot_root, where the "
         "image has no libcap; fix: preload it in Engine._build_plan"),
+    "No module named '_prctl'": (
+        "the engine imports python-prctl's extension after pivot_root, and rootless its "
+        "site-packages (a venv under /opt) is not bound into the image; fix: preload it in "
+        "Engine._build_plan, and rootfs.python_paths"),
     "No module named 'wave'": (
         "the interpreter's standard library under a system directory (/usr/lib/python3.X, a "
         "venv in /opt) is not bound into image roots; fix: rootfs.python_paths"),
@@ -184,11 +188,11 @@ def test_malicious_tarball_as_rootfs_is_an_error_on_that_test_and_writes_nothing
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.stdout.fnmatch_lines([
         "*ERROR at setup of test_dotdot*",
-        f"test_evil.py::test_dotdot: rootfs={images['dotdot']!r}: image {images['dotdot']!r}: "
-        "member '../*/escaped' *'..' component*; fix: *",
+        f"test_evil.py::test_dotdot: *image {images['dotdot']!r}: member '../*/escaped' has a "
+        "'..' component, which could escape the image root; fix: *",
         "*ERROR at setup of test_symlink_out*",
-        f"test_evil.py::test_symlink_out: rootfs={images['symlink']!r}: image "
-        f"{images['symlink']!r}: member 'link/pwned' lies under 'link', which is a symlink*",
+        f"test_evil.py::test_symlink_out: *image {images['symlink']!r}: member 'link/pwned' "
+        "lies under 'link', which is a symlink*; fix: *",
         "*= 1 passed, 2 errors in *",
     ])
     result.stdout.no_fnmatch_line("*INTERNALERROR*")
