@@ -160,9 +160,13 @@ class Engine:
         caps = None
         granted: frozenset[str] = frozenset()
         if spec.has("caps") and (namespaces or not self.rootless):
-            from .capabilities import resolve_caps
+            from .capabilities import _prctl, resolve_caps
 
             caps = resolve_caps(spec.caps_drop, spec.caps_add, rootless=self.rootless)
+            # Load python-prctl's extension (and libcap.so.2) here, in pytest's
+            # process: the sandbox needs it after pivot_root, where an image root
+            # (rootfs=) has neither libcap nor, rootless, our site-packages.
+            _prctl()
             granted = caps
         program = None
         if spec.seccomp and spec.has("seccomp"):

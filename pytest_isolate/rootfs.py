@@ -118,6 +118,34 @@ def project_paths(extra: Iterable[str]) -> list[str]:
     return sorted(kept)
 
 
+def python_paths(project: Sequence[str]) -> list[str]:
+    """For an image root: the interpreter (each hop of its symlink chain), the
+    standard library, lib-dynload, site-packages and the environment's prefix,
+    where project_paths() skipped them for living under a system directory.
+    Never a system directory itself: /usr bound whole would hide the image's."""
+    import sysconfig
+
+    candidates: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        candidates.add(sysconfig.get_path(key))
+    candidates.update(p for p in sys.path if p and os.path.isabs(p))
+    candidates.update((sys.prefix, sys.exec_prefix))
+    hop = sys.executable
+    for _ in range(40):  # the symlink chain: venv/bin/python -> python3 -> /usr/bin/python3.11
+        candidates.add(os.path.abspath(hop))
+        if not os.path.islink(hop):
+            break
+        hop = os.path.join(os.path.dirname(hop), os.readlink(hop))
+    kept: list[str] = []
+    for path in sorted(candidates, key=lambda p: (p.count("/"), p)):
+        if not os.path.exists(path) or path in SYSTEM_DIRS or path == "/":
+            continue
+        if any(_under(path, k) for k in (*kept, *project)):
+            continue
+        kept.append(path)
+    return sorted(kept)
+
+
 def _var_sockets(limit: int = 20000) -> list[str]:
     """Unix sockets under /var (read-only mounts do not stop connect()).
     The scan is bounded; /var/run and /var/lock usually link to the empty /run."""
@@ -181,6 +209,13 @@ def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[s
         ops.append(Op("tmpfs", home, writable=True, size=tmpfs_size))
     for path in project:
         ops.append(Op(shown, path, source=path))
+    if image_root is not None:
+        # The image has no Python of ours. project_paths() leaves out what lives
+        # under system directories (the default view shows those whole), so a
+        # Debian /usr/bin/python3 or a venv in /opt would find no standard
+        # library inside the image: bind the interpreter's own trees too.
+        for path in python_paths(project):
+            ops.append(Op(shown if os.path.isdir(path) else "bind", path, source=path))
     for path in writable_paths:
         ops.append(Op("bind", path, source=path, writable=True))
     for bind in binds:
@@ -262,6 +297,14 @@ def _overlay(lower: str, dest: str, scratch: str, name: str, rootless: bool) -> 
     work = f"{scratch}/work/{name}"
     os.makedirs(upper, exist_ok=True)
     os.makedirs(work, exist_ok=True)
+    # The overlay's root directory takes its owner and mode from the upper
+    # directory, not the lower one: copy them, or /etc (or another user's
+    # project directory) would show as the sandbox's, mode 0755. Rootless, an
+    # owner outside the user namespace cannot be set: the top stays ours.
+    st = os.stat(lower)
+    os.chmod(upper, stat.S_IMODE(st.st_mode))
+    with contextlib.suppress(OSError):
+        os.chown(upper, st.st_uid, st.st_gid)
     options = (f"lowerdir={_escape_overlay_path(lower)},upperdir={_escape_overlay_path(upper)},"
                f"workdir={_escape_overlay_path(work)}")
     if rootless:

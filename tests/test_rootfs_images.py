@@ -70,29 +70,6 @@ def pytest_unconfigure(config):
 """
 
 
-# Engine gaps found by these tests, with the fix proposed to the engine's owner. While
-# one shows in the inner run, the test is an expected failure naming it, not a red run.
-ENGINE_GAPS = {
-    "libcap.so.2: cannot open shared object file": (
-        "the engine loads python-prctl's extension (libcap.so.2) after pivot_root, where the "
-        "image has no libcap; fix: preload it in Engine._build_plan"),
-    "No module named '_prctl'": (
-        "the engine imports python-prctl's extension after pivot_root, and rootless its "
-        "site-packages (a venv under /opt) is not bound into the image; fix: preload it in "
-        "Engine._build_plan, and rootfs.python_paths"),
-    "No module named 'wave'": (
-        "the interpreter's standard library under a system directory (/usr/lib/python3.X, a "
-        "venv in /opt) is not bound into image roots; fix: rootfs.python_paths"),
-}
-
-
-def xfail_on_engine_gap(result: pytest.RunResult) -> None:
-    output = result.stdout.str()
-    for needle, why in ENGINE_GAPS.items():
-        if needle in output:
-            pytest.xfail(why)
-
-
 @pytest.fixture(scope="module")
 def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The test image, built by the recipe in rootfs/."""
@@ -137,7 +114,6 @@ def test_test_in_the_busybox_image_reads_its_os_release_runs_its_shell_and_impor
     pytester.makepyfile(project_module="ANSWER = 42\n")
     pytester.makepyfile(test_image=IMAGE_SUITE.format(image=busybox_image, count=2))
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
-    xfail_on_engine_gap(result)
     result.stdout.fnmatch_lines([
         "test_image.py::test_in_the_image[[]0[]] PASSED*",
         "test_image.py::test_in_the_image[[]1[]] PASSED*",
@@ -212,7 +188,6 @@ def test_two_xdist_workers_using_the_same_image_unpack_it_once(
     pytester.makepyfile(project_module="ANSWER = 42\n")
     pytester.makepyfile(test_image=IMAGE_SUITE.format(image=busybox_image, count=8))
     result = pytester.runpytest_subprocess("-n", "2", "-v", "-p", "no:cacheprovider")
-    xfail_on_engine_gap(result)
     result.stdout.fnmatch_lines(["*[[]gw0[]]*PASSED*test_in_the_image*"])
     result.stdout.fnmatch_lines(["*[[]gw1[]]*PASSED*test_in_the_image*"])
     result.stdout.fnmatch_lines(["*= 8 passed in *"])
