@@ -122,7 +122,7 @@ def shared_ready(item: pytest.Item) -> bool:
         return False
     if shared_snapshot(item) is None:
         return False
-    return all(fixturedef.cached_result[2] is None  # type: ignore[index]
+    return all(fixturedef.cached_result[2] is None
                for _, fixturedef in _wider_fixtures(item))
 
 
@@ -259,16 +259,16 @@ def install_protocol(isolated_protocol: Callable[..., list[pytest.TestReport]]
     the undo, for config.add_cleanup (pytester runs sessions in-process)."""
     import _pytest.runner
 
-    undo = []
+    undo: list[tuple[Any, Any]] = []
     for name in ("_pytest.runner", "pytest_rerunfailures"):
-        module = sys.modules.get(name)
+        module: Any = sys.modules.get(name)
         if module is not None and hasattr(module, "runtestprotocol"):
             undo.append((module, module.runtestprotocol))
             module.runtestprotocol = isolated_protocol
     assert _pytest.runner.runtestprotocol is isolated_protocol
 
     def restore() -> None:
-        for module, original in undo:
-            module.runtestprotocol = original
+        for target, original in undo:
+            target.runtestprotocol = original
 
     return restore
