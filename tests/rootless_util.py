@@ -43,10 +43,12 @@ __all__ = [
     "REPO",
     "USER",
     "VENV",
+    "BugSymptom",
     "ensure_user",
     "ensure_user_venv",
     "host_mounts",
     "processes_mentioning",
+    "raise_on_bug_symptoms",
     "run_as_user",
     "run_isolated",
     "stage_checkout",
@@ -135,6 +137,28 @@ def run_isolated(pytester: pytest.Pytester, *args: str, timeout: float = 120) ->
     left = processes_mentioning(str(pytester.path))
     assert not left, f"processes of the inner run still alive on the host: {left}"
     return result
+
+
+class BugSymptom(AssertionError):
+    """The symptom of a known bug, seen for sure. Tests marked
+    ``xfail(strict=True, raises=BugSymptom)`` fail outright on anything else
+    (a broken harness must not pass for the bug)."""
+
+
+def raise_on_bug_symptoms(result: pytest.RunResult, marker: str = "BUG-SYMPTOM:") -> None:
+    """Raise BugSymptom when inner tests detected a known bug: their failing
+    assertion's message carries ``marker``. Every inner failure must carry it:
+    any other failure is the harness's and fails as a plain AssertionError."""
+    outcomes = result.parseoutcomes()
+    broken = outcomes.get("failed", 0) + outcomes.get("errors", 0)
+    symptoms = [
+        line
+        for line in result.outlines
+        if marker in line and not line.startswith(("FAILED ", "ERROR "))
+    ]
+    assert len(symptoms) >= broken, f"inner tests failed without the bug's symptom: {outcomes}"
+    if symptoms:
+        raise BugSymptom("\n".join(symptoms))
 
 
 def write_hostinfo(pytester: pytest.Pytester, **values: object) -> None:

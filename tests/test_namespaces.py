@@ -22,7 +22,9 @@ from collections.abc import Iterator
 import pytest
 from rootless_util import (
     PYTHON_HIDDEN_FROM_STRICT,
+    BugSymptom,
     processes_mentioning,
+    raise_on_bug_symptoms,
     run_isolated,
     write_hostinfo,
 )
@@ -192,6 +194,7 @@ DAEMON_PAIRS = 8
 
 @pytest.mark.xfail(
     strict=True,
+    raises=BugSymptom,
     reason=(
         "BUG: Engine.finish_item kills the finished sandbox without waiting for its pid "
         "namespace to empty; the next test starts while the previous test's daemon still runs"
@@ -205,16 +208,26 @@ def test_next_test_starts_after_the_previous_tests_daemon_is_gone(
     # One pair hits a short window; several make a miss very unlikely.
     body = [
         """
-        import os, socket, time
+        import contextlib, os, socket, time
         import pytest
 
+        @contextlib.contextmanager
+        def inside(directory):
+            # Relative socket paths: the absolute ones exceed sun_path's 108 bytes.
+            cwd = os.getcwd()
+            os.chdir(directory)
+            try:
+                yield
+            finally:
+                os.chdir(cwd)
+
         def start_daemon(tmp_path):
-            path = str(tmp_path / "daemon.sock")
             if os.fork() == 0:
                 os.setsid()
                 if os.fork() == 0:
+                    os.chdir(tmp_path)
                     server = socket.socket(socket.AF_UNIX)
-                    server.bind(path)
+                    server.bind("d.sock")
                     server.listen(8)
                     while True:
                         conn, _ = server.accept()
@@ -222,15 +235,17 @@ def test_next_test_starts_after_the_previous_tests_daemon_is_gone(
                         conn.close()
                 os._exit(0)
             os.wait()
-            while not os.path.exists(path):
+            deadline = time.monotonic() + 5
+            while not (tmp_path / "d.sock").exists():
+                assert time.monotonic() < deadline, "the daemon never listened"
                 time.sleep(0.001)
-            (tmp_path.parent / "last-daemon").write_text(path)
+            (tmp_path.parent / "last-daemon").write_text(str(tmp_path))
 
         def daemon_answers(tmp_path):
-            path = (tmp_path.parent / "last-daemon").read_text()
-            with socket.socket(socket.AF_UNIX) as s:
+            directory = (tmp_path.parent / "last-daemon").read_text()
+            with inside(directory), socket.socket(socket.AF_UNIX) as s:
                 try:
-                    s.connect(path)
+                    s.connect("d.sock")
                     s.settimeout(2)
                     return s.recv(5) == b"alive"
                 except (ConnectionRefusedError, ConnectionResetError):
@@ -244,10 +259,11 @@ def test_next_test_starts_after_the_previous_tests_daemon_is_gone(
 
         @pytest.mark.isolated(False)
         def test_{i}_next_test_on_the_host(tmp_path):
-            assert not daemon_answers(tmp_path), "the previous test's daemon still runs"
+            assert not daemon_answers(tmp_path), "BUG-SYMPTOM: the previous test's daemon runs"
         """)
     pytester.makepyfile("".join(body))
     result = run_isolated(pytester)
+    raise_on_bug_symptoms(result)
     result.assert_outcomes(passed=2 * DAEMON_PAIRS)
 
 
@@ -465,6 +481,7 @@ def test_environment_is_inherited_and_allow_lists_filter_it(
 @pytest.mark.xfail(
     PYTHON_HIDDEN_FROM_STRICT,
     strict=True,
+    raises=BugSymptom,
     reason=(
         "BUG: strict=True stops showing /opt and /var, but rootfs.project_paths still leaves "
         "out every path below them: this interpreter's installation is hidden"
@@ -478,4 +495,5 @@ def test_strict_profile_keeps_only_the_documented_environment(
     result = run_isolated(
         pytester, "-v", f"{tests.name}::test_strict_keeps_only_the_documented_names"
     )
+    raise_on_bug_symptoms(result, marker="ModuleNotFoundError")
     result.assert_outcomes(passed=1)

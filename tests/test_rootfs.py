@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires
-from rootless_util import run_isolated, write_hostinfo
+from rootless_util import BugSymptom, raise_on_bug_symptoms, run_isolated, write_hostinfo
 
 # These tests watch the host from outside the sandboxes they start: they must
 # themselves run on the host, also when the suite is run with --isolate.
@@ -295,6 +295,7 @@ VAR_SOCKET_CASES = [
         id="var-cache",
         marks=pytest.mark.xfail(
             strict=True,
+            raises=BugSymptom,
             reason=(
                 "BUG: rootfs._var_sockets skips /var/cache (and /var/lib/docker, "
                 "/var/lib/containers) while /var is shown read-only: a socket there stays "
@@ -325,7 +326,7 @@ def test_unix_socket_under_var_is_masked(pytester: pytest.Pytester, var_socket_d
         listener.setblocking(False)
         with contextlib.suppress(BlockingIOError):
             listener.accept()[0].close()
-            pytest.fail(f"a sandbox connected to the host socket {path}")
+            raise BugSymptom(f"a sandbox connected to the host socket {path}")
         result.assert_outcomes(passed=1)
 
 
@@ -424,6 +425,7 @@ def test_mknod_is_refused_by_default(pytester: pytest.Pytester) -> None:
 @requires("root")
 @pytest.mark.xfail(
     strict=True,
+    raises=BugSymptom,
     reason=(
         "BUG: rootfs._bind remounts a writable bind nosuid,nodev without MS_REC/AT_RECURSIVE: "
         "a submount of the granted path keeps device nodes usable"
@@ -443,10 +445,15 @@ def test_device_node_in_a_submount_of_a_writable_bind_cannot_be_opened(
             @pytest.mark.isolated(caps_add=["mknod"], binds=[f"{GRANTED}:/data:rw"])
             def test_node_in_submount_cannot_be_opened():
                 os.mknod("/data/sub/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
-                with pytest.raises(PermissionError):
+                try:
                     os.close(os.open("/data/sub/null", os.O_RDONLY))
+                except PermissionError:
+                    return
+                raise AssertionError("BUG-SYMPTOM: a device node opened in a writable grant")
         """)
-        run_isolated(pytester).assert_outcomes(passed=1)
+        result = run_isolated(pytester)
+        raise_on_bug_symptoms(result)
+        result.assert_outcomes(passed=1)
 
 
 # --------------------------------------------------------------------------- submounts, grants
@@ -598,6 +605,7 @@ def test_bind_of_a_missing_host_path_is_a_clear_error(pytester: pytest.Pytester)
 @requires("root")
 @pytest.mark.xfail(
     strict=True,
+    raises=BugSymptom,
     reason=(
         "BUG: strict=True stops showing /opt and /var, but rootfs.project_paths still leaves out "
         "every sys.path entry below them as 'already shown'"
@@ -612,20 +620,29 @@ def test_strict_profile_shows_sys_path_entries_under_opt(
     opt_dir.mkdir()
     try:
         (opt_dir / "optmod.py").write_text("VALUE = 42\n")
-        monkeypatch.setenv("PYTHONPATH", str(opt_dir))
+        monkeypatch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [str(opt_dir), os.getenv("PYTHONPATH")]))
+        )
         pytester.makepyfile("""
             import pytest
 
-            def test_default_profile_imports_from_opt():
-                import optmod
+            def import_optmod():
+                try:
+                    import optmod
+                except ModuleNotFoundError as e:
+                    raise AssertionError(f"BUG-SYMPTOM: {e}") from None
                 assert optmod.VALUE == 42
+
+            def test_default_profile_imports_from_opt():
+                import_optmod()
 
             @pytest.mark.isolated(strict=True)
             def test_strict_profile_imports_from_opt():
-                import optmod
-                assert optmod.VALUE == 42
+                import_optmod()
         """)
-        run_isolated(pytester).assert_outcomes(passed=2)
+        result = run_isolated(pytester)
+        raise_on_bug_symptoms(result)
+        result.assert_outcomes(passed=2)
     finally:
         (opt_dir / "optmod.py").unlink()
         opt_dir.rmdir()
