@@ -45,4 +45,10 @@ if [ ${#problems[@]} -eq 0 ]; then
 fi
 echo "demo: NOT as expected:"
 printf '  - %s\n' "${problems[@]}"
+if grep -q "no usable cgroup" "$log"; then
+  # Rootless, a memory limit needs a cgroup v2 subtree delegated to the user.
+  echo "demo: the memory limit needs a cgroup pytest may manage: run as root" \
+       "(sudo $0), or on cgroup v2 in a delegated scope:" \
+       "systemd-run --user --scope -p Delegate=yes $0"
+fi
 exit 1
