@@ -84,7 +84,7 @@ class Result:
 
 
 def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
-             expect: int | None = None) -> tuple[float, float, str]:
+             expect: int | None = None, timeout: float = 900.0) -> tuple[float, float, str]:
     """(wall s, user+sys CPU s of the process and every child it reaped, output).
 
     os.wait4 reports the rusage of the child including its reaped descendants:
@@ -94,7 +94,16 @@ def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
         begin = time.perf_counter()
         proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        deadline = begin + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:  # a hung run must not hang the benchmark
+                proc.kill()
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.001)
         wall = time.perf_counter() - begin
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -385,12 +394,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--install-numpy", action="store_true",
                         help="pip install numpy into the interpreters that lack it")
     parser.add_argument("--rss-tests", type=int, default=None, help="default 10000")
+    parser.add_argument("--scale", type=float, default=None,
+                        help="size of the suites relative to the defaults (--quick: 0.2)")
+    parser.add_argument("--step-reps", type=int, default=None,
+                        help="repetitions of each step measurement (default 40, --quick 10)")
     parser.add_argument("--out", help="also write the results as markdown to this file")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
-    args.scale = 0.2 if args.quick else 1.0
+    args.scale = args.scale or (0.2 if args.quick else 1.0)
     args.rss_tests = args.rss_tests or (1000 if args.quick else 10000)
-    args.step_reps = 10 if args.quick else 40
+    args.step_reps = args.step_reps or (10 if args.quick else 40)
     args.only = [s for s in args.only.split(",") if s]
     args.suites = [s for s in args.suites.split(",") if s]
     unknown = set(args.only) - set(SECTIONS)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_isolate import syscalls as sc
+from pytest_isolate.sandbox import _loopback_up  # the sandbox's own code, imported before forking
 
 __all__ = ["Step", "TrapRow", "measure_steps", "measure_trap"]
 
@@ -112,8 +113,16 @@ def in_child(step: Callable[[], None], prepare: Callable[[], None] | None = None
     return float(result["ms"]), total, forked * 1000
 
 
+def settle() -> None:
+    """Let the kernel finish tearing down what earlier measurements left: a
+    network namespace is destroyed asynchronously (cleanup_net holds the rtnl
+    lock while it runs), and a burst of them delays the next group's steps."""
+    time.sleep(0.25)
+
+
 def _repeat(reps: int, step: Callable[[], None], prepare: Callable[[], None] | None = None,
             gap: float = 0.0) -> tuple[list[float], list[float], list[float]]:
+    settle()
     steps, totals, forks = [], [], []
     for _ in range(reps):
         took, total, forked = in_child(step, prepare)
@@ -233,8 +242,6 @@ def _pid_namespace() -> None:
 
 
 def _hostname_and_loopback() -> None:
-    from pytest_isolate.sandbox import _loopback_up  # the sandbox's own code path
-
     sc.sethostname("isolated")
     _loopback_up()
 
@@ -284,6 +291,7 @@ def _cgroup_steps(reps: int) -> list[Step]:
     steps = [Step(f"open the cgroup tree ({manager.describe()})", opened, opened, "once")]
     try:
         for label, gap in (("back to back", 0.0), ("30 ms apart", 0.03)):
+            settle()
             creates, places, removes = [], [], []
             for _ in range(reps):
                 begin = time.perf_counter()
@@ -309,9 +317,10 @@ def _cgroup_steps(reps: int) -> list[Step]:
 
 
 def _filter_steps(reps: int, rootless: bool, user: Callable[[], None] | None) -> list[Step]:
-    from pytest_isolate.capabilities import apply_capabilities, resolve_caps
+    from pytest_isolate.capabilities import _prctl, apply_capabilities, resolve_caps
     from pytest_isolate.seccomp import build_filter, load_filter, seccomp_available
 
+    _prctl()  # the engine loads python-prctl's extension before forking; so do we
     keep = resolve_caps((), (), rootless=rootless)
     took, _, _ = _repeat(reps, lambda: apply_capabilities(keep), user)
     steps = [_step(f"drop capabilities (keep {len(keep)}) + no_new_privs", took, "sandbox")]
@@ -395,6 +404,7 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
             if with_cgroup and manager is None:
                 continue
             for gap_label, gap in (("back to back", 0.0), ("30 ms apart", 0.03)):
+                settle()
                 ready, total, release = [], [], []
                 for _ in range(reps):
                     ms = _one_sandbox(plan, manager if with_cgroup else None, spawn, Limits)
@@ -444,6 +454,7 @@ def measure_trap(reps: int, gaps_ms: tuple[float, ...] = (0, 5, 10, 15, 20, 30)
     rows = []
     try:
         for gap in gaps_ms:
+            settle()
             values = []
             for _ in range(reps):
                 cgroup = manager.create(Limits())
