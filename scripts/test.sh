@@ -143,6 +143,25 @@ user_env() {
 
 "$root/scripts/setup-dev.sh"
 is_root=0; [ "$(id -u)" -eq 0 ] && is_root=1
+
+# What only the tests need: a static busybox (the image tests build a busybox
+# root from it; they skip, naming it, without), unshare/runuser (util-linux).
+missing=()
+for pkg in busybox-static util-linux; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=(); [ "$is_root" = 1 ] || sudo=(sudo -n)
+  echo "test.sh: installing ${missing[*]} with apt-get"
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+    && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+       apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || echo "test.sh: could not install ${missing[*]}; the tests that need them skip"
+fi
+# The VM's packages and kernel first, so that the timings below are the tests'.
+if [ "$is_root" = 1 ] && [ -f "$cg2vm" ] && [[ " ${parts[*]} " == *" vm-"* ]]; then
+  bash "$(dirname -- "$cg2vm")/cg2vm-setup"
+fi
 rootless_ready=
 
 for part in "${parts[@]}"; do
@@ -170,15 +189,14 @@ for part in "${parts[@]}"; do
       ;;
     vm-root|vm-rootless)
       header "$part: cgroup v2 only, in a VM ($cg2vm)"
-      if [ ! -x "$cg2vm" ]; then skip_part "$part" "no $cg2vm"; continue; fi
+      if [ ! -f "$cg2vm" ]; then skip_part "$part" "no $cg2vm"; continue; fi
       if [ "$is_root" = 0 ]; then skip_part "$part" "cg2vm-setup needs root"; continue; fi
-      "$(dirname -- "$cg2vm")/cg2vm-setup"
       k=(); [ -n "$vm_k" ] && k=(-k "$vm_k")
       # No xdist in the VM: its loopback is down, and pytest-rerunfailures'
       # xdist mode talks to the controller over 127.0.0.1 (rootless cannot bring
       # lo up); emulated CPUs also make worker start-up expensive.
       if [ "$part" = vm-root ]; then
-        run_pytest vm-root 1500 "$cg2vm" --timeout 1200 -- \
+        run_pytest vm-root 1500 bash "$cg2vm" --timeout 1200 -- \
           sh -c 'ip link set lo up 2>/dev/null; exec "$@"' sh \
           "$python" -m pytest "${pytest_args[@]}" --durations=5 "${k[@]}" tests/
       else
@@ -190,7 +208,7 @@ for part in "${parts[@]}"; do
         # so the copy is shared by being the working directory.
         user_env
         cd "$user_copy"
-        run_pytest vm-rootless 1500 "$cg2vm" --timeout 1200 --user "$user" -- "${as_user[@]}" \
+        run_pytest vm-rootless 1500 bash "$cg2vm" --timeout 1200 --user "$user" -- "${as_user[@]}" \
           "$user_venv/bin/python" -m pytest "${pytest_args[@]}" --durations=5 "${k[@]}" tests/
         cd "$root"
       fi
