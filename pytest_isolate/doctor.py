@@ -602,7 +602,8 @@ def _default_sandbox(staging: str, rootless: bool) -> str:  # pragma: no cover -
     caps = resolve_caps((), (), rootless=rootless)
     rootfs = plan_rootfs(staging=root, cwd=os.getcwd(), home=os.environ.get("HOME"),
                          project=project_paths([os.getcwd()]), binds=(), writable_paths=(),
-                         tmpfs_size=64 << 20, rootless=rootless, cgroup2=False)
+                         tmpfs_size=64 << 20, rootless=rootless,
+                         cgroup2=os.path.exists("/sys/fs/cgroup/cgroup.controllers"))
     program = build_filter(caps) if seccomp_available() is None else None
     plan = SandboxPlan(namespaces=True, rootless=rootless, hostname="isolated", rootfs=rootfs,
                        caps=caps, seccomp_program=program)
