@@ -43,7 +43,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the repository, for pytest_isolate
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)  # this checkout's pytest_isolate, for the steps section
 
 from suites import Suite, write_rss_suite, write_suites  # noqa: E402
 
@@ -118,22 +119,26 @@ def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of each run: this checkout's pytest_isolate first on the
+    path, so the benchmark measures the tree it lives in, even where another
+    copy is installed (an editable install of a tree that is being edited)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYTEST_", "COV_", "PYTHONBREAKPOINT"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 
 
-def forked_python(base_python: str, log: Callable[[str], None]) -> str:
+def forked_python(base_python: str, venv: str, log: Callable[[str], None]) -> str:
     """The pytest 8.4 + pytest-forked 1.7.5 venv (pytest-forked fails on pytest 9)."""
-    python = os.path.join(FORKED_VENV, "bin", "python")
+    python = os.path.join(venv, "bin", "python")
     if os.path.exists(python):
         return python
     base = subprocess.run([base_python, "-c", "import sys; print(getattr(sys, "
                            "'_base_executable', sys.executable))"], capture_output=True,
                           text=True, check=True).stdout.strip()
-    log(f"creating {FORKED_VENV} with {base} and {' '.join(FORKED_REQUIREMENTS)}")
-    subprocess.run([base, "-m", "venv", FORKED_VENV], check=True)
+    log(f"creating {venv} with {base} and {' '.join(FORKED_REQUIREMENTS)}")
+    subprocess.run([base, "-m", "venv", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", *FORKED_REQUIREMENTS], check=True)
     # For the import suite; without it both sides use a generated module instead.
     subprocess.run([python, "-m", "pip", "install", "-q", "numpy"], check=False)
@@ -377,6 +382,12 @@ def machine_line() -> str:
             f"{who}, Python {platform.python_version()}")
 
 
+def checkout_label() -> str:
+    described = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
+                               capture_output=True, text=True, check=False)
+    return f"commit {described.stdout.strip()}" if described.returncode == 0 else "no git"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -391,6 +402,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="interpreter with pytest 9 and pytest-isolate (default: this one)")
     parser.add_argument("--no-forked", action="store_true",
                         help="skip pytest-forked (no venv created)")
+    parser.add_argument("--forked-venv", default=FORKED_VENV,
+                        help="venv with pytest 8.4 and pytest-forked (created if missing; "
+                             "default benchmarks/.venv-forked)")
     parser.add_argument("--install-numpy", action="store_true",
                         help="pip install numpy into the interpreters that lack it")
     parser.add_argument("--rss-tests", type=int, default=None, help="default 10000")
@@ -398,6 +412,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="size of the suites relative to the defaults (--quick: 0.2)")
     parser.add_argument("--step-reps", type=int, default=None,
                         help="repetitions of each step measurement (default 40, --quick 10)")
+    parser.add_argument("--label", default="",
+                        help="what is measured, printed with the machine (default: git describe)")
     parser.add_argument("--out", help="also write the results as markdown to this file")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -422,12 +438,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report.heading("Machine")
     report.note(machine_line() + f"; load average before: {os.getloadavg()[0]:.2f}")
+    report.note(f"Measured: pytest-isolate from {REPO} ({args.label or checkout_label()}).")
     base = tempfile.mkdtemp(prefix="pytest-isolate-bench-")
     started = time.monotonic()
     try:
         forked = None
         if "suites" in args.only and not args.no_forked:
-            forked = forked_python(args.python, log)
+            forked = forked_python(args.python, args.forked_venv, log)
         if "suites" in args.only:
             section_suites(args, report, base, args.python, forked, log)
         if "xdist" in args.only:
