@@ -33,8 +33,9 @@ import pytest
 
 from . import _pytest_compat as compat
 from .child import run_in_sandbox
+from .initd import InitFactory, InitFactoryError
 from .protocol import Message
-from .rootfs import plan_rootfs, project_paths
+from .rootfs import STRICT_SYSTEM_DIRS, SYSTEM_DIRS, plan_rootfs, project_paths
 from .sandbox import SETUP_FAILED_EXIT, Sandbox, SandboxOutcome, SandboxPlan, spawn
 from .spec import IsolationSpec, SpecError, format_size
 
@@ -68,13 +69,14 @@ class Engine:
         self._prepared: _Prepared | None = None
         self._live: list[Sandbox] = []
         self._finished: list[Sandbox] = []
-        self._dying: list[Sandbox] = []
         self._staging: str | None = None
-        self._project: list[str] | None = None
+        self._project: dict[bool, list[str]] = {}
         self._index: dict[int, int] = {}
         self._cgroups: Any = None
         self._cgroup_error: str | None = None
         self._cgroups_opened = False
+        self._init_factory: InitFactory | None = None
+        self._init_factory_tried = False
         #: A test called pytest.exit(): (message, returncode), raised after its reports.
         self.pending_exit: tuple[str, int] | None = None
         self._deferred_teardown: tuple[pytest.Item, pytest.Item | None] | None = None
@@ -92,13 +94,30 @@ class Engine:
                 self._cgroup_error = str(exc)
         return self._cgroups
 
+    def init_factory(self) -> InitFactory | None:
+        """As root, started once: it makes each sandbox's pid 1, so pytest
+        forks a test once instead of twice (see initd.py)."""
+        if not self._init_factory_tried and not self.rootless:
+            self._init_factory_tried = True
+            factory = InitFactory()
+            try:
+                factory.start()
+            except InitFactoryError:
+                factory.close()  # the sandboxes make their own init instead
+            else:
+                self._init_factory = factory
+        return self._init_factory
+
     def close(self) -> None:
         self.finish_item()
-        self._reap_dying(block=True)
         self._discard_prepared()
         for sandbox in list(self._live):
             sandbox.close()
         self._live.clear()
+        if self._init_factory is not None:
+            self._init_factory.close()
+            self._init_factory = None
+            self._init_factory_tried = False
         if self._cgroups is not None:
             with contextlib.suppress(Exception):
                 self._cgroups.close()
@@ -119,12 +138,15 @@ class Engine:
             os.mkdir(self._staging)
         return self._staging
 
-    def _project_paths(self) -> list[str]:
-        if self._project is None:
+    def _project_paths(self, strict: bool) -> list[str]:
+        if strict not in self._project:
             extra = [str(self.config.rootpath), str(self.config.invocation_params.dir),
                      os.getcwd()]
-            self._project = project_paths(extra)
-        return self._project
+            # Strict shows fewer system directories (no /opt, no /var): what
+            # Python needs from those is bound on its own.
+            self._project[strict] = project_paths(
+                extra, STRICT_SYSTEM_DIRS if strict else SYSTEM_DIRS)
+        return self._project[strict]
 
     def plan_for(self, spec: IsolationSpec) -> SandboxPlan:
         plan = self._plans.get(spec)
@@ -153,7 +175,8 @@ class Engine:
                     raise IsolationUnavailable(str(exc)) from None
             rootfs = plan_rootfs(
                 staging=self._staging_dir(), cwd=os.getcwd(), home=os.environ.get("HOME"),
-                project=self._project_paths(), binds=spec.binds, writable_paths=writable,
+                project=self._project_paths(spec.strict), binds=spec.binds,
+                writable_paths=writable,
                 tmpfs_size=spec.tmpfs_size, rootless=self.rootless,
                 cgroup2=getattr(cgroups, "version", 0) == 2, overlay=spec.fs == "overlay",
                 image_root=image_root, strict=spec.strict)
@@ -228,6 +251,7 @@ class Engine:
                             run_test=partial(run_in_sandbox, item),
                             foreign_fds=self._foreign_fds,
                             keep_fds=partial(compat.capture_fds, self.config),
+                            init_factory=self.init_factory() if plan.namespaces else None,
                             cleanup=cgroup.remove if cgroup else None)
         except BaseException:
             if cgroup is not None:
@@ -304,23 +328,7 @@ class Engine:
         a test outlives it into the next one."""
         finished, self._finished = self._finished, []
         for sandbox in finished:
-            sandbox.kill()
-        self._dying.extend(finished)
-        self._reap_dying(block=False)
-
-    def _reap_dying(self, block: bool) -> None:
-        """Reap killed sandboxes and remove their cgroups. Not blocking on the
-        hot path: a killed sandbox runs no code, only the kernel's teardown."""
-        still = []
-        for sandbox in self._dying:
-            if block:
-                self._release(sandbox)
-            elif sandbox.try_close():
-                with contextlib.suppress(ValueError):
-                    self._live.remove(sandbox)
-            else:
-                still.append(sandbox)
-        self._dying = still
+            self._release(sandbox)
 
     def _take_or_spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
         prepared, self._prepared = self._prepared, None

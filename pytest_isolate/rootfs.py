@@ -92,10 +92,11 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def project_paths(extra: Iterable[str]) -> list[str]:
+def project_paths(extra: Iterable[str], shown: Sequence[str] = SYSTEM_DIRS) -> list[str]:
     """Directories the test needs to import: sys.path, the interpreter, the
     project and the packages already imported (editable installs point outside
-    sys.path). Collapsed so that no path is listed below another."""
+    sys.path). Collapsed so that no path is listed below another, and none
+    below a system directory the view already shows (``shown``)."""
     candidates: set[str] = set()
     for entry in (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix,
                   os.path.dirname(sys.executable), *extra):
@@ -110,7 +111,7 @@ def project_paths(extra: Iterable[str]) -> list[str]:
         candidates.add(os.path.realpath(sys.executable))
     kept: list[str] = []
     for path in sorted(candidates, key=lambda p: (p.count("/"), p)):
-        if path == "/" or any(_under(path, d) for d in (*SYSTEM_DIRS, "/proc", "/sys", "/dev")):
+        if path == "/" or any(_under(path, d) for d in (*shown, "/proc", "/sys", "/dev")):
             continue
         if any(_under(path, k) for k in kept):
             continue

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import syscalls as sc
+from .initd import InitFactory, InitFactoryError
 from .protocol import FrameReader, Message, ProtocolError, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs
 
@@ -118,8 +119,15 @@ class Sandbox:
         self._cleanup = cleanup
         self._reaped: int | None = None
         self.pidfd = os.pidfd_open(pid)
+        self.init_pidfd = -1
         self.started = 0.0
         self.fds: tuple[int, ...] = (result_fd, go_fd, out_fd, err_fd, stack_fd, self.pidfd)
+
+    def attach_init(self, pidfd: int) -> None:
+        """The sandbox's pid 1 came from the factory: killing it ends the
+        whole pid namespace."""
+        self.init_pidfd = pidfd
+        self.fds = (*self.fds, pidfd)
 
     def go(self, data: bytes = b"") -> None:
         """Release the prepared test; the timeout clock starts here. ``data``
@@ -129,9 +137,34 @@ class Sandbox:
             os.write(self.go_fd, b"g" + data[:8])
 
     def kill(self) -> None:
+        """SIGKILL the sandbox's pid 1, which makes the kernel kill the rest of
+        its pid namespace, and the process pytest forked. Idempotent."""
+        if self.init_pidfd < 0 and self._reaped is None:
+            # Rootless, pid 1 is a child of the process pytest forked (which
+            # stays outside the namespace): take it by pidfd, from the kernel's
+            # own list of children, never from anything the sandbox says.
+            for pid in _children_of(self.pid):
+                with contextlib.suppress(OSError):
+                    self.init_pidfd = os.pidfd_open(pid)
+                    self.fds = (*self.fds, self.init_pidfd)
+                    break
+        if self.init_pidfd >= 0:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
         if self._reaped is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+    def wait_gone(self, timeout: float = 10.0) -> None:
+        """Block until pid 1 has exited, which the kernel lets happen only once
+        every other process of the namespace is gone: no code of this test runs
+        after this returns."""
+        self.kill()
+        # Reap ours first: pid 1 cannot finish exiting while a process of its
+        # namespace, the test forked by pytest, is still an unreaped zombie.
+        self._reap()
+        if self.init_pidfd >= 0:
+            select.select([self.init_pidfd], [], [], timeout)
 
     def _reap(self) -> int:
         if self._reaped is None:
@@ -174,11 +207,14 @@ class Sandbox:
                     except ProtocolError as exc:
                         protocol_error = str(exc)
                         done = True
-                    # Every report is in: the sandbox's exit (address space and
-                    # namespaces torn down) overlaps with pytest logging them.
+                    # Every report is in: kill the sandbox now, so that its
+                    # teardown (address space, namespaces) overlaps with pytest
+                    # logging the reports; wait_gone() confirms it before the
+                    # next test starts.
                     if messages and messages[-1].type == "done":
                         complete = True
                         done = True
+                        self.kill()
                 elif fd == self.pidfd:
                     done = True
             if done:
@@ -237,22 +273,10 @@ class Sandbox:
                 break
         return read_memfd(self.stack_fd)
 
-    def try_close(self) -> bool:
-        """Kill, and if the sandbox is already gone, release it; never blocks.
-        A killed sandbox runs no more code: what is left is the kernel's teardown."""
-        self.kill()
-        if self._reaped is None:
-            ready, _, _ = select.select([self.pidfd], [], [], 0)
-            if not ready:
-                return False
-        self.close()
-        return True
-
     def close(self) -> None:
         """Release everything: kill if still alive, reap, close fds, cleanup."""
         if self._reaped is None:
-            self.kill()
-            self._reap()
+            self.wait_gone()
         for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -261,6 +285,14 @@ class Sandbox:
         if self._cleanup is not None:
             cleanup, self._cleanup = self._cleanup, None
             cleanup()
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def read_memfd(fd: int, limit: int = 1 << 20) -> str:
@@ -278,8 +310,15 @@ def read_memfd(fd: int, limit: int = 1 << 20) -> str:
 def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
           run_test: Callable[[TestContext], None], foreign_fds: Callable[[], set[int]],
           keep_fds: Callable[[], set[int]] = set,
-          cleanup: Callable[[], None] | None = None) -> Sandbox:
-    """Fork a sandbox that sets itself up and waits for ``go()``."""
+          cleanup: Callable[[], None] | None = None,
+          init_factory: InitFactory | None = None) -> Sandbox:
+    """Fork a sandbox that sets itself up and waits for ``go()``.
+
+    Three shapes, cheapest first: as root with the init factory, pytest forks
+    the test straight into a pid namespace whose init the factory made (one
+    fork of pytest); as root without it, the forked process is the init and
+    forks the test (two); rootless, the forked process makes the user
+    namespace, forks the init, which forks the test (three)."""
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     out_fd = os.memfd_create("isolate-stdout", os.MFD_CLOEXEC)
@@ -290,12 +329,23 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
     # ``keep_fds`` and ``foreign_fds`` are evaluated in the child, after the fork.
     as_pid1 = plan.namespaces and not plan.rootless
     own_pidns = -1
+    init_pidfd = -1
+    if as_pid1 and init_factory is not None:
+        with contextlib.suppress(InitFactoryError):
+            init_pidfd = init_factory.new_init()
     if as_pid1:
-        # Root: P unshares the pid namespace for its next child only, so the
-        # sandbox is born as pid 1 and needs no extra fork. P returns to its own
-        # namespace right after the fork.
+        # Root: P sets the pid namespace of its next child only, and returns to
+        # its own right after the fork. With an init from the factory, the
+        # child is born as pid 2 beside it; otherwise the child is pid 1.
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        sc.unshare(sc.CLONE_NEWPID)
+        if init_pidfd >= 0:
+            try:
+                sc.setns(init_pidfd, sc.CLONE_NEWPID)
+            except OSError:  # kernels before 5.8 cannot setns() with a pidfd
+                _kill_pidfd(init_pidfd)
+                init_pidfd = -1
+        if init_pidfd < 0:
+            sc.unshare(sc.CLONE_NEWPID)
     pid = -1
     try:
         with warnings.catch_warnings():
@@ -306,6 +356,8 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
     except BaseException:
         for fd in (result_r, result_w, go_r, go_w, out_fd, err_fd, stack_fd):
             os.close(fd)
+        if init_pidfd >= 0:
+            _kill_pidfd(init_pidfd)
         raise
     finally:
         # Only P gets here with pid != 0 or an error; the child is already in
@@ -314,12 +366,23 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
             sc.setns(own_pidns, sc.CLONE_NEWPID)
             os.close(own_pidns)
     if pid == 0:  # pragma: no cover - runs in the sandbox
-        if own_pidns >= 0:
-            os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
-        _sandbox_main(plan, cgroup_procs, ctx, go_r, own | keep_fds(), foreign_fds(), run_test)
+        for fd in (own_pidns, init_pidfd):
+            if fd >= 0:
+                os.close(fd)  # handles on host namespaces and processes: not for the test
+        _sandbox_main(plan, cgroup_procs, ctx, go_r, own | keep_fds(), foreign_fds(), run_test,
+                      direct=init_pidfd >= 0)
     os.close(result_w)
     os.close(go_r)
-    return Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
+    sandbox = Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
+    if init_pidfd >= 0:
+        sandbox.attach_init(init_pidfd)
+    return sandbox
+
+
+def _kill_pidfd(pidfd: int) -> None:
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    os.close(pidfd)
 
 
 # --------------------------------------------------------------------------- the sandbox
@@ -341,7 +404,8 @@ def _fail(ctx: TestContext, step: str, exc: BaseException) -> None:
 
 def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestContext,
                   go_r: int, own: set[int], foreign: set[int],
-                  run_test: Callable[[TestContext], None]) -> None:  # pragma: no cover
+                  run_test: Callable[[TestContext], None], *,
+                  direct: bool = False) -> None:  # pragma: no cover
     step = "start"
     try:
         step = "set the parent-death signal"
@@ -401,6 +465,9 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
         if plan.new_net:
             with SetupStepErrorContext("bring the loopback interface up"):
                 _loopback_up()
+        if direct:
+            # The init came from the factory: this process is the test (pid 2).
+            _test_main(plan, ctx, go_r, own, run_test)
         # Our init is not dumpable: a test running as the same uid cannot
         # ptrace it or read its memory to forge frames from outside the test.
         sc.prctl(sc.PR_SET_DUMPABLE, 0)

@@ -21,8 +21,6 @@ from collections.abc import Iterator
 
 import pytest
 from rootless_util import (
-    PYTHON_HIDDEN_FROM_STRICT,
-    BugSymptom,
     processes_mentioning,
     raise_on_bug_symptoms,
     run_isolated,
@@ -67,7 +65,9 @@ def test_orphan_of_a_double_fork_is_reaped_by_pid_1(pytester: pytest.Pytester) -
         from prochelpers import pids, state
 
         def test_test_sees_only_init_and_itself():
-            assert os.getpid() == 2 and os.getppid() == 1
+            # pid 2 beside the init (pid 1); the parent is pytest, outside the
+            # namespace (ppid 0), or the init itself where pytest is rootless.
+            assert os.getpid() == 2 and os.getppid() in (0, 1)
             assert pids() == {1, 2}
 
         def test_orphan_is_adopted_and_reaped_by_pid_1():
@@ -192,14 +192,6 @@ def test_double_forked_daemon_is_gone_after_the_test(pytester: pytest.Pytester) 
 DAEMON_PAIRS = 8
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BugSymptom,
-    reason=(
-        "BUG: Engine.finish_item kills the finished sandbox without waiting for its pid "
-        "namespace to empty; the next test starts while the previous test's daemon still runs"
-    ),
-)
 def test_next_test_starts_after_the_previous_tests_daemon_is_gone(
     pytester: pytest.Pytester,
 ) -> None:
@@ -478,15 +470,6 @@ def test_environment_is_inherited_and_allow_lists_filter_it(
     result.assert_outcomes(passed=3)
 
 
-@pytest.mark.xfail(
-    PYTHON_HIDDEN_FROM_STRICT,
-    strict=True,
-    raises=BugSymptom,
-    reason=(
-        "BUG: strict=True stops showing /opt and /var, but rootfs.project_paths still leaves "
-        "out every path below them: this interpreter's installation is hidden"
-    ),
-)
 def test_strict_profile_keeps_only_the_documented_environment(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
