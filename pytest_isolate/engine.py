@@ -69,6 +69,8 @@ class Engine:
         self._prepared: _Prepared | None = None
         self._live: list[Sandbox] = []
         self._finished: list[Sandbox] = []
+        self._graveyard: list[Sandbox] = []
+        self._cgroup_of: dict[int, Any] = {}
         self._staging: str | None = None
         self._project: dict[bool, list[str]] = {}
         self._index: dict[int, int] = {}
@@ -110,6 +112,7 @@ class Engine:
 
     def close(self) -> None:
         self.finish_item()
+        self._bury(block=True)
         self._discard_prepared()
         for sandbox in list(self._live):
             sandbox.close()
@@ -260,9 +263,12 @@ class Engine:
         finally:
             gc.unfreeze()
         self._live.append(sandbox)
+        if cgroup is not None:
+            self._cgroup_of[id(sandbox)] = cgroup
         return sandbox, cgroup
 
     def _release(self, sandbox: Sandbox) -> None:
+        self._cgroup_of.pop(id(sandbox), None)
         sandbox.close()
         with contextlib.suppress(ValueError):
             self._live.remove(sandbox)
@@ -324,11 +330,34 @@ class Engine:
         return report if report.failed else None
 
     def finish_item(self) -> None:
-        """Kill and reap the finished sandboxes, remove their cgroups: nothing of
-        a test outlives it into the next one."""
+        """Nothing of a test outlives it into the next one. With a cgroup, every
+        process of the finished sandbox gets SIGKILL directly (so none runs
+        another instruction of user code) and the kernel's teardown is reaped
+        later, off the hot path; without one, wait until it is gone."""
         finished, self._finished = self._finished, []
         for sandbox in finished:
-            self._release(sandbox)
+            cgroup = self._cgroup_of.get(id(sandbox))
+            sandbox.kill()
+            if cgroup is None:
+                self._release(sandbox)
+                continue
+            try:
+                cgroup.signal_all()
+            except OSError:
+                self._release(sandbox)  # cannot list its members: wait instead
+            else:
+                self._graveyard.append(sandbox)
+        self._bury(block=False)
+
+    def _bury(self, block: bool) -> None:
+        """Reap killed sandboxes and remove their cgroups once the kernel is done."""
+        waiting = []
+        for sandbox in self._graveyard:
+            if block or sandbox.is_gone():
+                self._release(sandbox)
+            else:
+                waiting.append(sandbox)
+        self._graveyard = waiting
 
     def _take_or_spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
         prepared, self._prepared = self._prepared, None

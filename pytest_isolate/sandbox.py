@@ -155,6 +155,16 @@ class Sandbox:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
+    def is_gone(self) -> bool:
+        """Without blocking: have the process pytest forked and pid 1 exited?
+        Ours is reaped as soon as it has exited: pid 1 cannot finish while it
+        is an unreaped zombie of its namespace."""
+        if self._reaped is None:
+            if not _readable(self.pidfd, 0):
+                return False
+            self._reap()
+        return self.init_pidfd < 0 or _readable(self.init_pidfd, 0)
+
     def wait_gone(self, timeout: float = 10.0) -> None:
         """Block until pid 1 has exited, which the kernel lets happen only once
         every other process of the namespace is gone: no code of this test runs
@@ -164,7 +174,7 @@ class Sandbox:
         # namespace, the test forked by pytest, is still an unreaped zombie.
         self._reap()
         if self.init_pidfd >= 0:
-            select.select([self.init_pidfd], [], [], timeout)
+            _readable(self.init_pidfd, timeout)
 
     def _reap(self) -> int:
         if self._reaped is None:
@@ -243,8 +253,7 @@ class Sandbox:
         end = time.monotonic() + 2.0
         try:
             while time.monotonic() < end:
-                ready, _, _ = select.select([self.result_fd], [], [], 0.05)
-                if not ready:
+                if not _readable(self.result_fd, 0.05):
                     continue
                 data = os.read(self.result_fd, 1 << 20)
                 if not data:
@@ -285,6 +294,13 @@ class Sandbox:
         if self._cleanup is not None:
             cleanup, self._cleanup = self._cleanup, None
             cleanup()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): descriptor numbers may exceed FD_SETSIZE."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
 
 
 def _children_of(pid: int) -> list[int]:

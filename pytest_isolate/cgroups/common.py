@@ -126,6 +126,16 @@ class TestCgroup(abc.ABC):
     def kill(self) -> None:
         """SIGKILL everything in the cgroup and wait (bounded) until it is empty."""
 
+    def signal_all(self) -> None:
+        """SIGKILL everything in the cgroup without waiting for it to exit:
+        when this returns, every member has SIGKILL pending and runs no more
+        user code; remove() later waits for the kernel's teardown."""
+        signal_rounds(self.procs_files, self._membership())
+
+    def _membership(self) -> Mapping[str, str]:
+        """hierarchy key -> cgroup path, to check a pid before signalling it."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def remove(self) -> None:
         """Remove the directories; kills leftovers first if the kernel says busy.
@@ -409,6 +419,20 @@ def signal_members(procs_files: Iterable[str], where: Mapping[str, str]) -> int:
             finally:
                 os.close(pidfd)
     return seen
+
+
+def signal_rounds(procs_files: Iterable[str], where: Mapping[str, str], rounds: int = 8) -> None:
+    """Signal until a round lists no new pid. A process with SIGKILL pending
+    cannot fork, and a child forked before its parent was signalled is listed
+    by the next round, so two rounds normally suffice."""
+    files = tuple(procs_files)
+    signalled: set[int] = set()
+    for _ in range(rounds):
+        listed = {pid for f in files for pid in read_pids(f)}
+        if not listed - signalled:
+            return
+        signal_members(files, where)
+        signalled |= listed
 
 
 def drain(

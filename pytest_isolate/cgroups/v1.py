@@ -92,6 +92,9 @@ class V1TestCgroup(TestCgroup):
     def kill(self) -> None:
         drain(self.procs_files, self._where)
 
+    def _membership(self) -> Mapping[str, str]:
+        return self._where
+
     def remove(self) -> None:
         for controller, path in self.dirs.items():
             rmdir_draining(path, self._hierarchies[controller])
