@@ -3,7 +3,8 @@
 This is the only place that decides the order of the setup steps. It reads
 top to bottom like the talk the project grew from:
 
-  pytest (P) --fork--> sandbox init, pid 1 of a new pid namespace
+  pytest (P) --fork--> the sandbox process, born in a new pid namespace
+     0. (pid 1 of that namespace exists already: a reaper from initd.py)
      1. die with P (parent-death signal); drop descriptors of other sandboxes
      2. place itself in its cgroup            (before the cgroup namespace)
         join a pod's network (and, rootless, user) namespace when asked
@@ -11,18 +12,19 @@ top to bottom like the talk the project grew from:
      4. new mount, net, uts, ipc, cgroup namespaces
      5. the new root: tmpfs, binds, /proc, /dev, /sys, pivot_root, old root detached
      6. hostname, loopback up
-     7. fork the test process; stay as the reaper (pid 1)
-  test process:
+     7. it is the test process from here on
      8. close directory descriptors (CVE-2024-21626), environment allow-list
      9. capabilities dropped, no_new_privs          (before the filter: it needs nnp)
     10. wait for "go" from P   (a sandbox can be prepared while the previous test runs)
     11. the syscall filter, last                    (our own setup is unaffected)
     12. the test
 
-As root, P itself unshares the pid namespace before forking (and returns to its
-own right after), so the first child is pid 1 and no third process is needed.
-Rootless, the child makes the user namespace first and forks once more to
-become pid 1. Nothing here imports pytest.
+Forking pytest is the dominant cost, so the common case forks it once: as
+root, a small init factory (initd.py) has made pid 1 already and P forks the
+sandbox straight into its namespace, as pid 2. Without the factory, P forks
+into a fresh pid namespace, the child is pid 1 and forks the test at step 7;
+rootless, the child makes the user namespace first and forks pid 1, which
+forks the test. Nothing here imports pytest.
 """
 
 from __future__ import annotations
