@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import requires
 from rootless_util import (
-    PYTHON_HIDDEN_FROM_STRICT,
     BugSymptom,
     host_mounts,
-    raise_on_bug_symptoms,
     run_isolated,
     write_hostinfo,
 )
@@ -29,17 +27,6 @@ from rootless_util import (
 # These tests watch the host from outside the sandboxes they start: they must
 # themselves run on the host, also when the suite is run with --isolate.
 pytestmark = pytest.mark.isolated(False)
-
-#: See test_rootfs.py::test_strict_profile_shows_sys_path_entries_under_opt.
-xfail_strict_hides_python = pytest.mark.xfail(
-    PYTHON_HIDDEN_FROM_STRICT,
-    strict=True,
-    raises=BugSymptom,
-    reason=(
-        "BUG: strict=True stops showing /opt and /var, but rootfs.project_paths still leaves "
-        "out every path below them: this interpreter's installation is hidden"
-    ),
-)
 
 
 @pytest.fixture
@@ -352,7 +339,6 @@ def test_leaked_host_descriptors_are_closed_and_others_kept(
     )
 
 
-@xfail_strict_hides_python
 def test_strict_profile_closes_every_inherited_descriptor(
     pytester: pytest.Pytester, host_dir: Path
 ) -> None:
@@ -363,7 +349,6 @@ def test_strict_profile_closes_every_inherited_descriptor(
     result = run_isolated(
         pytester, "-v", f"{tests.name}::test_strict_keeps_only_stdio_and_pytests_capture"
     )
-    raise_on_bug_symptoms(result, marker="ModuleNotFoundError")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         ["*::test_strict_keeps_only_stdio_and_pytests_capture PASSED [[]isolated[]]*"]
@@ -401,7 +386,6 @@ def test_read_only_descriptor_of_a_host_file_cannot_be_reopened_for_writing(
     result.assert_outcomes(passed=1)
 
 
-@xfail_strict_hides_python
 def test_strict_profile_keeps_pytest_capture_working(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
@@ -412,8 +396,6 @@ def test_strict_profile_keeps_pytest_capture_working(pytester: pytest.Pytester) 
             assert False
     """)
     result = run_isolated(pytester)
-    if PYTHON_HIDDEN_FROM_STRICT:
-        raise_on_bug_symptoms(result, marker="ModuleNotFoundError")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*Captured stdout call*", "hello from a strict sandbox"])
 
