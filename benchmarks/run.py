@@ -65,33 +65,61 @@ class Runner:
     kind: str = "isolate"       # plain | forked | isolate
 
 
+@dataclass(frozen=True)
+class Sample:
+    wall: float      # seconds from start to exit
+    cpu: float       # user+sys of pytest and what it reaped (os.wait4's rusage)
+    machine: float   # busy CPU seconds of the whole machine meanwhile (/proc/stat)
+    text: str
+
+
 @dataclass
 class Result:
     runner: Runner
-    walls: list[float] = field(default_factory=list)
-    cpus: list[float] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        values = [getattr(s, attr) for s in self.samples]
+        return statistics.median(values) if values else float("nan")
 
     @property
     def wall(self) -> float:
-        return statistics.median(self.walls) if self.walls else float("nan")
+        return self.median("wall")
 
     @property
     def cpu(self) -> float:
-        return statistics.median(self.cpus) if self.cpus else float("nan")
+        return self.median("cpu")
+
+    @property
+    def machine(self) -> float:
+        return self.median("machine")
 
 
 # --------------------------------------------------------------------------- running
 
 
-def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
-             expect: int | None = None, timeout: float = 900.0) -> tuple[float, float, str]:
-    """(wall s, user+sys CPU s of the process and every child it reaped, output).
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine since boot (/proc/stat, all CPUs)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    os.wait4 reports the rusage of the child including its reaped descendants:
-    sandboxes are reaped by pytest, test processes by their sandbox's init.
+
+def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
+             expect: int | None = None, timeout: float = 900.0) -> Sample:
+    """Run one pytest; its wall time, CPU by rusage, machine CPU and output.
+
+    os.wait4 reports the rusage of the child including its reaped descendants.
+    It misses a test process whose sandbox init was killed before reaping it
+    (pid 1 of a pid namespace: the kernel reaps the rest without passing their
+    times up) and the kernel's own asynchronous work (namespace teardown, RCU
+    callbacks). The machine's busy time catches both, and everything else
+    running on the machine: it is only meaningful on an otherwise idle host.
     """
     with tempfile.TemporaryFile() as out:
+        busy = machine_busy()
         begin = time.perf_counter()
         proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                 env=env)
@@ -106,6 +134,7 @@ def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
                 break
             time.sleep(0.001)
         wall = time.perf_counter() - begin
+        busy = machine_busy() - busy
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read().decode(errors="replace")
@@ -115,7 +144,7 @@ def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
             tail = "\n".join(text.splitlines()[-15:])
             raise RuntimeError(f"{' '.join(cmd)} in {cwd}: exit {proc.returncode}, expected "
                                f"{expect} passed:\n{tail}")
-    return wall, usage.ru_utime + usage.ru_stime, text
+    return Sample(wall, usage.ru_utime + usage.ru_stime, busy, text)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -185,13 +214,12 @@ def run_suite(suite: Suite, configs: list[Runner], repeat: int,
         for runner in configs:
             cmd = [runner.python, "-m", "pytest", *COMMON, *runner.args]
             try:
-                wall, cpu, _ = run_once(cmd, suite.path, clean_env(), expect=suite.tests)
+                sample = run_once(cmd, suite.path, clean_env(), expect=suite.tests)
             except RuntimeError as exc:
                 results[runner.name].errors.append(str(exc))
                 log(f"  ! {runner.name}: {str(exc).splitlines()[0]}")
                 continue
-            results[runner.name].walls.append(wall)
-            results[runner.name].cpus.append(cpu)
+            results[runner.name].samples.append(sample)
         log(f"  {suite.name}: round {round_ + 1}/{repeat} done")
     return list(results.values())
 
@@ -243,7 +271,7 @@ def suite_table(report: Report, suite: Suite, results: list[Result]) -> dict[str
 
     def overhead(result: Result, attr: str) -> float:
         base = by_name.get(result.runner.baseline)
-        if base is None or not result.walls or not base.walls:
+        if base is None or not result.samples or not base.samples:
             return float("nan")
         value: float = (getattr(result, attr) - getattr(base, attr)) / suite.tests * 1000
         return value
@@ -253,16 +281,17 @@ def suite_table(report: Report, suite: Suite, results: list[Result]) -> dict[str
     ratios = {}
     for result in results:
         if result.runner.kind == "plain":
-            rows.append([result.runner.name, fmt(result.wall), fmt(result.cpu), "", "", ""])
+            rows.append([result.runner.name, fmt(result.wall), fmt(result.cpu),
+                         fmt(result.machine), "", "", ""])
             continue
         ms = overhead(result, "wall")
         ratio = ms / forked_ms if forked_ms > 0 else float("nan")  # NaN > 0 is False
         ratios[result.runner.name] = ratio
         rows.append([result.runner.name + (" (failed)" if result.errors else ""),
-                     fmt(result.wall), fmt(result.cpu), fmt(ms), fmt(overhead(result, "cpu")),
-                     fmt(ratio)])
-    report.table(["runner", "wall s", "cpu s", "overhead ms/test", "cpu ms/test",
-                  "ratio to pytest-forked"], rows,
+                     fmt(result.wall), fmt(result.cpu), fmt(result.machine), fmt(ms),
+                     fmt(overhead(result, "machine")), fmt(ratio)])
+    report.table(["runner", "wall s", "rusage cpu s", "machine cpu s", "overhead ms/test",
+                  "machine cpu ms/test", "ratio to pytest-forked"], rows,
                  title=f"{suite.name}: {suite.tests} {suite.what}")
     for result in results:
         for error in result.errors[:1]:
@@ -299,9 +328,9 @@ def section_rss(args: argparse.Namespace, report: Report, base: str, dev: str,
                                                                    ("--isolate",))):
         log(f"rss: {name}")
         path = os.path.join(base, "rss.json")
-        wall, _, _ = run_once([dev, "-m", "pytest", *COMMON, *extra], suite.path,
-                              clean_env(BENCH_RSS_FILE=path, BENCH_RSS_EARLY=str(early)),
-                              expect=tests)
+        wall = run_once([dev, "-m", "pytest", *COMMON, *extra], suite.path,
+                        clean_env(BENCH_RSS_FILE=path, BENCH_RSS_EARLY=str(early)),
+                        expect=tests).wall
         with open(path) as f:
             data = json.load(f)
         growth = (data["rss"] - data["early"]) / max(1, data["count"] - data["early_at"])
@@ -315,7 +344,9 @@ def section_rss(args: argparse.Namespace, report: Report, base: str, dev: str,
 
 def section_xdist(args: argparse.Namespace, report: Report, base: str, dev: str,
                   log: Callable[[str], None]) -> None:
-    suite = next(s for s in write_suites(os.path.join(base, "xdist"), args.scale, "heavymod")
+    # Four times the 30 ms suite: xdist's start-up (about a second for two
+    # workers here) would otherwise hide what parallel workers gain.
+    suite = next(s for s in write_suites(os.path.join(base, "xdist"), args.scale * 4, "heavymod")
                  if s.name == "sleep30")
     configs = [("pytest", ("-p", "no:isolate")), ("pytest -n 2", ("-p", "no:isolate", "-n", "2")),
                ("--isolate", ("--isolate",)), ("--isolate -n 2", ("--isolate", "-n", "2"))]
@@ -323,14 +354,14 @@ def section_xdist(args: argparse.Namespace, report: Report, base: str, dev: str,
     cpus: dict[str, list[float]] = {name: [] for name, _ in configs}
     for round_ in range(args.repeat):
         for name, extra in configs:
-            wall, cpu, _ = run_once([dev, "-m", "pytest", *COMMON, *extra], suite.path,
-                                    clean_env(), expect=suite.tests)
-            walls[name].append(wall)
-            cpus[name].append(cpu)
+            sample = run_once([dev, "-m", "pytest", *COMMON, *extra], suite.path,
+                              clean_env(), expect=suite.tests)
+            walls[name].append(sample.wall)
+            cpus[name].append(sample.machine)
         log(f"  xdist: round {round_ + 1}/{args.repeat} done")
     med = {name: statistics.median(v) for name, v in walls.items()}
-    report.heading(f"xdist: -n 2 on the 30 ms suite ({suite.tests} tests)")
-    report.table(["run", "wall s", "cpu s", "speed-up of -n 2"], [
+    report.heading(f"xdist: -n 2 on the 30 ms suite, {suite.tests} tests")
+    report.table(["run", "wall s", "machine cpu s", "speed-up of -n 2"], [
         [name, fmt(med[name]), fmt(statistics.median(cpus[name])),
          fmt(med[name.replace(" -n 2", "")] / med[name]) if "-n 2" in name else ""]
         for name, _ in configs])
