@@ -43,6 +43,8 @@ MASKED_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-",
                 "/etc/security/opasswd")
 MASKED_GLOBS = ("/etc/ssh/ssh_host_*_key",)
 MASKED_DIRS = ("/etc/ssl/private",)
+#: Too big to scan for sockets and no business of a test: shown empty.
+VAR_HIDDEN_DIRS = ("/var/lib/docker", "/var/lib/containers")
 # runc's defaults: kernel information and knobs a container has no business with.
 PROC_MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
                      "/proc/timer_stats", "/proc/sched_debug", "/proc/sysrq-trigger")
@@ -153,9 +155,10 @@ def _var_sockets(limit: int = 20000) -> list[str]:
     found: list[str] = []
     seen = 0
     for top, dirs, files in os.walk("/var"):
+        # Container stores are hidden whole (VAR_HIDDEN_DIRS), /var/tmp is a
+        # private tmpfs: neither is shown, so neither needs a scan.
         dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))
-                   and os.path.join(top, d) not in ("/var/lib/docker", "/var/lib/containers",
-                                                    "/var/cache", "/var/tmp")]
+                   and os.path.join(top, d) not in (*VAR_HIDDEN_DIRS, "/var/tmp")]
         for name in files:
             seen += 1
             path = os.path.join(top, name)
@@ -198,7 +201,7 @@ def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[s
                 ops.append(Op("mask_file", path))
         for pattern in MASKED_GLOBS:
             ops.extend(Op("mask_file", p) for p in sorted(glob.glob(pattern)))
-        for path in MASKED_DIRS:
+        for path in (*MASKED_DIRS, *VAR_HIDDEN_DIRS):
             if os.path.isdir(path):
                 ops.append(Op("mask_dir", path))
         ops.extend(Op("mask_file", p) for p in _var_sockets())
@@ -284,7 +287,10 @@ def _bind(op: Op, root: str) -> None:
     if op.writable:
         # Writable grants never carry devices or setuid programs (CAP_MKNOD + a
         # writable mount with devices = the host's disk).
-        sc.mount(None, dest, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV)
+        # Submounts included: a tmpfs mounted below the granted path would
+        # otherwise keep its device nodes usable.
+        if not sc.mount_setattr_nosuid_nodev(dest):
+            sc.mount(None, dest, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV)
     else:
         _make_readonly(dest)
 

@@ -617,6 +617,16 @@ def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
             apply_capabilities(plan.caps)
         else:
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        if plan.rootfs is not None and plan.caps is not None and "SYS_ADMIN" not in plan.caps:
+            # A kept descriptor refers to a host file through the host's
+            # mount: reopening /proc/self/fd/N would give write access to a
+            # file outside the sandbox (even from a read-only descriptor).
+            # Landlock checks the file reached, so "writable only beneath
+            # our own /" leaves everything inside as it was and closes that.
+            # A Landlock domain may not mount: not applied when SYS_ADMIN is
+            # granted (which can remount anything writable anyway).
+            step = "confine writes to the sandbox (Landlock)"
+            sc.landlock_writes_beneath("/")
         step = "wait for the go signal"
         message = os.read(go_r, 9)
         if not message.startswith(b"g"):

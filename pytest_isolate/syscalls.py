@@ -32,7 +32,9 @@ __all__ = [
     "MS_REMOUNT",
     "MS_SLAVE",
     "SyscallError",
+    "landlock_writes_beneath",
     "mount",
+    "mount_setattr_nosuid_nodev",
     "mount_setattr_rdonly",
     "pivot_root",
     "prctl",
@@ -135,12 +137,7 @@ def pivot_root(new_root: str, put_old: str) -> None:
         _raise(f"pivot_root({new_root!r}, {put_old!r})")
 
 
-def mount_setattr_rdonly(path: str, *, nosuid_nodev: bool = False) -> bool:
-    """Make the mount at ``path`` and every submount read-only in one call.
-
-    Returns False where the kernel lacks mount_setattr (before 5.12), so the
-    caller falls back to remounting each submount.
-    """
+def _mount_setattr_recursive(path: str, attr_set: int, shown: str) -> bool:
     if _SYS_MOUNT_SETATTR is None:
         return False
 
@@ -148,14 +145,76 @@ def mount_setattr_rdonly(path: str, *, nosuid_nodev: bool = False) -> bool:
         _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
                     ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
-    attr = MountAttr(_MOUNT_ATTR_RDONLY | (_MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
-                                           if nosuid_nodev else 0), 0, 0, 0)
+    attr = MountAttr(attr_set, 0, 0, 0)
     rc = _libc.syscall(_SYS_MOUNT_SETATTR, -100, _b(path), _AT_RECURSIVE,
                        ctypes.byref(attr), ctypes.sizeof(attr))
     if rc != 0:
         if ctypes.get_errno() == errno.ENOSYS:
             return False
-        _raise(f"mount_setattr({path!r}, AT_RECURSIVE, MOUNT_ATTR_RDONLY)")
+        _raise(f"mount_setattr({path!r}, AT_RECURSIVE, {shown})")
+    return True
+
+
+def mount_setattr_rdonly(path: str, *, nosuid_nodev: bool = False) -> bool:
+    """Make the mount at ``path`` and every submount read-only in one call.
+
+    Returns False where the kernel lacks mount_setattr (before 5.12), so the
+    caller falls back to remounting each submount.
+    """
+    if nosuid_nodev:
+        return _mount_setattr_recursive(
+            path, _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
+            "MOUNT_ATTR_RDONLY|MOUNT_ATTR_NOSUID|MOUNT_ATTR_NODEV")
+    return _mount_setattr_recursive(path, _MOUNT_ATTR_RDONLY, "MOUNT_ATTR_RDONLY")
+
+
+def mount_setattr_nosuid_nodev(path: str) -> bool:
+    """Make the mount at ``path`` and every submount nosuid,nodev (writability
+    unchanged) in one call; False where the kernel lacks mount_setattr."""
+    return _mount_setattr_recursive(path, _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
+                                    "MOUNT_ATTR_NOSUID|MOUNT_ATTR_NODEV")
+
+
+# Landlock (Linux 5.13+; TRUNCATE from ABI 3, 6.2).
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_LANDLOCK_ACCESS_FS_WRITE_FILE = 1 << 1
+_LANDLOCK_ACCESS_FS_TRUNCATE = 1 << 14
+_LANDLOCK_RULE_PATH_BENEATH = 1
+_LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
+
+
+class _PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock_writes_beneath(root: str) -> bool:
+    """Allow opening files for writing (and truncating them) only beneath
+    ``root`` of this mount namespace, for this process and its children.
+
+    Returns False where the kernel has no Landlock. Needs no_new_privs.
+    """
+    abi = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    if abi < 1:
+        return False
+    access = _LANDLOCK_ACCESS_FS_WRITE_FILE | (_LANDLOCK_ACCESS_FS_TRUNCATE if abi >= 3 else 0)
+    handled = ctypes.c_uint64(access)
+    ruleset = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(handled), 8, 0)
+    if ruleset < 0:
+        _raise("landlock_create_ruleset(WRITE_FILE|TRUNCATE)")
+    try:
+        beneath = os.open(root, os.O_PATH | os.O_CLOEXEC)
+        try:
+            rule = _PathBeneath(access, beneath)
+            if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH,
+                             ctypes.byref(rule), 0) != 0:
+                _raise(f"landlock_add_rule(PATH_BENEATH {root!r})")
+        finally:
+            os.close(beneath)
+        if _libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0) != 0:
+            _raise("landlock_restrict_self()")
+    finally:
+        os.close(ruleset)
     return True
 
 

@@ -6,6 +6,7 @@ import functools
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import pytest
 
@@ -16,7 +17,7 @@ pytest_plugins = ["pytester"]
 def _userns_works() -> bool:
     try:
         return subprocess.run(["unshare", "--user", "--map-root-user", "true"],
-                              capture_output=True, timeout=10).returncode == 0
+                              check=False, capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -28,7 +29,7 @@ def _cgroup_version() -> int:
     return 1 if "cgroup" in kinds else 2 if "cgroup2" in kinds else 0
 
 
-_FEATURES = {
+_FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "root": (lambda: os.geteuid() == 0, "needs root"),
     "rootless": (lambda: os.geteuid() != 0, "needs an unprivileged user"),
     "userns": (_userns_works, "needs unprivileged user namespaces"),

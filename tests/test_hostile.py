@@ -355,14 +355,6 @@ def test_strict_profile_closes_every_inherited_descriptor(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BugSymptom,
-    reason=(
-        "BUG: a kept descriptor still refers to the host's (writable) mount: reopening "
-        "/proc/self/fd/N for writing turns a read-only descriptor into a writable one"
-    ),
-)
 def test_read_only_descriptor_of_a_host_file_cannot_be_reopened_for_writing(
     pytester: pytest.Pytester, host_dir: Path
 ) -> None:

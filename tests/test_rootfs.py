@@ -290,19 +290,7 @@ def var_socket_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
 VAR_SOCKET_CASES = [
     pytest.param("/var/lib", id="var-lib"),
     pytest.param("/var/spool", id="var-spool"),
-    pytest.param(
-        "/var/cache",
-        id="var-cache",
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=BugSymptom,
-            reason=(
-                "BUG: rootfs._var_sockets skips /var/cache (and /var/lib/docker, "
-                "/var/lib/containers) while /var is shown read-only: a socket there stays "
-                "reachable"
-            ),
-        ),
-    ),
+    pytest.param("/var/cache", id="var-cache"),
 ]
 
 
@@ -423,14 +411,6 @@ def test_mknod_is_refused_by_default(pytester: pytest.Pytester) -> None:
 
 
 @requires("root")
-@pytest.mark.xfail(
-    strict=True,
-    raises=BugSymptom,
-    reason=(
-        "BUG: rootfs._bind remounts a writable bind nosuid,nodev without MS_REC/AT_RECURSIVE: "
-        "a submount of the granted path keeps device nodes usable"
-    ),
-)
 def test_device_node_in_a_submount_of_a_writable_bind_cannot_be_opened(
     pytester: pytest.Pytester, tmp_path: Path
 ) -> None:

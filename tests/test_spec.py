@@ -75,7 +75,7 @@ def test_binds_parse_modes_and_refuse_relative_paths() -> None:
 
 
 def test_strict_from_command_line_is_a_ceiling_for_markers() -> None:
-    with pytest.raises(SpecError, match="strict mode .* forbids a marker to loosen 'memory'"):
+    with pytest.raises(SpecError, match=r"strict mode .* forbids a marker to loosen 'memory'"):
         _resolve(((), {"memory": "1G"}), strict=True, memory=100 * 2**20)
     with pytest.raises(SpecError, match="does not let a marker turn isolation off"):
         _resolve(((False,), {}), strict=True, enabled=True)
