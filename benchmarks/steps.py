@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import json
 import math
 import os
@@ -381,6 +382,7 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
         manager = open_cgroups(owner_tag="benchspawn")
     except CgroupUnavailable:
         manager = None
+    factory = _init_factory(spawn, rootless)
     try:
         rootfs = plan_rootfs(staging=staging, cwd=os.getcwd(), home=os.environ.get("HOME"),
                              project=project_paths([os.getcwd()]), binds=(), writable_paths=(),
@@ -407,7 +409,8 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
                 settle()
                 ready, total, release = [], [], []
                 for _ in range(reps):
-                    ms = _one_sandbox(plan, manager if with_cgroup else None, spawn, Limits)
+                    ms = _one_sandbox(plan, manager if with_cgroup else None, spawn, Limits,
+                                      factory)
                     ready.append(ms[0])
                     total.append(ms[1])
                     release.append(ms[2])
@@ -417,17 +420,37 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
                                    f" ms; kill + reap {statistics.median(release):.2f} ms"))
         return steps
     finally:
+        if factory is not None:
+            factory.close()
         if manager is not None:
             manager.close()
         shutil.rmtree(staging_parent, ignore_errors=True)
 
 
-def _one_sandbox(plan: Any, manager: Any, spawn: Any, limits: Any) -> tuple[float, float, float]:
+def _init_factory(spawn: Any, rootless: bool) -> Any:
+    """The engine's init factory (pytest_isolate.initd), where this version has
+    one: as root it makes each sandbox's pid 1, so pytest forks a test once."""
+    if rootless or "init_factory" not in inspect.signature(spawn).parameters:
+        return None
+    from pytest_isolate.initd import InitFactory, InitFactoryError
+
+    factory = InitFactory()
+    try:
+        factory.start()
+    except InitFactoryError:
+        factory.close()
+        return None
+    return factory
+
+
+def _one_sandbox(plan: Any, manager: Any, spawn: Any, limits: Any,
+                 factory: Any) -> tuple[float, float, float]:
     begin = time.perf_counter()
     cgroup = manager.create(limits()) if manager is not None else None
+    extra = {"init_factory": factory} if factory is not None else {}
     sandbox = spawn(plan, cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
                     run_test=lambda ctx: None, foreign_fds=set,
-                    cleanup=cgroup.remove if cgroup else None)
+                    cleanup=cgroup.remove if cgroup else None, **extra)
     spawned = time.perf_counter()
     sandbox.go()
     outcome = sandbox.collect(30.0)
