@@ -55,7 +55,7 @@ record() {  # record PART STATUS SECONDS DETAIL
   [ "$2" = FAILED ] && any_failed=1
   return 0
 }
-count() {  # count WORD LINE -> the number before WORD in a pytest summary line
+count() {  # count LINE WORD -> the number before WORD in a pytest summary line
   { grep -oE "[0-9]+ $2" <<<"$1" || echo 0; } | head -n1 | cut -d' ' -f1
 }
 
