@@ -29,12 +29,28 @@ def _cgroup_version() -> int:
     return 1 if "cgroup" in kinds else 2 if "cgroup2" in kinds else 0
 
 
+@functools.cache
+def _cgroup_usable() -> bool:
+    """Can this process get per-test cgroups (v1 as root, v2 root or delegated)?"""
+    try:
+        from pytest_isolate.cgroups import open_cgroups
+
+        manager = open_cgroups(owner_tag="probe" + os.environ.get("PYTEST_XDIST_WORKER", ""))
+    except Exception:
+        return False
+    usable = "memory" in manager.controllers
+    manager.close()
+    return usable
+
+
 _FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "root": (lambda: os.geteuid() == 0, "needs root"),
     "rootless": (lambda: os.geteuid() != 0, "needs an unprivileged user"),
     "userns": (_userns_works, "needs unprivileged user namespaces"),
     "cgroup2": (lambda: _cgroup_version() == 2, "needs a pure cgroup v2 host"),
     "cgroup1": (lambda: _cgroup_version() == 1, "needs cgroup v1 (hybrid) mounts"),
+    "cgroup": (_cgroup_usable, "needs a usable cgroup with the memory controller "
+                               "(root, or a delegated cgroup v2)"),
     "busybox": (lambda: shutil.which("busybox") is not None, "needs busybox-static"),
 }
 

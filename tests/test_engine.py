@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import requires
 
 ISOLATE = ("--isolate", "-p", "no:cacheprovider")
@@ -384,6 +383,7 @@ def test_warnings_raised_inside_reach_the_summary(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(["*UserWarning: careful in the sandbox"])
 
 
+@requires("cgroup")
 def test_verbose_shows_which_isolation_applied(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
@@ -399,6 +399,7 @@ def test_verbose_shows_which_isolation_applied(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines(["isolate: root*cgroup*"])
 
 
+@requires("cgroup")
 def test_junitxml_sees_the_same_sequence_and_the_peak_memory(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         def test_ok(record_property):
@@ -457,6 +458,7 @@ def test_500_mixed_tests_count_the_same_as_plain_pytest(
                                      "xfailed": 71, "xpassed": 71}
 
 
+@requires("cgroup")
 def test_peak_memory_summary_lists_the_heaviest_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         def test_light():

@@ -13,6 +13,10 @@ import time
 
 import pytest
 
+from conftest import requires
+
+pytestmark = requires("cgroup")
+
 ISOLATE = ("--isolate", "-p", "no:cacheprovider")
 
 
