@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import os
 import shutil
@@ -626,10 +627,15 @@ def _replay_warning(item: pytest.Item, payload: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _summary_of(spec: IsolationSpec) -> str:
+    return spec.summary()
+
+
 def _annotate(reports: list[pytest.TestReport], spec: IsolationSpec, stats: Any) -> None:
     """What the report says about its isolation: -v, failures and junitxml."""
     peak = getattr(stats, "peak_memory", None) if stats is not None else None
-    summary = spec.summary()
+    summary = _summary_of(spec)
     for report in reports:
         report.isolate_summary = summary  # type: ignore[attr-defined]
         if report.failed and not any(name == "isolation" for name, _ in report.sections):

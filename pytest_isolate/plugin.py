@@ -32,6 +32,7 @@ _spec_key = pytest.StashKey["IsolationSpec | SpecError"]()
 _engine_key = pytest.StashKey[Engine]()
 _base_key = pytest.StashKey[dict[str, Any]]()
 _peaks_key = pytest.StashKey[list[tuple[int, str]]]()
+_specs_key = pytest.StashKey[dict[IsolationSpec, IsolationSpec]]()
 
 MARKER_DOC = (
     "isolated(enabled=True, *, timeout=None, memory=None, pids=None, cpu=None, "
@@ -112,7 +113,9 @@ def pytest_configure(config: pytest.Config) -> None:
     base = _base_values(config)
     config.stash[_base_key] = base
     config.stash[_peaks_key] = []
-    config.pluginmanager.register(_PeakRecorder(config.stash[_peaks_key]), "isolate-peaks")
+    config.stash[_specs_key] = {}
+    if _peak_memory_count(config) is not None:
+        config.pluginmanager.register(_PeakRecorder(config.stash[_peaks_key]), "isolate-peaks")
     if base["enabled"] and not sys.platform.startswith("linux"):
         raise pytest.UsageError(
             f"--isolate needs Linux (namespaces, cgroups); this is {sys.platform}. "
@@ -163,10 +166,13 @@ def spec_for(item: pytest.Item) -> IsolationSpec:
     if cached is None:
         try:
             base: dict[str, Any] = item.config.stash[_base_key]
-            cached = resolve_spec(
+            spec = resolve_spec(
                 base=base,
                 marker_layers=[(m.args, m.kwargs) for m in item.iter_markers("isolated")],
                 where=item.nodeid)
+            # One object per distinct spec, shared by every item that has it:
+            # pytest's process keeps no per-test copy (10,000 tests, one spec).
+            cached = item.config.stash[_specs_key].setdefault(spec, spec)
         except SpecError as exc:
             cached = exc
         item.stash[_spec_key] = cached
@@ -270,17 +276,25 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     return [header_line(config.stash[_engine_key])]
 
 
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    count = config.getoption("isolate_peak_memory_n")
+def _peak_memory_count(config: pytest.Config) -> int | None:
+    """--isolate-peak-memory / ini isolate_peak_memory, or None when not asked."""
+    count: int | None = config.getoption("isolate_peak_memory_n")
     if count is None:
         raw = config.getini("isolate_peak_memory")
         if raw in (None, ""):
-            return
+            return None
         try:
             count = int(raw)
         except ValueError:
             raise pytest.UsageError(
                 f"ini isolate_peak_memory = {raw!r}: use a whole number, e.g. 10") from None
+    return count
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    count = _peak_memory_count(config)
+    if count is None:
+        return
     recorded: list[tuple[int, str]] = config.stash[_peaks_key]
     peaks = sorted(recorded, reverse=True)
     if count:
