@@ -305,3 +305,40 @@ def test_doctor_in_the_cg2vm_vm_reports_cgroup_v2_and_clone3() -> None:
         "--isolate works here with every default layer.",
     ])
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _readable_by_others(path: str) -> bool:
+    """Can any user reach and read ``path`` (every directory above it o+x)?"""
+    parts = os.path.abspath(path).split(os.sep)
+    for index in range(2, len(parts) + 1):
+        mode = os.stat(os.sep.join(parts[:index]) or os.sep).st_mode
+        if not mode & 0o001:
+            return False
+    return bool(os.stat(path).st_mode & 0o004)
+
+
+@pytest.mark.slow
+@requires("root")
+@pytest.mark.skipif(os.environ.get("PYTEST_ISOLATE_VM") != "1" or _cg2vm() is None,
+                    reason="boots the cgroup-v2 VM (about a minute): set PYTEST_ISOLATE_VM=1 "
+                           "where tools/cg2vm is installed")
+def test_doctor_in_the_cg2vm_vm_as_a_delegated_user_finds_every_controller() -> None:
+    python = os.path.join(USER_VENV, "bin", "python")
+    package = os.path.join(REPO, "pytest_isolate")
+    if not os.access(python, os.X_OK) or not _readable_by_others(package):
+        pytest.skip(f"needs {USER_VENV} and a repository readable by {TEST_USER}")
+    vm = _cg2vm()
+    assert vm is not None
+    result = subprocess.run(
+        [vm, "--timeout", "600", "--user", TEST_USER, "--", "env", f"PYTHONPATH={REPO}",
+         "PYTHONDONTWRITEBYTECODE=1", "HOME=/tmp", python, "-m", "pytest_isolate", "doctor"],
+        capture_output=True, text=True, cwd=REPO, timeout=700, check=False)
+    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines([
+        "pytest-isolate doctor: rootless (uid *)*",
+        "cgroups * yes * cgroup v2 (memory, pids, cpu); delegated: *",
+        "cgroup cpu controller * yes *",
+        "clone3 CLONE_INTO_CGROUP * yes *",
+        "default sandbox (every layer) * yes *",
+        "--isolate works here with every default layer.",
+    ])
+    assert result.returncode == 0, result.stderr[-2000:]
