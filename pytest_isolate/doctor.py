@@ -250,6 +250,26 @@ def _caps_probe(rootless: bool) -> Callable[[], str]:
     return body
 
 
+def _landlock_probe(staging: str) -> Callable[[], str]:
+    def body() -> str:
+        inside = os.path.join(staging, "landlock-inside")
+        outside = staging + "-landlock-outside"
+        try:
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+            if not sc.landlock_writes_beneath(staging):
+                raise OSError(errno.EOPNOTSUPP, "Landlock is not enabled in this kernel")
+            os.close(os.open(inside, os.O_WRONLY | os.O_CREAT, 0o600))
+            try:
+                os.close(os.open(outside, os.O_WRONLY | os.O_CREAT, 0o600))
+            except PermissionError:
+                return "writes confined beneath one directory (a write outside was refused)"
+            raise RuntimeError("a write outside the allowed directory was not refused")
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(outside)
+    return body
+
+
 def _seccomp_probe(program: bytes) -> Callable[[], str]:
     def body() -> str:
         sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -396,6 +416,7 @@ def run_checks() -> list[Check]:
         checks.extend(_namespace_checks(staging, rootless))
         checks.extend(_cgroup_checks(rootless))
         checks.extend(_filter_checks(rootless))
+        checks.append(_landlock_check(staging))
         checks.append(_sandbox_check(staging, rootless))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -584,6 +605,15 @@ def _filter_checks(rootless: bool) -> list[Check]:
     checks.append(Check("seccomp filter (libseccomp)", ok, "defaults", detail, fix,
                         required=True))
     return checks
+
+
+def _landlock_check(staging: str) -> Check:
+    ok, detail, _ = _probe(_landlock_probe(staging))
+    fix = "" if ok else ("Linux 5.13+ with Landlock among the active security modules "
+                         "(CONFIG_SECURITY_LANDLOCK=y; boot with lsm=landlock,... if "
+                         "/sys/kernel/security/lsm does not list it)")
+    return Check("Landlock (writes confined)", ok,
+                 "kept descriptors read-only", detail, fix)
 
 
 def _sandbox_check(staging: str, rootless: bool) -> Check:

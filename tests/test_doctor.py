@@ -44,6 +44,7 @@ CORE_ROWS = [
 FILTER_ROWS = [
     "capabilities (python-prctl) * yes * defaults *",
     "seccomp filter (libseccomp) * yes * defaults *keyctl refused with EPERM",
+    "Landlock (writes confined) * * kept descriptors read-only *",
     "default sandbox (every layer) * yes * defaults *a test ran inside",
 ]
 
