@@ -506,6 +506,11 @@ class Engine:
             return None, f"a {report.when!r} report arrived out of order"
         if report.outcome not in ("passed", "failed", "skipped"):
             return None, f"a report has the outcome {report.outcome!r}"
+        # Checked equal above: share the item's objects, as pytest's own reports
+        # do, rather than keep decoded copies for the whole session.
+        report.nodeid = item.nodeid
+        if tuple(report.location) == tuple(item.location):
+            report.location = item.location
         return report, None
 
     def _report(self, item: pytest.Item, when: Literal["setup", "call", "teardown"], text: str,
