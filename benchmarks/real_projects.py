@@ -37,8 +37,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -107,7 +109,8 @@ PROJECTS: tuple[Project, ...] = (
             "pytest-cov from its addopts (coverage data in the working directory), doctests"),
     Project("docutils", "0.23", ("pygments",), ("test",),
             "functional tests write their output files into the test tree"),
-    Project("markdown", "3.11.3", ("pyyaml",), ("tests",),
+    Project("markdown", "3.11.3", ("pyyaml",),
+            ("tests", "-W", "ignore::pytest.PytestCollectionWarning"),
             "unittest-style suites reading test files from the tree"),
     Project("ptyprocess", "0.7.0", (), ("tests",), "pseudo-terminals (/dev/pts), fork, exec"),
     Project("requests", "2.34.2",
@@ -146,7 +149,17 @@ class Engine:
 
 def prepare_engine(base: str, which: str) -> Engine:
     """``which`` is "head" (a ``git archive`` of HEAD, so a run measures one
-    commit even while the repository changes) or "worktree" (editable)."""
+    commit even while the repository changes), "worktree" (editable), or the
+    path of another source tree (a patched copy: installed as it is now)."""
+    if which not in ("head", "worktree"):
+        path = os.path.abspath(which)
+        if not os.path.isfile(os.path.join(path, "pyproject.toml")):
+            raise SystemExit(f"--engine={which}: not a source tree of pytest-isolate-linux "
+                             f"(no pyproject.toml); use head, worktree or such a directory")
+        stamp = max(os.stat(os.path.join(top, name)).st_mtime
+                    for top, _, names in os.walk(os.path.join(path, "pytest_isolate"))
+                    for name in names if name.endswith(".py"))
+        return Engine(path, f"tree {path} @{stamp:.0f}", False)
     sha = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
                          text=True, check=True).stdout.strip()
     if which == "worktree":
@@ -354,12 +367,18 @@ def run_mode(project: Project, vpython: str, tree: str, home: str, mode: str,
     tree_writes = reset_tree(tree, manifest)
     # Two levels say enough (.cache/hypothesis, .config/foo) without listing files.
     home_writes = sorted({"/".join(p.split("/")[:2]) for p in _walk(fake_home)})
-    with open(os.path.join(home, f"{mode}.json"), "w") as f:
-        json.dump({"project": f"{project.name}=={project.version}", "engine": engine.label,
-                   "returncode": returncode,
-                   "wall": wall, "tree_writes": tree_writes, "home_writes": home_writes}, f)
-    return RunResult(mode, returncode, wall, outcomes, tree_writes, home_writes, log,
-                     engine.label)
+    run = RunResult(mode, returncode, wall, outcomes, tree_writes, home_writes, log,
+                    engine.label)
+    save_mode(project, home, run)
+    return run
+
+
+def save_mode(project: Project, home: str, run: RunResult) -> None:
+    """What --report-only needs besides the junitxml file."""
+    with open(os.path.join(home, f"{run.mode}.json"), "w") as f:
+        json.dump({"project": f"{project.name}=={project.version}", "engine": run.engine,
+                   "returncode": run.returncode, "wall": run.wall,
+                   "tree_writes": run.tree_writes, "home_writes": run.home_writes}, f)
 
 
 def load_mode(project: Project, home: str, mode: str) -> RunResult | None:
@@ -427,6 +446,26 @@ def write_diffs(result: ProjectResult, path: str) -> None:
             f.write(f"--- [{mode}] written into $HOME: {run.home_writes}\n")
 
 
+def _grouped(name: str, mode: str,
+             diffs: list[tuple[str, Outcome | None, Outcome | None]]) -> list[str]:
+    """One line per (module, change, first line of the failure): thousands of
+    parametrized cases failing for one reason read as one line."""
+    groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+    for key, a, b in diffs:
+        module = key.split("::")[0]
+        reason = (b.message if b is not None else "not reported")[:150]
+        # Quoted values (paths, expected strings) differ between cases of one cause.
+        shape = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", reason)
+        groups.setdefault((module, f"{_status(a)} -> {_status(b)}", shape), []).append(
+            (key, reason))
+    lines = []
+    for (module, change, _), cases in groups.items():
+        key, reason = cases[0]
+        what = f"`{key}`" if len(cases) == 1 else f"{len(cases)} tests in `{module}`, e.g. `{key}`"
+        lines.append(f"- {name} [{mode}] {what}: {change}: {reason}")
+    return lines
+
+
 def summarize(results: Iterable[ProjectResult], modes: Sequence[str]) -> str:
     """The markdown table and, below it, each difference on a line."""
     results = list(results)
@@ -445,10 +484,7 @@ def summarize(results: Iterable[ProjectResult], modes: Sequence[str]) -> str:
             diffs = r.differences(m)
             row.append(str(len(diffs)) + ("" if r.runs[m].returncode in (0, 1, 5)
                                           else f" (rc={r.runs[m].returncode})"))
-            for key, a, b in diffs:
-                reason = (b.message if b is not None else "not reported")[:150]
-                details.append(f"- {r.project.name} [{m}] `{key}`: {_status(a)} -> "
-                               f"{_status(b)}: {reason}")
+            details.extend(_grouped(r.project.name, m, diffs))
         row.append(" / ".join(f"{r.runs[m].wall:.1f}" for m in modes))
         for m in iso_modes:
             if n < 10 or plain.returncode not in (0, 1):
@@ -484,12 +520,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES),
                         help="comma-separated, among " + ", ".join(MODES))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every mode (interleaved); times are medians")
     parser.add_argument("--fresh", action="store_true",
                         help="rebuild venvs and trees even if a complete one exists")
     parser.add_argument("--markdown", help="also write the report to this file")
-    parser.add_argument("--engine", choices=("head", "worktree"), default="head",
-                        help="pytest-isolate-linux to test: a snapshot of the repository's "
-                             "HEAD (default) or its working tree, editable")
+    parser.add_argument("--engine", default="head",
+                        help="pytest-isolate-linux to test: 'head' (a snapshot of the "
+                             "repository's HEAD, the default), 'worktree' (editable), or the "
+                             "path of another source tree, e.g. a patched copy")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: build the report from the runs saved in the work dir")
     parser.add_argument("--list", action="store_true", help="list the projects and exit")
@@ -524,11 +563,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         vpython, tree = prepare_project(project, args.work_dir, args.python, engine,
                                         reuse=not args.fresh)
-        for mode in modes:
-            run = run_mode(project, vpython, tree, home, mode, args.timeout, engine)
-            runs[mode] = run
-            print(f"[{project.name}] {mode:9} {run.wall:7.1f} s  rc={run.returncode}  "
-                  f"{dict(run.counts())}", flush=True)
+        walls: dict[str, list[float]] = {m: [] for m in modes}
+        flaky: set[str] = set()
+        # Rounds interleave the modes, so that load from other work on the
+        # machine spreads over all of them alike; the median wall time counts.
+        for _ in range(args.repeat):
+            for mode in modes:
+                run = run_mode(project, vpython, tree, home, mode, args.timeout, engine)
+                walls[mode].append(run.wall)
+                previous = runs.get(mode)
+                if previous is not None:
+                    flaky.update(k for k, o in run.outcomes.items()
+                                 if k in previous.outcomes
+                                 and previous.outcomes[k].status != o.status)
+                runs[mode] = run
+                print(f"[{project.name}] {mode:9} {run.wall:7.1f} s  rc={run.returncode}  "
+                      f"{dict(run.counts())}", flush=True)
+        for mode, run in runs.items():
+            run.wall = statistics.median(walls[mode])
+            save_mode(project, home, run)
+        if flaky:
+            print(f"[{project.name}] outcome changed between rounds (flaky): "
+                  f"{', '.join(sorted(flaky)[:10])}", flush=True)
         result = ProjectResult(project, runs)
         write_diffs(result, os.path.join(home, "diffs.txt"))
         results.append(result)
