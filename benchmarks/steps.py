@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_isolate import syscalls as sc
-from pytest_isolate.sandbox import _loopback_up  # the sandbox's own code, imported before forking
+from pytest_isolate.syscalls import loopback_up  # the sandbox's own code, imported before forking
 
 __all__ = ["Step", "TrapRow", "measure_steps", "measure_trap"]
 
@@ -244,7 +244,7 @@ def _pid_namespace() -> None:
 
 def _hostname_and_loopback() -> None:
     sc.sethostname("isolated")
-    _loopback_up()
+    loopback_up()
 
 
 def _rootfs_steps(reps: int, base_total: float) -> list[Step]:

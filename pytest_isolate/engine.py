@@ -35,6 +35,7 @@ import pytest
 from . import _pytest_compat as compat
 from .child import run_in_sandbox
 from .initd import InitFactory, InitFactoryError
+from .prefault import Ranges, private_writable_mappings, written_ranges
 from .protocol import Message
 from .rootfs import STRICT_SYSTEM_DIRS, SYSTEM_DIRS, plan_rootfs, project_paths
 from .sandbox import SETUP_FAILED_EXIT, Sandbox, SandboxOutcome, SandboxPlan, spawn
@@ -43,6 +44,13 @@ from .spec import IsolationSpec, SpecError, format_size
 __all__ = ["Engine", "IsolationUnavailable"]
 
 _PHASES = ("setup", "call", "teardown")
+#: Pages a test process writes are learned from the first two sandboxes, then
+#: from one in this many (the suite's tests change; the cost is ~1 ms each).
+_RELEARN_EVERY = 16
+#: At most this many pages (16 MiB) are copied ahead into a sandbox.
+_PREFAULT_MAX_PAGES = 4096
+#: ... and only while a test that ran at least this long (seconds) runs.
+_PREFAULT_MIN_RUN = 0.010
 
 
 class IsolationUnavailable(Exception):
@@ -79,6 +87,9 @@ class Engine:
         self._cgroup_error: str | None = None
         self._cgroups_opened = False
         self._init_factory: InitFactory | None = None
+        self._hot_pages: Ranges = ()
+        self._last_run = 0.0
+        self._sandboxes_seen = 0
         self._init_factory_tried = False
         #: A test called pytest.exit(): (message, returncode), raised after its reports.
         self.pending_exit: tuple[str, int] | None = None
@@ -219,7 +230,10 @@ class Engine:
             fds.update(sandbox.fds)
         return fds
 
-    def _spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
+    def _spawn(self, item: pytest.Item, spec: IsolationSpec,
+               ahead: bool = False) -> tuple[Sandbox, Any]:
+        """A sandbox for ``item``. ``ahead``: it has the current test's run
+        time to get ready, enough to copy ahead the pages it will write."""
         plan = self.plan_for(spec)
         if spec.pod is not None:
             from .pods import PodError, lookup_pod
@@ -256,7 +270,8 @@ class Engine:
                             foreign_fds=self._foreign_fds,
                             keep_fds=partial(compat.capture_fds, self.config),
                             init_factory=self.init_factory() if plan.namespaces else None,
-                            cleanup=cgroup.remove if cgroup else None)
+                            cleanup=cgroup.remove if cgroup else None,
+                            prefault=self._hot_pages if ahead else ())
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
@@ -267,6 +282,22 @@ class Engine:
         if cgroup is not None:
             self._cgroup_of[id(sandbox)] = cgroup
         return sandbox, cgroup
+
+    def _learning_due(self, sandbox: Sandbox) -> bool:
+        """Every so often, a finished test process stays until pytest's process
+        has noted which of its pages it wrote, for the next sandboxes to copy
+        ahead (prefault.py). Only where the test process is pytest's own child
+        (root, init factory)."""
+        if sandbox.init_pidfd < 0:
+            return False
+        self._sandboxes_seen += 1
+        return self._sandboxes_seen <= 2 or self._sandboxes_seen % _RELEARN_EVERY == 0
+
+    def _learn_hot_pages(self, sandbox: Sandbox) -> None:
+        pages = written_ranges(sandbox.pid, private_writable_mappings(),
+                               max_pages=_PREFAULT_MAX_PAGES)
+        if pages:
+            self._hot_pages = pages
 
     def _release(self, sandbox: Sandbox) -> None:
         self._cgroup_of.pop(id(sandbox), None)
@@ -303,13 +334,18 @@ class Engine:
         except Exception as exc:  # never INTERNALERROR: an error on this test
             report = self._report(item, "setup", _setup_error_text(item, exc), spec=spec)
             return [report, self._teardown(item, nextitem, None)]
-        sandbox.go(struct.pack("<i", self._index_of(nextitem)))
+        learn = self._learning_due(sandbox)
+        sandbox.go(struct.pack("<i", self._index_of(nextitem)), linger=learn)
         self._prepare_next(item, nextitem)
         try:
-            outcome = sandbox.collect(spec.timeout)
+            outcome = sandbox.collect(spec.timeout, keep=learn)
         except KeyboardInterrupt:
             self._release(sandbox)
             raise
+        self._last_run = outcome.duration
+        if learn:
+            self._learn_hot_pages(sandbox)
+            sandbox.kill()
         stats = None
         if cgroup is not None:
             with contextlib.suppress(OSError):
@@ -388,7 +424,11 @@ class Engine:
         if snapshot is None:
             return
         try:
-            sandbox, cgroup = self._spawn(nextitem, spec)
+            # Copying pages ahead takes CPU time: worth it when the current
+            # test leaves time for it (the last one did), not in a burst of
+            # tiny tests where every core is busy anyway.
+            ahead = self._last_run >= _PREFAULT_MIN_RUN
+            sandbox, cgroup = self._spawn(nextitem, spec, ahead=ahead)
         except Exception:
             return  # it fails again, with a report, when its turn comes
         self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup)

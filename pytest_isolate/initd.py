@@ -1,42 +1,59 @@
-"""The init factory: a small process that makes each sandbox's pid 1.
+"""The init factory: a small process that makes each sandbox's pid 1, and
+with it the sandbox's namespaces and root file system.
 
 Forking pytest is the dominant cost of a sandbox (page tables copied, every
-page the child writes copied again), so a test should cost one fork of
-pytest, not two. The first process of a pid namespace becomes its init, so
-the init must exist before the test process is forked into the namespace.
-This factory, a separate small interpreter started once per session, makes
-one on request: it unshares a pid namespace, forks the init (a fork of a
-small process is cheap) and hands pytest a pidfd of it; pytest then forks the
-test straight into that namespace (setns on the pidfd) as pid 2.
+page the child writes copied again), and every line of Python the forked
+test process runs before the test copies more of pytest's pages. So as root
+the work that does not need pytest's memory happens here, in a separate small
+interpreter started once per session: on request it unshares a pid
+namespace and forks the init, which makes the mount, uts, ipc and network
+namespaces, builds the root file system (rootfs.apply_rootfs: mounts, /proc,
+pivot_root), sets the hostname and brings the loopback up, then waits to be
+killed with its sandbox. pytest gets a pidfd of it; it forks the test straight
+into that pid namespace (setns on the pidfd) as pid 2, and the test joins the
+other namespaces of pid 1 in one setns call (nsenter's way). The test process
+itself then only joins its cgroup and drops its privileges.
 
-The factory and its inits live in an empty, read-only root of their own, not
-dumpable, so a test that is granted CAP_SYS_PTRACE and looks at /proc/1/root
-finds nothing of the host. The factory dies with pytest (parent-death signal
-and end of its socket); the inits die with the factory. Only for root:
-rootless sandboxes make their own init (see sandbox.py).
+The factory always has one init ready, made while the current test runs, for
+the setup last asked for. A bare init (pods, or when the namespaces are made
+by the test process) jails itself in an empty read-only root, so a test that
+is granted CAP_SYS_PTRACE and looks at /proc/1/root finds nothing of the
+host; a full init's root is the sandbox's own. Inits are not dumpable. The
+factory dies with pytest (parent-death signal and end of its socket); the
+inits die with the factory. Only for root: rootless sandboxes make their own
+namespaces (see sandbox.py).
 
 Runs as ``python -I -S -c`` with only this package on its path: it must not
-import pytest or anything else.
+import pytest or anything outside the standard library.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Hashable
+from typing import Any
 
-__all__ = ["InitFactory", "InitFactoryError", "main"]
+__all__ = ["InitFactory", "InitFactoryError", "InitSetup", "main"]
 
+_REGISTER = b"p"
 _REQUEST = b"n"
+_ID = struct.Struct("<I")
+#: A setup registered with the factory: (root file system plan or None,
+#: hostname, whether to make a network namespace). Id 0 is the bare init.
+InitSetup = tuple[Any, str, bool]
 
 
 class InitFactoryError(Exception):
-    """The factory could not start or answer; the caller falls back to making
-    the init itself."""
+    """The factory could not start or answer, or could not make this init; the
+    caller falls back to making the init (and namespaces) itself."""
 
 
 class InitFactory:
@@ -46,7 +63,8 @@ class InitFactory:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._jail: str | None = None
-        self._pending = False
+        self._pending: int | None = None       # the setup id of the init being made
+        self._ids: dict[Hashable, int] = {}
 
     def start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -80,31 +98,58 @@ class InitFactory:
             raise InitFactoryError("the init factory exited")
         return data, fds
 
-    def _request(self) -> None:
+    def _send(self, data: bytes) -> None:
         assert self._sock is not None
         try:
-            self._sock.send(_REQUEST)
+            self._sock.send(data)
         except OSError as exc:
             raise InitFactoryError(f"the init factory is gone: {exc}") from exc
-        self._pending = True
 
-    def new_init(self) -> int:
-        """A pidfd of a fresh init in a fresh pid namespace, owned by the caller.
+    def _id_of(self, setup: InitSetup | None) -> int:
+        if setup is None:
+            return 0
+        key = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
+        ident = self._ids.get(key)
+        if ident is None:
+            ident = len(self._ids) + 1
+            self._send(_REGISTER + _ID.pack(ident) + key)
+            self._ids[key] = ident
+        return ident
 
-        The next one is asked for right away, so the factory makes it while
-        this one's test runs: pytest never waits for a fork in the factory."""
-        if self._sock is None:
-            raise InitFactoryError("the init factory is not running")
-        if not self._pending:
-            self._request()
-        self._pending = False
+    def _request(self, ident: int) -> None:
+        self._send(_REQUEST + _ID.pack(ident))
+        self._pending = ident
+
+    def _take(self) -> int:
+        self._pending = None
         data, fds = self._recv()
         if data != b"init" or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise InitFactoryError(f"the init factory could not make an init: {data!r}")
-        self._request()
+            raise InitFactoryError(
+                f"the init factory could not make an init: {data.decode(errors='replace')}")
         return fds[0]
+
+    def new_init(self, setup: InitSetup | None = None) -> int:
+        """A pidfd of a fresh init in a fresh pid namespace, owned by the caller.
+        With ``setup``, the init has also made the other namespaces and the root
+        described there; without, it is bare.
+
+        The next one (same setup) is asked for right away, so the factory makes
+        it while this one's test runs: pytest rarely waits for the factory."""
+        if self._sock is None:
+            raise InitFactoryError("the init factory is not running")
+        ident = self._id_of(setup)
+        if self._pending is not None and self._pending != ident:
+            # Made for another setup: not usable for this one.
+            with contextlib.suppress(InitFactoryError):
+                _kill_and_close(self._take())
+        if self._pending is None:
+            self._request(ident)
+        try:
+            return self._take()
+        finally:
+            self._request(ident)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -118,6 +163,12 @@ class InitFactory:
             with contextlib.suppress(OSError):
                 os.rmdir(self._jail)
             self._jail = None
+
+
+def _kill_and_close(pidfd: int) -> None:
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    os.close(pidfd)
 
 
 # --------------------------------------------------------------------------- the factory
@@ -138,6 +189,21 @@ def _jail(path: str) -> None:
              | sc.MS_NOEXEC)
 
 
+def _build(setup: InitSetup) -> None:  # pragma: no cover - runs as pid 1 of a sandbox
+    """The sandbox's namespaces and root, made by its pid 1."""
+    from . import syscalls as sc
+    from .rootfs import apply_rootfs
+
+    rootfs, hostname, new_net = setup
+    sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
+               | (sc.CLONE_NEWNET if new_net else 0))
+    if rootfs is not None:
+        apply_rootfs(rootfs)
+    sc.sethostname(hostname)
+    if new_net:
+        sc.loopback_up()
+
+
 def _init_loop() -> None:  # pragma: no cover - runs as pid 1 of a sandbox
     """pid 1: orphans of the test are reparented here and, since SIGCHLD is
     ignored (inherited from the factory), the kernel reaps them as they die.
@@ -146,17 +212,64 @@ def _init_loop() -> None:  # pragma: no cover - runs as pid 1 of a sandbox
         signal.pause()
 
 
+def _make_init(sock: socket.socket, own_pidns: int, jail: str,
+               setup: InitSetup | None) -> int:  # pragma: no cover - runs in the factory
+    """Fork pid 1 of a new pid namespace; return it once it is ready."""
+    from . import syscalls as sc
+
+    status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        sc.unshare(sc.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(status_r)
+                sock.close()
+                # Dies with the factory, which dies with pytest.
+                sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+                if setup is None:
+                    _jail(jail)
+                else:
+                    _build(setup)
+                # A test granted CAP_SYS_PTRACE still cannot read our memory
+                # or descriptors; none of the factory's stays open anyway.
+                sc.prctl(sc.PR_SET_DUMPABLE, 0)
+                os.closerange(3, status_w)
+                os.write(status_w, b"ok")
+                os.closerange(status_w, 1 << 16)
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    os.write(status_w, f"{type(exc).__name__}: {exc}".encode()[:3000])
+                os._exit(1)
+            with contextlib.suppress(BaseException):
+                _init_loop()
+            os._exit(0)
+        sc.setns(own_pidns, sc.CLONE_NEWPID)
+    finally:
+        os.close(status_w)
+    try:
+        reply = os.read(status_r, 4000)
+    finally:
+        os.close(status_r)
+    if reply != b"ok":
+        raise OSError(0, reply.decode(errors="replace") or "the init died while starting")
+    return os.pidfd_open(pid)
+
+
 def main() -> None:  # pragma: no cover - runs in the factory process
     from . import syscalls as sc
 
     sock = socket.socket(fileno=int(sys.argv[1]))
+    jail = sys.argv[2]
     try:
         parent = os.getppid()
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
-            os._exit(1)
+            os._exit(1)  # pytest died before the signal was armed
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        _jail(sys.argv[2])
+        # Our own mount namespace: nothing an init does can propagate back.
+        sc.unshare(sc.CLONE_NEWNS)
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
         # Inits are reaped by the kernel: the factory never waits for them.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
@@ -165,27 +278,24 @@ def main() -> None:  # pragma: no cover - runs in the factory process
         with contextlib.suppress(OSError):
             sock.send(f"error: {exc}".encode()[:4000])
         os._exit(1)
+    setups: dict[int, InitSetup] = {}
     while True:
         try:
-            request = sock.recv(16)
+            request = sock.recv(1 << 20)
         except OSError:
             os._exit(0)
-        if request != _REQUEST:
+        kind, ident = request[:1], request[1:5]
+        if len(ident) != 4 or kind not in (_REGISTER, _REQUEST):
             os._exit(0)  # pytest closed its end (or spoke nonsense): done
+        (number,) = _ID.unpack(ident)
+        if kind == _REGISTER:
+            setups[number] = pickle.loads(request[5:])
+            continue
         try:
-            sc.unshare(sc.CLONE_NEWPID)
-            pid = os.fork()
-            if pid == 0:
-                with contextlib.suppress(BaseException):
-                    sock.close()
-                    # Dies with the factory, which dies with pytest.
-                    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-                    _init_loop()
-                os._exit(0)
-            sc.setns(own_pidns, sc.CLONE_NEWPID)
-            pidfd = os.pidfd_open(pid)
+            pidfd = _make_init(sock, own_pidns, jail, setups.get(number) if number else None)
         except OSError as exc:
-            sock.send(f"error: {exc}".encode()[:4000])
+            with contextlib.suppress(OSError):
+                sock.send(f"error: {exc.strerror or exc}".encode()[:4000])
             continue
         try:
             socket.send_fds(sock, [b"init"], [pidfd])

@@ -399,7 +399,8 @@ def _holder_main(ready_w: int, owner: int, rootless: bool, uid: int,
         # open would delay their EOFs until the pod closes.
         _close_descriptors(keep=ready_w)
         # Imported here: the popen trampoline loads this module and needs none of it.
-        from .sandbox import _loopback_up, _map_ids
+        from .sandbox import _map_ids
+        from .syscalls import loopback_up
 
         flags = sc.CLONE_NEWNET | sc.CLONE_NEWPID
         if rootless:
@@ -413,7 +414,7 @@ def _holder_main(ready_w: int, owner: int, rootless: bool, uid: int,
             step = "create the network and pid namespaces"
             sc.unshare(flags)
         step = "bring the loopback interface up"
-        _loopback_up()
+        loopback_up()
         step = "fork the pod's init"
         life_r, life_w = os.pipe2(os.O_CLOEXEC)
         init = os.fork()  # the first child in the new pid namespace: its pid 1

@@ -29,7 +29,8 @@ from typing import Literal
 from . import syscalls as sc
 from .spec import Bind
 
-__all__ = ["Op", "RootfsPlan", "SetupStepError", "apply_rootfs", "plan_rootfs"]
+__all__ = ["Op", "RootfsPlan", "SetupStepError", "apply_rootfs", "finish_joined_rootfs",
+           "plan_rootfs"]
 
 #: Host directories shown read-only (symlinks such as /bin -> usr/bin are copied as links).
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
@@ -387,9 +388,16 @@ def _setup_sys(root: str, cgroup2: bool) -> None:
         _make_readonly(dest)
         return
     if cgroup2:
-        with contextlib.suppress(OSError):
-            # Informational only: the limits are enforced from outside.
-            sc.mount("cgroup2", dest + "/fs/cgroup", "cgroup2", flags)
+        _mount_cgroup2(dest + "/fs/cgroup")
+
+
+def _mount_cgroup2(dest: str) -> None:
+    # Informational only: the limits are enforced from outside. Rooted at the
+    # mounter's cgroup namespace: made by the test process, after it joined
+    # its cgroup and unshared that namespace.
+    with contextlib.suppress(OSError):
+        sc.mount("cgroup2", dest, "cgroup2",
+                 sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | sc.MS_RDONLY)
 
 
 def apply_rootfs(plan: RootfsPlan) -> None:
@@ -456,5 +464,14 @@ def apply_rootfs(plan: RootfsPlan) -> None:
     if not plan.overlay:
         with _step("remount the new root read-only"):
             sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+    with _step(f"chdir {plan.cwd}"):
+        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")
+
+
+def finish_joined_rootfs(plan: RootfsPlan) -> None:
+    """In a test process that joined the namespaces of an init which built the
+    root (initd.py): what only the test process itself can do there."""
+    if plan.cgroup2 and any(op.kind == "sys" for op in plan.ops):
+        _mount_cgroup2("/sys/fs/cgroup")
     with _step(f"chdir {plan.cwd}"):
         os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")

@@ -30,13 +30,12 @@ forks the test. Nothing here imports pytest.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import select
 import signal
-import socket
 import stat
-import struct
 import sys
 import time
 import traceback
@@ -46,9 +45,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import syscalls as sc
-from .initd import InitFactory, InitFactoryError
+from .initd import InitFactory, InitFactoryError, InitSetup
+from .prefault import Ranges, populate
 from .protocol import FrameReader, Message, ProtocolError, send_message
-from .rootfs import RootfsPlan, SetupStepError, apply_rootfs
+from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
 
 __all__ = ["SETUP_FAILED_EXIT", "Sandbox", "SandboxOutcome", "SandboxPlan", "TestContext",
            "spawn"]
@@ -131,12 +131,14 @@ class Sandbox:
         self.init_pidfd = pidfd
         self.fds = (*self.fds, pidfd)
 
-    def go(self, data: bytes = b"") -> None:
+    def go(self, data: bytes = b"", linger: bool = False) -> None:
         """Release the prepared test; the timeout clock starts here. ``data``
-        (at most 8 bytes) reaches the test callback as ``ctx.go_data``."""
+        (at most 8 bytes) reaches the test callback as ``ctx.go_data``. With
+        ``linger``, the test process stays (stopped in pause()) after its
+        "done" frame until kill(), so its memory can be looked at."""
         self.started = time.monotonic()
         with contextlib.suppress(OSError):  # already dead: collect() reports how
-            os.write(self.go_fd, b"g" + data[:8])
+            os.write(self.go_fd, b"g" + (b"l" if linger else b"-") + data[:8])
 
     def kill(self) -> None:
         """SIGKILL the sandbox's pid 1, which makes the kernel kill the rest of
@@ -184,10 +186,11 @@ class Sandbox:
             self._reaped = status
         return self._reaped
 
-    def collect(self, timeout: float | None) -> SandboxOutcome:
+    def collect(self, timeout: float | None, keep: bool = False) -> SandboxOutcome:
         """Read frames while waiting (a chatty child never blocks on a full
         pipe), until the sandbox is gone, the timeout passes, or the child
-        breaks the protocol."""
+        breaks the protocol. The sandbox is killed on its "done" frame unless
+        ``keep`` (then the caller kills it)."""
         reader = FrameReader()
         messages: list[Message] = []
         protocol_error: str | None = None
@@ -226,7 +229,8 @@ class Sandbox:
                     if messages and messages[-1].type == "done":
                         complete = True
                         done = True
-                        self.kill()
+                        if not keep:
+                            self.kill()
                 elif fd == self.pidfd:
                     done = True
             if done:
@@ -329,7 +333,7 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
           run_test: Callable[[TestContext], None], foreign_fds: Callable[[], set[int]],
           keep_fds: Callable[[], set[int]] = set,
           cleanup: Callable[[], None] | None = None,
-          init_factory: InitFactory | None = None) -> Sandbox:
+          init_factory: InitFactory | None = None, prefault: Ranges = ()) -> Sandbox:
     """Fork a sandbox that sets itself up and waits for ``go()``.
 
     Three shapes, cheapest first: as root with the init factory, pytest forks
@@ -348,9 +352,10 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
     as_pid1 = plan.namespaces and not plan.rootless
     own_pidns = -1
     init_pidfd = -1
+    setup = _init_setup(plan)
     if as_pid1 and init_factory is not None:
         with contextlib.suppress(InitFactoryError):
-            init_pidfd = init_factory.new_init()
+            init_pidfd = init_factory.new_init(setup)
     if as_pid1:
         # Root: P sets the pid namespace of its next child only, and returns to
         # its own right after the fork. With an init from the factory, the
@@ -384,17 +389,29 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
             sc.setns(own_pidns, sc.CLONE_NEWPID)
             os.close(own_pidns)
     if pid == 0:  # pragma: no cover - runs in the sandbox
-        for fd in (own_pidns, init_pidfd):
-            if fd >= 0:
-                os.close(fd)  # handles on host namespaces and processes: not for the test
+        if own_pidns >= 0:
+            os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
         _sandbox_main(plan, cgroup_procs, ctx, go_r, own | keep_fds(), foreign_fds(), run_test,
-                      direct=init_pidfd >= 0)
+                      init_pidfd=init_pidfd, joined=init_pidfd >= 0 and setup is not None,
+                      prefault=prefault)
     os.close(result_w)
     os.close(go_r)
     sandbox = Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
     if init_pidfd >= 0:
         sandbox.attach_init(init_pidfd)
     return sandbox
+
+
+def _init_setup(plan: SandboxPlan) -> InitSetup | None:
+    """What the factory's init can make for this plan (root only, no pod):
+    the namespaces, the root (its cgroup2 view excepted: that mount must be
+    made from the test's own cgroup namespace), the hostname, the loopback."""
+    if not plan.namespaces or plan.rootless or plan.pod_netns or plan.pod_userns:
+        return None
+    rootfs = plan.rootfs
+    if rootfs is not None and rootfs.cgroup2:
+        rootfs = dataclasses.replace(rootfs, cgroup2=False)
+    return (rootfs, plan.hostname, plan.new_net)
 
 
 def _kill_pidfd(pidfd: int) -> None:
@@ -423,8 +440,10 @@ def _fail(ctx: TestContext, step: str, exc: BaseException) -> None:
 def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestContext,
                   go_r: int, own: set[int], foreign: set[int],
                   run_test: Callable[[TestContext], None], *,
-                  direct: bool = False) -> None:  # pragma: no cover
+                  init_pidfd: int = -1, joined: bool = False,
+                  prefault: Ranges = ()) -> None:  # pragma: no cover
     step = "start"
+    direct = init_pidfd >= 0
     try:
         step = "set the parent-death signal"
         _die_with_parent()
@@ -439,8 +458,18 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
                     os.write(fd, b"0")
                 finally:
                     os.close(fd)
+        if joined:
+            # The factory's init made the namespaces and the root: join them
+            # (the mount namespace's root and our working directory become
+            # the sandbox's root).
+            step = "join the sandbox's namespaces"
+            with SetupStepErrorContext("setns into the mount, uts, ipc, net namespaces of pid 1"):
+                sc.setns(init_pidfd, sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
+                         | (sc.CLONE_NEWNET if plan.new_net else 0))
+        if direct:
+            os.close(init_pidfd)  # a handle on a process outside the test: not for it
         if not plan.namespaces:
-            _test_main(plan, ctx, go_r, own, run_test)
+            _test_main(plan, ctx, go_r, own, run_test, prefault)
         if plan.pod_netns:
             # Join the pod before making our own user namespace: rootless, the
             # pod's network namespace belongs to the pod's user namespace, which
@@ -467,6 +496,15 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
             if pid:
                 _relay(pid, ctx, go_r)
             _die_with_parent()
+        elif joined:
+            step = "unshare the cgroup namespace"
+            with SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
+                sc.unshare(sc.CLONE_NEWCGROUP)
+            os.setsid()
+            if plan.rootfs is not None:
+                step = "finish the root file system"
+                finish_joined_rootfs(plan.rootfs)
+            _test_main(plan, ctx, go_r, own, run_test, prefault)
         else:
             step = "unshare the namespaces"
             with SetupStepErrorContext("unshare mount, uts, ipc, cgroup, net namespaces"):
@@ -482,17 +520,17 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
             sc.sethostname(plan.hostname)
         if plan.new_net:
             with SetupStepErrorContext("bring the loopback interface up"):
-                _loopback_up()
+                sc.loopback_up()
         if direct:
             # The init came from the factory: this process is the test (pid 2).
-            _test_main(plan, ctx, go_r, own, run_test)
+            _test_main(plan, ctx, go_r, own, run_test, prefault)
         # Our init is not dumpable: a test running as the same uid cannot
         # ptrace it or read its memory to forge frames from outside the test.
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
         step = "fork the test process"
         pid = os.fork()
         if pid == 0:
-            _test_main(plan, ctx, go_r, own, run_test)
+            _test_main(plan, ctx, go_r, own, run_test, prefault)
         os.close(go_r)
         _init_loop(pid, ctx)
     except BaseException as exc:
@@ -533,14 +571,6 @@ def _map_ids(uid: int, gid: int) -> None:
                 os.write(fd, text.encode())
             finally:
                 os.close(fd)
-
-
-def _loopback_up() -> None:
-    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        ifreq = struct.pack("16sH22x", b"lo", 0)
-        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, siocgifflags, ifreq))[1]
-        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
 
 
 def _forward(child: int) -> None:
@@ -604,7 +634,8 @@ def _apply_env(allow: tuple[str, ...]) -> None:
 
 
 def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
-               run_test: Callable[[TestContext], None]) -> None:  # pragma: no cover
+               run_test: Callable[[TestContext], None],
+               prefault: Ranges = ()) -> None:  # pragma: no cover
     step = "prepare the test process"
     try:
         _close_directory_fds(own, plan.strict_fds)
@@ -627,21 +658,31 @@ def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
             # granted (which can remount anything writable anyway).
             step = "confine writes to the sandbox (Landlock)"
             sc.landlock_writes_beneath("/")
-        step = "wait for the go signal"
-        message = os.read(go_r, 9)
-        if not message.startswith(b"g"):
-            os._exit(0)  # discarded by P before use: leave quietly
-        ctx.go_data = message[1:]
-        os.close(go_r)
         if plan.seccomp_program is not None:
+            # Last of the setup, still before "go": the filter's cost (the
+            # kernel checks and translates it) is off the critical path.
             step = "load the syscall filter"
             from .seccomp import load_filter
             load_filter(plan.seccomp_program)
+        if prefault:
+            # The pages tests usually write, copied now rather than one fault
+            # at a time after "go" (prefault.py); only until "go" comes.
+            step = "copy the pages the test will write"
+            populate(prefault, stop=lambda: _readable(go_r, 0))
+        step = "wait for the go signal"
+        message = os.read(go_r, 10)
+        if not message.startswith(b"g"):
+            os._exit(0)  # discarded by P before use: leave quietly
+        linger = message[1:2] == b"l"
+        ctx.go_data = message[2:]
+        os.close(go_r)
     except BaseException as exc:
         _fail(ctx, step, exc)
     try:
         run_test(ctx)
         send_message(ctx.result_fd, "done", {})
+        while linger:
+            time.sleep(3600)  # until P has read what it wanted and kills us
     except KeyboardInterrupt:
         os._exit(130)
     except BaseException as exc:

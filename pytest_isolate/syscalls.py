@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import platform
+import socket
+import struct
 
 __all__ = [
     "CLONE_NEWCGROUP",
@@ -226,6 +229,15 @@ def unshare(flags: int) -> None:
 def setns(fd: int, nstype: int) -> None:
     if _libc.setns(fd, nstype) != 0:
         _raise(f"setns({fd}, {flag_names(nstype, _CLONE_NAMES)})")
+
+
+def loopback_up() -> None:
+    """Bring the loopback interface of this network namespace up."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        ifreq = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock, siocgifflags, ifreq))[1]
+        fcntl.ioctl(sock, siocsifflags, struct.pack("16sH22x", b"lo", flags | iff_up))
 
 
 def sethostname(name: str) -> None:

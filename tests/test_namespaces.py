@@ -362,6 +362,31 @@ def test_two_parallel_tests_bind_the_same_port(pytester: pytest.Pytester) -> Non
     assert start1 < end2 and start2 < end1, f"the two tests did not overlap: {spans}"
 
 
+def test_every_test_has_namespaces_of_its_own(pytester: pytest.Pytester) -> None:
+    """Whoever made them (as root, the init factory's pid 1; rootless, the
+    sandbox itself), no namespace is shared with the host or between tests,
+    including tests that share everything else (same module, same options)."""
+    kinds = ("mnt", "net", "uts", "ipc", "pid", "cgroup")
+    pytester.makepyfile(f"""
+        import os, pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_record(n, tmp_path_factory):
+            inodes = [str(os.stat(f"/proc/self/ns/{{kind}}").st_ino) for kind in {kinds!r}]
+            with open(tmp_path_factory.getbasetemp() / "ns.txt", "a") as f:
+                f.write(" ".join(inodes) + "\\n")
+    """)
+    result = run_isolated(pytester, f"--basetemp={pytester.path / 'base'}")
+    result.assert_outcomes(passed=4)
+    rows = [line.split() for line in (pytester.path / "base" / "ns.txt").read_text().splitlines()]
+    host = [str(os.stat(f"/proc/self/ns/{kind}").st_ino) for kind in kinds]
+    assert len(rows) == 4
+    for column, kind in enumerate(kinds):
+        seen = [row[column] for row in rows]
+        assert len(set(seen)) == 4, f"{kind} namespace shared between tests: {seen}"
+        assert host[column] not in seen, f"{kind}: the host's namespace"
+
+
 # --------------------------------------------------------------------------- uts and ipc
 
 
