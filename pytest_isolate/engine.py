@@ -108,19 +108,25 @@ class Engine:
                 self._cgroup_error = str(exc)
         return self._cgroups
 
-    def init_factory(self) -> InitFactory | None:
-        """As root, started once: it makes each sandbox's pid 1, so pytest
-        forks a test once instead of twice (see initd.py)."""
+    def init_factory(self, wait: bool = True) -> InitFactory | None:
+        """As root, started once: it makes each sandbox's pid 1, namespaces and
+        root, so pytest forks a test once (see initd.py). ``wait=False``
+        (warm_up) lets its interpreter start while pytest collects."""
         if not self._init_factory_tried and not self.rootless:
             self._init_factory_tried = True
             factory = InitFactory()
             try:
-                factory.start()
+                factory.start(wait=wait)
             except InitFactoryError:
                 factory.close()  # the sandboxes make their own init instead
             else:
                 self._init_factory = factory
         return self._init_factory
+
+    def warm_up(self) -> None:
+        """At session start when every test is isolated: start what the first
+        sandbox needs while the tests are being collected."""
+        self.init_factory(wait=False)
 
     def close(self) -> None:
         self.finish_item()

@@ -65,8 +65,11 @@ class InitFactory:
         self._jail: str | None = None
         self._pending: int | None = None       # the setup id of the init being made
         self._ids: dict[Hashable, int] = {}
+        self._starting = False
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Start the factory; without ``wait``, return while the interpreter
+        starts (its first answer is awaited by the first request)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._jail = tempfile.mkdtemp(prefix="pytest-isolate-initd-")
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +86,14 @@ class InitFactory:
         finally:
             child.close()
         self._sock = parent
+        self._starting = True
+        if wait:
+            self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        if not self._starting:
+            return
+        self._starting = False
         reply = self._recv()
         if reply[0] != b"ready":
             self.close()
@@ -139,6 +150,7 @@ class InitFactory:
         it while this one's test runs: pytest rarely waits for the factory."""
         if self._sock is None:
             raise InitFactoryError("the init factory is not running")
+        self._wait_ready()
         ident = self._id_of(setup)
         if self._pending is not None and self._pending != ident:
             # Made for another setup: not usable for this one.

@@ -126,6 +126,16 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(compat.install_protocol(runtestprotocol))
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    engine = config.stash.get(_engine_key, None)
+    runs_tests_here = (not config.option.collectonly
+                       and (hasattr(config, "workerinput")
+                            or getattr(config.option, "dist", "no") == "no"))
+    if engine is not None and config.stash[_base_key]["enabled"] and runs_tests_here:
+        engine.warm_up()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     engine = config.stash.get(_engine_key, None)
     if engine is not None:

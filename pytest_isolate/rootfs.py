@@ -152,25 +152,34 @@ def python_paths(project: Sequence[str]) -> list[str]:
 
 def _var_sockets(limit: int = 20000) -> list[str]:
     """Unix sockets under /var (read-only mounts do not stop connect()).
-    The scan is bounded; /var/run and /var/lock usually link to the empty /run."""
+    The scan is bounded; /var/run and /var/lock usually link to the empty /run.
+    The directory entries' types (d_type) say which entries may be sockets:
+    only those, rarely any, are stat()ed."""
     found: list[str] = []
     seen = 0
-    for top, dirs, files in os.walk("/var"):
-        # Container stores are hidden whole (VAR_HIDDEN_DIRS), /var/tmp is a
-        # private tmpfs: neither is shown, so neither needs a scan.
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(top, d))
-                   and os.path.join(top, d) not in (*VAR_HIDDEN_DIRS, "/var/tmp")]
-        for name in files:
-            seen += 1
-            path = os.path.join(top, name)
-            try:
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    found.append(path)
-            except OSError:
-                pass
-        if seen > limit:
-            break
-    return found
+    # Container stores are hidden whole (VAR_HIDDEN_DIRS), /var/tmp is a
+    # private tmpfs: neither is shown, so neither needs a scan.
+    skipped = (*VAR_HIDDEN_DIRS, "/var/tmp")
+    pending = ["/var"]
+    while pending and seen <= limit:
+        try:
+            entries = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                seen += 1
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.path not in skipped:
+                            pending.append(entry.path)
+                    elif (not entry.is_file(follow_symlinks=False)
+                          and not entry.is_symlink()
+                          and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)):
+                        found.append(entry.path)
+                except OSError:
+                    pass
+    return sorted(found)
 
 
 def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[str],
