@@ -239,6 +239,7 @@ def _make_init(sock: socket.socket, own_pidns: int, jail: str,
                 sock.close()
                 # Dies with the factory, which dies with pytest.
                 sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+                sc.set_process_name("isolate-init")
                 if setup is None:
                     _jail(jail)
                 else:
@@ -278,6 +279,7 @@ def main() -> None:  # pragma: no cover - runs in the factory process
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)  # pytest died before the signal was armed
+        sc.set_process_name("isolate-initd")  # what ps and top show
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         # Our own mount namespace: nothing an init does can propagate back.
         sc.unshare(sc.CLONE_NEWNS)

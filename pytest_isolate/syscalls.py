@@ -231,6 +231,12 @@ def setns(fd: int, nstype: int) -> None:
         _raise(f"setns({fd}, {flag_names(nstype, _CLONE_NAMES)})")
 
 
+def set_process_name(name: str) -> None:
+    """The name ps, top and /proc/PID/comm show (at most 15 bytes)."""
+    buf = ctypes.create_string_buffer(name.encode()[:15])
+    _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0)
+
+
 def loopback_up() -> None:
     """Bring the loopback interface of this network namespace up."""
     siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
@@ -256,4 +262,5 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36

@@ -11,7 +11,9 @@ precomputed paths.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
+import fcntl
 import os
 import re
 import signal
@@ -19,8 +21,6 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-
-import filelock
 
 __all__ = [
     "CONTROLLERS",
@@ -527,17 +527,33 @@ def remove_stale(shared: str, hierarchy: Hierarchy) -> list[str]:
 # ----------------------------------------------------------------- the lock
 
 
-def session_lock(base: str) -> filelock.FileLock:
+@contextlib.contextmanager
+def session_lock(base: str, timeout: float = 60.0) -> Iterator[None]:
     """The lock xdist workers and concurrent runs take while they create or
     remove the shared directory, clean stale subtrees or move processes.
 
     cgroupfs holds no regular files, so the lock lives in the runtime dir (per
-    user, mode 0700) or the temp dir, named after the cgroup it guards.
+    user, mode 0700) or the temp dir, named after the cgroup it guards. A
+    flock(2), as filelock takes it, without filelock's import and fork hooks
+    (pytest's process forks once a test).
     """
     run_dir = os.environ.get("XDG_RUNTIME_DIR")
     if not run_dir or not os.access(run_dir, os.W_OK):
         run_dir = tempfile.gettempdir()
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", base.strip("/"))[-120:]
-    return filelock.FileLock(
-        os.path.join(run_dir, f"pytest-isolate-{os.geteuid()}-{key}.lock"), timeout=60
-    )
+    path = os.path.join(run_dir, f"pytest-isolate-{os.geteuid()}-{key}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"another pytest holds {path} for over {timeout:g} s") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
