@@ -403,10 +403,14 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
 
 
 def _init_setup(plan: SandboxPlan) -> InitSetup | None:
-    """What the factory's init can make for this plan (root only, no pod):
-    the namespaces, the root (its cgroup2 view excepted: that mount must be
-    made from the test's own cgroup namespace), the hostname, the loopback."""
-    if not plan.namespaces or plan.rootless or plan.pod_netns or plan.pod_userns:
+    """What the factory's init can make for this plan (root, a new root, no
+    pod): the namespaces, the root (its cgroup2 view excepted: that mount must
+    be made from the test's own cgroup namespace), the hostname, the loopback."""
+    if (not plan.namespaces or plan.rootless or plan.pod_netns or plan.pod_userns
+            or plan.rootfs is None):
+        # Without a new root, joining pid 1's mount namespace would make its
+        # root (the host's, even if pytest runs chrooted) ours: the test
+        # process unshares its namespaces itself, keeping root and directory.
         return None
     rootfs = plan.rootfs
     if rootfs is not None and rootfs.cgroup2:

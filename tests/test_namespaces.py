@@ -387,6 +387,18 @@ def test_every_test_has_namespaces_of_its_own(pytester: pytest.Pytester) -> None
         assert host[column] not in seen, f"{kind}: the host's namespace"
 
 
+@pytest.mark.parametrize("layers", ["namespaces", "namespaces,rootfs"])
+def test_the_working_directory_is_kept(pytester: pytest.Pytester, layers: str) -> None:
+    pytester.makepyfile(f"""
+        import os
+        def test_cwd():
+            assert os.getcwd() == {str(pytester.path)!r}
+            assert os.path.exists("test_the_working_directory_is_kept.py")
+    """)
+    result = run_isolated(pytester, f"--isolate-layers={layers}")
+    result.assert_outcomes(passed=1)
+
+
 # --------------------------------------------------------------------------- uts and ipc
 
 
