@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import struct
+import sys
 import tempfile
 import time
 import warnings
@@ -552,12 +553,7 @@ class Engine:
             return None, f"a {report.when!r} report arrived out of order"
         if report.outcome not in ("passed", "failed", "skipped"):
             return None, f"a report has the outcome {report.outcome!r}"
-        # Checked equal above: share the item's objects, as pytest's own reports
-        # do, rather than keep decoded copies for the whole session.
-        report.nodeid = item.nodeid
-        if tuple(report.location) == tuple(item.location):
-            report.location = item.location
-        return report, None
+        return _lean_copy(report, item), None
 
     def _report(self, item: pytest.Item, when: Literal["setup", "call", "teardown"], text: str,
                 *, spec: IsolationSpec | None,
@@ -571,6 +567,34 @@ class Engine:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+#: TestReport.__init__'s own fields; anything else a report carries is an extra.
+_REPORT_FIELDS = frozenset({"nodeid", "_id", "location", "keywords", "outcome", "longrepr",
+                            "when", "sections", "duration", "start", "stop",
+                            "user_properties", "$report_type"})
+
+
+def _lean_copy(report: pytest.TestReport, item: pytest.Item) -> pytest.TestReport:
+    """The report as pytest's process would have made it: sharing the item's
+    node id, location and keyword names (checked equal), canonical outcome and
+    phase strings, and no ``$report_type`` attribute (which turned every rebuilt
+    report's attribute dict into a larger, unshared one). pytest keeps every
+    report until the session ends: decoded copies were most of the per-test
+    memory growth of pytest's process."""
+    extras = {k: v for k, v in vars(report).items() if k not in _REPORT_FIELDS}
+    location = item.location if tuple(report.location) == tuple(item.location) \
+        else report.location
+    keywords = {sys.intern(k) if isinstance(k, str) else k: v
+                for k, v in dict(report.keywords).items()}
+    return pytest.TestReport(
+        item.nodeid, location, keywords, _CANONICAL.get(report.outcome, report.outcome),
+        report.longrepr, _CANONICAL.get(report.when, report.when), report.sections,
+        report.duration, report.start, report.stop, report.user_properties, **extras)
+
+
+_CANONICAL: dict[str, Any] = {s: s for s in ("passed", "failed", "skipped", "setup", "call",
+                                             "teardown")}
 
 
 def _read(fd: int) -> str:
