@@ -35,11 +35,12 @@ import pickle
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 from collections.abc import Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
 
 __all__ = ["InitFactory", "InitFactoryError", "InitSetup", "main"]
 
@@ -70,6 +71,11 @@ class InitFactory:
     def start(self, wait: bool = True) -> None:
         """Start the factory; without ``wait``, return while the interpreter
         starts (its first answer is awaited by the first request)."""
+        # Imported here: the factory process imports this module too and
+        # should stay small (every init is a fork of it).
+        import subprocess
+        import tempfile
+
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._jail = tempfile.mkdtemp(prefix="pytest-isolate-initd-")
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

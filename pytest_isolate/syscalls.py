@@ -12,7 +12,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import platform
 import socket
 import struct
 
@@ -82,8 +81,12 @@ _CLONE_NAMES = {
     CLONE_NEWNET: "CLONE_NEWNET",
 }
 
+#: The CPU architecture (os.uname, not platform: this module runs in the small
+#: init factory, which keeps its imports few).
+_MACHINE = os.uname().machine
+
 # mount_setattr(2), Linux 5.12+: the one call that makes a whole tree read-only.
-_SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}.get(platform.machine())
+_SYS_MOUNT_SETATTR = {"x86_64": 442, "aarch64": 442}.get(_MACHINE)
 _AT_RECURSIVE = 0x8000
 _AT_EMPTY_PATH = 0x1000
 _MOUNT_ATTR_RDONLY = 0x1
@@ -135,7 +138,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     # glibc has no wrapper for pivot_root: call it by number.
-    nr = {"x86_64": 155, "aarch64": 41}[platform.machine()]
+    nr = {"x86_64": 155, "aarch64": 41}[_MACHINE]
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         _raise(f"pivot_root({new_root!r}, {put_old!r})")
 

@@ -364,27 +364,51 @@ def test_two_parallel_tests_bind_the_same_port(pytester: pytest.Pytester) -> Non
 
 def test_every_test_has_namespaces_of_its_own(pytester: pytest.Pytester) -> None:
     """Whoever made them (as root, the init factory's pid 1; rootless, the
-    sandbox itself), no namespace is shared with the host or between tests,
-    including tests that share everything else (same module, same options)."""
+    sandbox itself), no namespace is the host's and none is handed on: the
+    first test changes every namespace it is in, the second (same module,
+    same options: prepared while the first runs) sees none of it. Namespace
+    inode numbers are recycled once a namespace is gone, so only the host's,
+    alive throughout, can be compared by number."""
     kinds = ("mnt", "net", "uts", "ipc", "pid", "cgroup")
+    host = {kind: os.stat(f"/proc/self/ns/{kind}").st_ino for kind in kinds}
     pytester.makepyfile(f"""
-        import os, pytest
+        import ctypes, errno, fcntl, os, socket, struct
+        import pytest
 
-        @pytest.mark.parametrize("n", range(4))
-        def test_record(n, tmp_path_factory):
-            inodes = [str(os.stat(f"/proc/self/ns/{{kind}}").st_ino) for kind in {kinds!r}]
-            with open(tmp_path_factory.getbasetemp() / "ns.txt", "a") as f:
-                f.write(" ".join(inodes) + "\\n")
+        pytestmark = pytest.mark.isolated(caps_add=["sys_admin", "net_admin"])
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+        KEY = 0x150C4
+
+        def lo_flags(sock, flags=None):
+            if flags is None:
+                ifreq = fcntl.ioctl(sock, 0x8913, struct.pack("16sH22x", b"lo", 0))
+                return struct.unpack("16sH22x", ifreq)[1]
+            fcntl.ioctl(sock, 0x8914, struct.pack("16sH22x", b"lo", flags))
+
+        def test_not_the_hosts():
+            for kind, inode in {host!r}.items():
+                assert os.stat(f"/proc/self/ns/{{kind}}").st_ino != inode, kind
+
+        def test_first_changes_every_namespace():
+            assert libc.sethostname(b"changed", 7) == 0
+            assert libc.mount(b"tmpfs", b"/mnt", b"tmpfs", 0, None) == 0
+            assert libc.shmget(KEY, 4096, 0o1600) >= 0
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                lo_flags(sock, lo_flags(sock) & ~1)
+
+        def test_second_sees_none_of_it():
+            assert socket.gethostname() == "isolated"
+            assert not os.path.ismount("/mnt")
+            assert libc.shmget(KEY, 0, 0) == -1 and ctypes.get_errno() == errno.ENOENT
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                assert lo_flags(sock) & 1, "lo is down: the first test's network namespace"
+            assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit())[:2] == [1, 2]
+            with open("/proc/self/cgroup") as f:
+                assert all(line.rstrip().endswith(":/") for line in f), "cgroup namespace"
     """)
-    result = run_isolated(pytester, f"--basetemp={pytester.path / 'base'}")
-    result.assert_outcomes(passed=4)
-    rows = [line.split() for line in (pytester.path / "base" / "ns.txt").read_text().splitlines()]
-    host = [str(os.stat(f"/proc/self/ns/{kind}").st_ino) for kind in kinds]
-    assert len(rows) == 4
-    for column, kind in enumerate(kinds):
-        seen = [row[column] for row in rows]
-        assert len(set(seen)) == 4, f"{kind} namespace shared between tests: {seen}"
-        assert host[column] not in seen, f"{kind}: the host's namespace"
+    result = run_isolated(pytester)
+    result.assert_outcomes(passed=3)
 
 
 @pytest.mark.parametrize("layers", ["namespaces", "namespaces,rootfs"])
