@@ -232,9 +232,13 @@ class Engine:
             env_allow=spec.env, strict_fds=spec.strict)
 
     def _foreign_fds(self) -> set[int]:
+        """pytest's descriptors a test process must not keep: other sandboxes'
+        pipes and pidfds, and the channel to the init factory."""
         fds: set[int] = set()
         for sandbox in self._live:
             fds.update(sandbox.fds)
+        if self._init_factory is not None and self._init_factory.fileno() >= 0:
+            fds.add(self._init_factory.fileno())
         return fds
 
     def _spawn(self, item: pytest.Item, spec: IsolationSpec,

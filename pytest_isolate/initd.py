@@ -30,8 +30,8 @@ import pytest or anything outside the standard library.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import pickle
 import signal
 import socket
 import struct
@@ -105,6 +105,11 @@ class InitFactory:
             self.close()
             raise InitFactoryError(f"the init factory failed to start: {reply[0]!r}")
 
+    def fileno(self) -> int:
+        """pytest's end of the socket (-1 when not running): never to be
+        inherited by a test process, which could ask for inits of its own."""
+        return self._sock.fileno() if self._sock is not None else -1
+
     def _recv(self) -> tuple[bytes, list[int]]:
         assert self._sock is not None
         try:
@@ -125,7 +130,7 @@ class InitFactory:
     def _id_of(self, setup: InitSetup | None) -> int:
         if setup is None:
             return 0
-        key = pickle.dumps(setup, protocol=pickle.HIGHEST_PROTOCOL)
+        key = _encode_setup(setup)
         ident = self._ids.get(key)
         if ident is None:
             ident = len(self._ids) + 1
@@ -181,6 +186,36 @@ class InitFactory:
             with contextlib.suppress(OSError):
                 os.rmdir(self._jail)
             self._jail = None
+
+
+def _encode_setup(setup: InitSetup) -> bytes:
+    """JSON, not pickle: the factory runs as root outside every sandbox and
+    must never run code it is sent."""
+    rootfs, hostname, new_net = setup
+    plan = None
+    if rootfs is not None:
+        plan = {name: getattr(rootfs, name) for name in _ROOTFS_FIELDS}
+        plan["ops"] = [{name: getattr(op, name) for name in _OP_FIELDS} for op in rootfs.ops]
+    return json.dumps([plan, hostname, new_net], sort_keys=True).encode()
+
+
+def _decode_setup(data: bytes) -> InitSetup:  # pragma: no cover - runs in the factory
+    from .rootfs import Op, RootfsPlan
+
+    plan, hostname, new_net = json.loads(data)
+    rootfs = None
+    if plan is not None:
+        ops = tuple(Op(**{name: op[name] for name in _OP_FIELDS}) for op in plan["ops"])
+        fields = {name: plan[name] for name in _ROOTFS_FIELDS if name != "ops"}
+        rootfs = RootfsPlan(ops=ops, **fields)
+    if not isinstance(hostname, str) or not isinstance(new_net, bool):
+        raise TypeError("bad setup")
+    return (rootfs, hostname, new_net)
+
+
+_ROOTFS_FIELDS = ("staging", "ops", "cwd", "rootless", "cgroup2", "overlay", "image_root",
+                  "scratch_size")
+_OP_FIELDS = ("kind", "target", "source", "writable", "size")
 
 
 def _kill_and_close(pidfd: int) -> None:
@@ -309,7 +344,10 @@ def main() -> None:  # pragma: no cover - runs in the factory process
             os._exit(0)  # pytest closed its end (or spoke nonsense): done
         (number,) = _ID.unpack(ident)
         if kind == _REGISTER:
-            setups[number] = pickle.loads(request[5:])
+            try:
+                setups[number] = _decode_setup(request[5:])
+            except (ValueError, TypeError, KeyError):
+                os._exit(0)  # spoke nonsense: done
             continue
         try:
             pidfd = _make_init(sock, own_pidns, jail, setups.get(number) if number else None)

@@ -409,3 +409,33 @@ def test_no_descriptor_of_a_host_namespace_reaches_the_test(pytester: pytest.Pyt
             assert handles == {}
     """)
     run_isolated(pytester).assert_outcomes(passed=1)
+
+
+def test_no_channel_to_pytest_or_its_helpers_reaches_the_test(pytester: pytest.Pytester) -> None:
+    """pytest's process talks to the init factory (a root process outside
+    every sandbox) over a unix seqpacket socket: a test that inherited it
+    could ask for inits of its own making. Sockets of pytest's plugins and
+    fixtures are inherited as under any forking runner; this one, and the
+    pidfds of other sandboxes, are not."""
+    pytester.makepyfile("""
+        import os, socket, stat
+
+        def test_no_factory_socket_or_pidfd_inherited():
+            found = {}
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                try:
+                    mode = os.fstat(fd).st_mode
+                    target = os.readlink(f"/proc/self/fd/{name}")
+                except OSError:
+                    continue
+                if target == "anon_inode:[pidfd]":
+                    found[fd] = target
+                elif stat.S_ISSOCK(mode):
+                    sock = socket.socket(fileno=os.dup(fd))
+                    if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
+                        found[fd] = target
+                    sock.close()
+            assert found == {}
+    """)
+    run_isolated(pytester).assert_outcomes(passed=1)

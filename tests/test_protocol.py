@@ -67,3 +67,25 @@ def test_a_truncated_last_frame_is_reported_at_the_end() -> None:
 def test_encoding_refuses_frames_over_the_bound() -> None:
     with pytest.raises(ProtocolError, match="exceeds"):
         encode_frame("report", "x" * (33 * 1024 * 1024))
+
+
+def test_the_init_factory_is_sent_json_that_names_every_plan_field() -> None:
+    """The factory runs as root outside every sandbox: what it is sent is
+    decoded as data (no pickle), and a field added to the root's plan must be
+    added to its encoding too (or this fails)."""
+    import dataclasses
+
+    from pytest_isolate import initd
+    from pytest_isolate.rootfs import Op, RootfsPlan
+
+    assert {f.name for f in dataclasses.fields(RootfsPlan)} == set(initd._ROOTFS_FIELDS)
+    assert {f.name for f in dataclasses.fields(Op)} == set(initd._OP_FIELDS)
+    plan = RootfsPlan(staging="/tmp/x/root", cwd="/w", rootless=False, cgroup2=True,
+                      ops=(Op("bind", "/usr", "/usr"), Op("tmpfs", "/tmp", writable=True,
+                                                             size=1 << 20)))
+    for setup in ((plan, "box", True), (None, "isolated", False)):
+        data = initd._encode_setup(setup)
+        assert data.startswith(b"[")  # JSON
+        assert initd._decode_setup(data) == setup
+    with pytest.raises((TypeError, ValueError, KeyError)):
+        initd._decode_setup(b'[{"ops": [], "evil": 1}, "h", true]')
