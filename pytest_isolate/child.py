@@ -7,6 +7,8 @@ warnings recorded here are forwarded so pytest's summary still shows them.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 import warnings
 from typing import Any
@@ -46,6 +48,33 @@ def forward_warning(warning_message: warnings.WarningMessage, when: str, nodeid:
     })
 
 
+def _plugins_to_silence(manager: Any) -> list[object]:
+    """xdist's WorkerInteractor, registered under a generated name by
+    xdist 3 (under "workerinteractor" by older versions)."""
+    # Its module is execnet's "__channelexec__" (xdist ships remote.py as source).
+    found = [plugin for plugin in manager.get_plugins()
+             if type(plugin).__name__ == "WorkerInteractor" and hasattr(plugin, "channel")]
+    for name in _PLUGINS_TO_SILENCE:
+        plugin = manager.get_plugin(name)
+        if plugin is not None and plugin not in found:
+            found.append(plugin)
+    return found
+
+
+def _channel_fds(plugin: object) -> set[int]:
+    """The descriptors of an xdist worker's execnet channel (execnet's popen
+    gateway: a pipe in, a pipe out), when they can be found."""
+    fds: set[int] = set()
+    io = getattr(getattr(getattr(plugin, "channel", None), "gateway", None), "_io", None)
+    for name in ("infile", "outfile"):
+        stream = getattr(io, name, None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fd = stream.fileno()  # type: ignore[union-attr]
+            if fd > 2:
+                fds.add(fd)
+    return fds
+
+
 def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
     if len(data) != 4:
         return None
@@ -59,10 +88,14 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
     global FORWARD_FD
     config = item.config
     manager = config.pluginmanager
-    for name in _PLUGINS_TO_SILENCE:
-        plugin = manager.get_plugin(name)
-        if plugin is not None:
-            manager.unregister(plugin)
+    for plugin in _plugins_to_silence(manager):
+        manager.unregister(plugin)
+        # The channel's descriptors too: a test could otherwise write
+        # messages to xdist's controller (a forged report) or read the
+        # worker's. They are the gateway's own pipes, nothing of a fixture.
+        for fd in _channel_fds(plugin):
+            with contextlib.suppress(OSError):
+                os.close(fd)
     FORWARD_FD = ctx.result_fd
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
     compat.release_parent_finalizers(item)

@@ -427,6 +427,43 @@ def test_xdist_workers_isolate_their_own_tests(pytester: pytest.Pytester) -> Non
     result.assert_outcomes(passed=27, failed=3)
 
 
+def test_a_test_in_an_xdist_worker_cannot_reach_the_workers_channel(
+        pytester: pytest.Pytester) -> None:
+    """The worker talks to xdist's controller over execnet pipes: a test that
+    kept them could send the controller forged reports. The worker's
+    conftest notes their descriptors; in the sandbox they are closed, and a
+    forged write has nowhere to go, so the run's results stay the real ones."""
+    pytester.makeconftest("""
+        import os
+        CHANNEL = []
+
+        def pytest_configure(config):
+            for plugin in config.pluginmanager.get_plugins():
+                if type(plugin).__name__ == "WorkerInteractor":
+                    io = plugin.channel.gateway._io
+                    CHANNEL.extend([io.infile.fileno(), io.outfile.fileno()])
+    """)
+    pytester.makepyfile("""
+        import os
+        import conftest
+
+        def test_channel_closed():
+            assert len(conftest.CHANNEL) == 2
+            for fd in conftest.CHANNEL:
+                try:
+                    os.fstat(fd)
+                except OSError:
+                    continue
+                os.write(fd, b"garbage for the controller")
+                raise AssertionError(f"the channel's fd {fd} is open in the sandbox")
+
+        def test_fails():
+            assert False
+    """)
+    result = run(pytester, "-n", "1")
+    result.assert_outcomes(passed=1, failed=1)
+
+
 def _mixed_suite(pytester: pytest.Pytester, count: int = 500) -> None:
     lines = ["import os, pytest, sys", "@pytest.fixture", "def fx():", "    yield 1"]
     kinds = ["pass", "fail", "skip", "xfail", "error", "xpass", "exit"]
