@@ -454,6 +454,13 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
         for fd in foreign - own:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if prefault and direct:
+            # The pages tests usually write, copied now rather than one fault
+            # at a time after "go" (prefault.py); only until "go" comes. Before
+            # the cgroup placement: they are copies of pytest's memory, charged
+            # to pytest's cgroup, never counted against the test's limit.
+            step = "copy the pages the test will write"
+            populate(prefault, stop=lambda: _readable(go_r, 0))
         step = "place the sandbox in its cgroup"
         for path in cgroup_procs:
             with SetupStepErrorContext(f"write 0 to {path}"):
@@ -473,7 +480,7 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
         if direct:
             os.close(init_pidfd)  # a handle on a process outside the test: not for it
         if not plan.namespaces:
-            _test_main(plan, ctx, go_r, own, run_test, prefault)
+            _test_main(plan, ctx, go_r, own, run_test)
         if plan.pod_netns:
             # Join the pod before making our own user namespace: rootless, the
             # pod's network namespace belongs to the pod's user namespace, which
@@ -508,7 +515,7 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
             if plan.rootfs is not None:
                 step = "finish the root file system"
                 finish_joined_rootfs(plan.rootfs)
-            _test_main(plan, ctx, go_r, own, run_test, prefault)
+            _test_main(plan, ctx, go_r, own, run_test)
         else:
             step = "unshare the namespaces"
             with SetupStepErrorContext("unshare mount, uts, ipc, cgroup, net namespaces"):
@@ -527,14 +534,14 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
                 sc.loopback_up()
         if direct:
             # The init came from the factory: this process is the test (pid 2).
-            _test_main(plan, ctx, go_r, own, run_test, prefault)
+            _test_main(plan, ctx, go_r, own, run_test)
         # Our init is not dumpable: a test running as the same uid cannot
         # ptrace it or read its memory to forge frames from outside the test.
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
         step = "fork the test process"
         pid = os.fork()
         if pid == 0:
-            _test_main(plan, ctx, go_r, own, run_test, prefault)
+            _test_main(plan, ctx, go_r, own, run_test)
         os.close(go_r)
         _init_loop(pid, ctx)
     except BaseException as exc:
@@ -638,8 +645,7 @@ def _apply_env(allow: tuple[str, ...]) -> None:
 
 
 def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
-               run_test: Callable[[TestContext], None],
-               prefault: Ranges = ()) -> None:  # pragma: no cover
+               run_test: Callable[[TestContext], None]) -> None:  # pragma: no cover
     step = "prepare the test process"
     try:
         _close_directory_fds(own, plan.strict_fds)
@@ -668,11 +674,6 @@ def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
             step = "load the syscall filter"
             from .seccomp import load_filter
             load_filter(plan.seccomp_program)
-        if prefault:
-            # The pages tests usually write, copied now rather than one fault
-            # at a time after "go" (prefault.py); only until "go" comes.
-            step = "copy the pages the test will write"
-            populate(prefault, stop=lambda: _readable(go_r, 0))
         step = "wait for the go signal"
         message = os.read(go_r, 10)
         if not message.startswith(b"g"):

@@ -191,3 +191,31 @@ def test_cgroups_of_a_killed_pytest_are_removed_by_the_next_run(
     pytester.makepyfile(test_next="def test_quick(): pass")
     pytester.runpytest_subprocess(*ISOLATE, "test_next.py", timeout=60).assert_outcomes(passed=1)
     assert not any(f"p{proc.pid}-" in path for path in _cgroup_dirs())
+
+
+@requires("root")
+def test_pages_copied_ahead_never_count_against_a_tests_memory_limit(
+        pytester: pytest.Pytester) -> None:
+    """The first two tests write every page of a 12 MiB buffer pytest's
+    process holds, so the engine learns those pages as ones tests write and
+    the next prepared sandboxes copy them ahead (prefault.py). Those copies
+    are charged to pytest's cgroup: tests limited to 8 MiB that never touch
+    the buffer pass (charged to theirs, they were killed by the OOM killer)."""
+    pytester.makepyfile("""
+        import time, pytest
+
+        BIG = bytearray(12 << 20)
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_writes_the_buffer(n):
+            for i in range(0, len(BIG), 4096):
+                BIG[i] = 1
+            time.sleep(0.02)
+
+        @pytest.mark.isolated(memory="8M")
+        @pytest.mark.parametrize("n", range(6))
+        def test_limited(n):
+            time.sleep(0.02)
+    """)
+    result = pytester.runpytest_subprocess(*ISOLATE, "--isolate-peak-memory=8", timeout=120)
+    result.assert_outcomes(passed=8)
