@@ -69,75 +69,145 @@ RUN_ARTIFACTS = ("__pycache__", ".hypothesis", ".pytest_cache", ".benchmarks")
 class Project:
     """One project: its release, what its suite needs, and how to run it."""
 
-    name: str                       # the PyPI name
+    name: str  # the PyPI name
     version: str
-    deps: tuple[str, ...] = ()      # test requirements, as the project lists them
-    args: tuple[str, ...] = ()      # test paths and options, as its tox/CI runs them
-    why: str = ""                   # what the suite exercises that isolation may touch
+    deps: tuple[str, ...] = ()  # test requirements, as the project lists them
+    args: tuple[str, ...] = ()  # test paths and options, as its tox/CI runs them
+    why: str = ""  # what the suite exercises that isolation may touch
     env: dict[str, str] = field(default_factory=dict)
 
 
 PROJECTS: tuple[Project, ...] = (
-    Project("attrs", "26.1.0", ("hypothesis", "pympler", "cloudpickle"), ("tests",),
-            "hypothesis database in the working directory, --import-mode=importlib"),
-    Project("more-itertools", "11.2.1", (), ("tests",),
-            "unittest-style classes, doctests off"),
+    Project(
+        "attrs",
+        "26.1.0",
+        ("hypothesis", "pympler", "cloudpickle"),
+        ("tests",),
+        "hypothesis database in the working directory, --import-mode=importlib",
+    ),
+    Project("more-itertools", "11.2.1", (), ("tests",), "unittest-style classes, doctests off"),
     # 59,000 of packaging's 64,000 tests are parametrized string parsing
     # (versions, requirements, markers, specifiers, ranges): left out for time.
-    Project("packaging", "26.4", ("hypothesis", "pretend", "pip", "tomli_w"),
-            ("tests", "--ignore=tests/test_version.py", "--ignore=tests/test_requirements.py",
-             "--ignore=tests/test_markers.py", "--ignore=tests/test_specifiers.py",
-             "--ignore=tests/test_ranges.py"),
-            "reads the interpreter and ELF files for tags, runs the interpreter in subprocesses"),
+    Project(
+        "packaging",
+        "26.4",
+        ("hypothesis", "pretend", "pip", "tomli_w"),
+        (
+            "tests",
+            "--ignore=tests/test_version.py",
+            "--ignore=tests/test_requirements.py",
+            "--ignore=tests/test_markers.py",
+            "--ignore=tests/test_specifiers.py",
+            "--ignore=tests/test_ranges.py",
+        ),
+        "reads the interpreter and ELF files for tags, runs the interpreter in subprocesses",
+    ),
     Project("idna", "3.20", ("hypothesis",), ("tests",), "data-heavy, pure computation"),
-    Project("python-dateutil", "4.0.0",
-            ("freezegun", "hypothesis", "pytest-cov", "attrs", "tzdata"), ("tests",),
-            "time zones: /usr/share/zoneinfo, TZ, /etc/localtime; filterwarnings=error",
-            {"DATEUTIL_MAY_CHANGE_TZ": "1"}),
-    Project("toolz", "1.2.0", ("pycodestyle",), ("toolz",),
-            "tests inside the package, doctest-like signature checks"),
-    Project("click", "8.5.1", (), ("tests",),
-            "terminals, subprocesses, temporary files, filterwarnings=error"),
-    Project("jinja2", "3.1.6", ("trio",), ("tests",),
-            "template loaders reading the tree, async, filterwarnings=error"),
+    Project(
+        "python-dateutil",
+        "4.0.0",
+        ("freezegun", "hypothesis", "pytest-cov", "attrs", "tzdata"),
+        ("tests",),
+        "time zones: /usr/share/zoneinfo, TZ, /etc/localtime; filterwarnings=error",
+        {"DATEUTIL_MAY_CHANGE_TZ": "1"},
+    ),
+    Project(
+        "toolz",
+        "1.2.0",
+        ("pycodestyle",),
+        ("toolz",),
+        "tests inside the package, doctest-like signature checks",
+    ),
+    Project(
+        "click",
+        "8.5.1",
+        (),
+        ("tests",),
+        "terminals, subprocesses, temporary files, filterwarnings=error",
+    ),
+    Project(
+        "jinja2",
+        "3.1.6",
+        ("trio",),
+        ("tests",),
+        "template loaders reading the tree, async, filterwarnings=error",
+    ),
     Project("markupsafe", "3.0.4", (), ("tests",), "a C extension, filterwarnings=error"),
-    Project("pluggy", "1.7.0", ("pytest-benchmark",), ("testing",),
-            "pytest plugin machinery, pytest-benchmark"),
+    Project(
+        "pluggy",
+        "1.7.0",
+        ("pytest-benchmark",),
+        ("testing",),
+        "pytest plugin machinery, pytest-benchmark",
+    ),
     Project("iniconfig", "2.3.1", (), ("testing",), "tmp_path files"),
     Project("six", "1.17.0", (), ("test_six.py",), "one module at the root of the tree"),
-    Project("wcwidth", "0.9.4", ("pytest-cov", "pytest-codspeed"), ("tests", "wcwidth"),
-            "pytest-cov from its addopts (coverage data in the working directory), doctests"),
-    Project("docutils", "0.23", ("pygments",), ("test",),
-            "functional tests write their output files into the test tree"),
+    Project(
+        "wcwidth",
+        "0.9.4",
+        ("pytest-cov", "pytest-codspeed"),
+        ("tests", "wcwidth"),
+        "pytest-cov from its addopts (coverage data in the working directory), doctests",
+    ),
+    Project(
+        "docutils",
+        "0.23",
+        ("pygments",),
+        ("test",),
+        "functional tests write their output files into the test tree",
+    ),
     # test_legacy.py calls warnings.simplefilter("error") when imported, which
     # turns a later collection warning into an error: it is collected last.
-    Project("markdown", "3.11.3", ("pyyaml",),
-            ("tests/test_syntax", "tests/test_apis.py", "tests/test_extensions.py",
-             "tests/test_meta.py", "tests/test_legacy.py"),
-            "unittest-style suites reading test files from the tree"),
+    Project(
+        "markdown",
+        "3.11.3",
+        ("pyyaml",),
+        (
+            "tests/test_syntax",
+            "tests/test_apis.py",
+            "tests/test_extensions.py",
+            "tests/test_meta.py",
+            "tests/test_legacy.py",
+        ),
+        "unittest-style suites reading test files from the tree",
+    ),
     Project("ptyprocess", "0.7.0", (), ("tests",), "pseudo-terminals (/dev/pts), fork, exec"),
-    Project("requests", "2.34.2",
-            ("pytest-httpbin==2.1.0", "httpbin~=0.10.0", "pytest-mock", "trustme", "PySocks"),
-            ("tests",),
-            "a local HTTP server in a thread of pytest's process (pytest-httpbin), TLS"),
+    Project(
+        "requests",
+        "2.34.2",
+        ("pytest-httpbin==2.1.0", "httpbin~=0.10.0", "pytest-mock", "trustme", "PySocks"),
+        ("tests",),
+        "a local HTTP server in a thread of pytest's process (pytest-httpbin), TLS",
+    ),
 )
 
 
 # --------------------------------------------------------------------------- preparing
 
 
-def _run(cmd: Sequence[str], *, cwd: str | None = None, log: str | None = None,
-         env: dict[str, str] | None = None) -> None:
+def _run(
+    cmd: Sequence[str],
+    *,
+    cwd: str | None = None,
+    log: str | None = None,
+    env: dict[str, str] | None = None,
+) -> None:
     """Run a setup command; on failure show its tail and stop."""
-    proc = subprocess.run(list(cmd), cwd=cwd, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, check=False)
+    proc = subprocess.run(
+        list(cmd),
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
+    )
     if log is not None:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n")
     if proc.returncode != 0:
         tail = "\n".join(proc.stdout.splitlines()[-25:])
-        raise SystemExit(f"command failed with status {proc.returncode}: {' '.join(cmd)}\n"
-                         f"{tail}")
+        raise SystemExit(f"command failed with status {proc.returncode}: {' '.join(cmd)}\n{tail}")
 
 
 @dataclass(frozen=True)
@@ -157,23 +227,34 @@ def prepare_engine(base: str, which: str) -> Engine:
     if which not in ("head", "worktree"):
         path = os.path.abspath(which)
         if not os.path.isfile(os.path.join(path, "pyproject.toml")):
-            raise SystemExit(f"--engine={which}: not a source tree of pytest-isolate-linux "
-                             f"(no pyproject.toml); use head, worktree or such a directory")
-        stamp = max(os.stat(os.path.join(top, name)).st_mtime
-                    for top, _, names in os.walk(os.path.join(path, "pytest_isolate"))
-                    for name in names if name.endswith(".py"))
+            raise SystemExit(
+                f"--engine={which}: not a source tree of pytest-isolate-linux "
+                f"(no pyproject.toml); use head, worktree or such a directory"
+            )
+        stamp = max(
+            os.stat(os.path.join(top, name)).st_mtime
+            for top, _, names in os.walk(os.path.join(path, "pytest_isolate"))
+            for name in names
+            if name.endswith(".py")
+        )
         return Engine(path, f"tree {path} @{stamp:.0f}", False)
-    sha = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
-                         text=True, check=True).stdout.strip()
+    sha = subprocess.run(
+        ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if which == "worktree":
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "pytest_isolate"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "pytest_isolate"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return Engine(REPO, f"worktree {sha[:12]}{'+changes' if dirty else ''}", True)
     path = os.path.join(base, "_engine", sha[:12])
     if not os.path.isdir(path):
         os.makedirs(path + ".part", exist_ok=True)
-        archive = subprocess.run(["git", "-C", REPO, "archive", "HEAD"], capture_output=True,
-                                 check=True).stdout
+        archive = subprocess.run(
+            ["git", "-C", REPO, "archive", "HEAD"], capture_output=True, check=True
+        ).stdout
         subprocess.run(["tar", "x", "-C", path + ".part"], input=archive, check=True)
         os.rename(path + ".part", path)
     return Engine(path, f"commit {sha[:12]}", False)
@@ -197,8 +278,9 @@ def ensure_engine(vpython: str, engine: Engine, log: str) -> None:
         f.write(engine.label + "\n")
 
 
-def prepare_project(project: Project, base: str, python: str, engine: Engine, *,
-                    reuse: bool) -> tuple[str, str]:
+def prepare_project(
+    project: Project, base: str, python: str, engine: Engine, *, reuse: bool
+) -> tuple[str, str]:
     """Create venv and unpacked tree for ``project``; returns (python, tree).
 
     With ``reuse`` an existing, complete preparation is kept (marked by a
@@ -220,13 +302,23 @@ def prepare_project(project: Project, base: str, python: str, engine: Engine, *,
     shutil.rmtree(home, ignore_errors=True)
     os.makedirs(home)
     log = os.path.join(home, "prepare.log")
-    print(f"[{project.name}] preparing {project.name}=={project.version} in {home}",
-          flush=True)
+    print(f"[{project.name}] preparing {project.name}=={project.version} in {home}", flush=True)
     _run([python, "-m", "venv", venv], log=log)
     pip = [vpython, "-m", "pip", "--disable-pip-version-check", "-q"]
     download = os.path.join(home, "sdist")
-    _run([*pip, "download", "--no-deps", "--no-binary", ":all:", "-d", download,
-          f"{project.name}=={project.version}"], log=log)
+    _run(
+        [
+            *pip,
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            download,
+            f"{project.name}=={project.version}",
+        ],
+        log=log,
+    )
     (archive,) = (os.path.join(download, n) for n in os.listdir(download))
     with tarfile.open(archive) as tar:
         tar.extractall(os.path.join(home, "src"), filter="data")
@@ -334,8 +426,9 @@ def parse_junit(path: str) -> dict[str, Outcome]:
     return outcomes
 
 
-def run_mode(project: Project, vpython: str, tree: str, home: str, mode: str,
-             timeout: float, engine: Engine) -> RunResult:
+def run_mode(
+    project: Project, vpython: str, tree: str, home: str, mode: str, timeout: float, engine: Engine
+) -> RunResult:
     """Run the suite once in ``mode`` from a reset tree with a fresh $HOME."""
     manifest = os.path.join(home, "tree.manifest")
     reset_tree(tree, manifest)
@@ -346,18 +439,22 @@ def run_mode(project: Project, vpython: str, tree: str, home: str, mode: str,
     log = os.path.join(home, f"{mode}.log")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(junit)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "PYTHON", "XDG_"))}
-    env.update(HOME=fake_home, PATH=f"{os.path.dirname(vpython)}:{env.get('PATH', '')}",
-               **project.env)
-    cmd = [vpython, "-m", "pytest", *COMMON, *MODES[mode], f"--junitxml={junit}",
-           *project.args]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "PYTHON", "XDG_"))
+    }
+    env.update(
+        HOME=fake_home, PATH=f"{os.path.dirname(vpython)}:{env.get('PATH', '')}", **project.env
+    )
+    cmd = [vpython, "-m", "pytest", *COMMON, *MODES[mode], f"--junitxml={junit}", *project.args]
     start = time.perf_counter()
     with open(log, "w") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -370,8 +467,7 @@ def run_mode(project: Project, vpython: str, tree: str, home: str, mode: str,
     tree_writes = reset_tree(tree, manifest)
     # Two levels say enough (.cache/hypothesis, .config/foo) without listing files.
     home_writes = sorted({"/".join(p.split("/")[:2]) for p in _walk(fake_home)})
-    run = RunResult(mode, returncode, wall, outcomes, tree_writes, home_writes, log,
-                    engine.label)
+    run = RunResult(mode, returncode, wall, outcomes, tree_writes, home_writes, log, engine.label)
     save_mode(project, home, run)
     return run
 
@@ -379,9 +475,17 @@ def run_mode(project: Project, vpython: str, tree: str, home: str, mode: str,
 def save_mode(project: Project, home: str, run: RunResult) -> None:
     """What --report-only needs besides the junitxml file."""
     with open(os.path.join(home, f"{run.mode}.json"), "w") as f:
-        json.dump({"project": f"{project.name}=={project.version}", "engine": run.engine,
-                   "returncode": run.returncode, "wall": run.wall,
-                   "tree_writes": run.tree_writes, "home_writes": run.home_writes}, f)
+        json.dump(
+            {
+                "project": f"{project.name}=={project.version}",
+                "engine": run.engine,
+                "returncode": run.returncode,
+                "wall": run.wall,
+                "tree_writes": run.tree_writes,
+                "home_writes": run.home_writes,
+            },
+            f,
+        )
 
 
 def load_mode(project: Project, home: str, mode: str) -> RunResult | None:
@@ -395,9 +499,16 @@ def load_mode(project: Project, home: str, mode: str) -> RunResult | None:
     if meta["project"] != f"{project.name}=={project.version}":
         return None
     outcomes = parse_junit(junit) if os.path.exists(junit) else {}
-    return RunResult(mode, meta["returncode"], meta["wall"], outcomes, meta["tree_writes"],
-                     meta["home_writes"], os.path.join(home, f"{mode}.log"),
-                     meta.get("engine", "?"))
+    return RunResult(
+        mode,
+        meta["returncode"],
+        meta["wall"],
+        outcomes,
+        meta["tree_writes"],
+        meta["home_writes"],
+        os.path.join(home, f"{mode}.log"),
+        meta.get("engine", "?"),
+    )
 
 
 # --------------------------------------------------------------------------- reporting
@@ -449,8 +560,9 @@ def write_diffs(result: ProjectResult, path: str) -> None:
             f.write(f"--- [{mode}] written into $HOME: {run.home_writes}\n")
 
 
-def _grouped(name: str, mode: str,
-             diffs: list[tuple[str, Outcome | None, Outcome | None]]) -> list[str]:
+def _grouped(
+    name: str, mode: str, diffs: list[tuple[str, Outcome | None, Outcome | None]]
+) -> list[str]:
     """One line per (module, change, first line of the failure): thousands of
     parametrized cases failing for one reason read as one line."""
     groups: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
@@ -460,7 +572,8 @@ def _grouped(name: str, mode: str,
         # Quoted values (paths, expected strings) differ between cases of one cause.
         shape = re.sub(r"'[^']*'|\"[^\"]*\"|\d+", "_", reason)
         groups.setdefault((module, f"{_status(a)} -> {_status(b)}", shape), []).append(
-            (key, reason))
+            (key, reason)
+        )
     lines = []
     for (module, change, _), cases in groups.items():
         key, reason = cases[0]
@@ -501,8 +614,10 @@ def summarize(results: Iterable[ProjectResult], modes: Sequence[str]) -> str:
         row = [f"{r.project.name} {r.project.version}", str(n), _fmt_counts(plain)]
         for m in iso_modes:
             diffs = r.differences(m)
-            row.append(str(len(diffs)) + ("" if r.runs[m].returncode in (0, 1, 5)
-                                          else f" (rc={r.runs[m].returncode})"))
+            row.append(
+                str(len(diffs))
+                + ("" if r.runs[m].returncode in (0, 1, 5) else f" (rc={r.runs[m].returncode})")
+            )
             details.extend(_grouped(r.project.name, m, diffs))
         row.append(" / ".join(f"{r.runs[m].wall:.1f}" for m in modes))
         for m in iso_modes:
@@ -514,16 +629,22 @@ def summarize(results: Iterable[ProjectResult], modes: Sequence[str]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     total = sum(len(r.runs["plain"].outcomes) for r in results)
     engines = sorted({run.engine for r in results for m, run in r.runs.items() if m != "plain"})
-    summary = [f"\n{total} tests in {len(results)} projects; pytest-isolate-linux: "
-               f"{', '.join(engines)}."]
+    summary = [
+        f"\n{total} tests in {len(results)} projects; pytest-isolate-linux: {', '.join(engines)}."
+    ]
     for m in iso_modes:
         count = sum(len(r.differences(m)) for r in results)
         summary.append(f"{m}: {count} tests differ from plain.")
-    writes = [f"- {r.project.name}: tree: {_brief(r.runs['plain'].tree_writes)}; "
-              f"$HOME: {_brief(r.runs['plain'].home_writes)}" for r in results]
+    writes = [
+        f"- {r.project.name}: tree: {_brief(r.runs['plain'].tree_writes)}; "
+        f"$HOME: {_brief(r.runs['plain'].home_writes)}"
+        for r in results
+    ]
     out = "\n".join(lines) + "\n" + "\n".join(summary) + "\n"
-    out += ("\nWhat the plain runs left in the project tree and $HOME (writes there meet a "
-            "read-only root when a test, not pytest's process, makes them):\n")
+    out += (
+        "\nWhat the plain runs left in the project tree and $HOME (writes there meet a "
+        "read-only root when a test, not pytest's process, makes them):\n"
+    )
     out += "\n".join(writes) + "\n"
     if details:
         out += "\nDifferences:\n" + "\n".join(details) + "\n"
@@ -531,26 +652,42 @@ def summarize(results: Iterable[ProjectResult], modes: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("projects", nargs="*", help="project names (default: all)")
     parser.add_argument("--work-dir", default=WORK, help=f"default {WORK}")
-    parser.add_argument("--python", default=DEV_PYTHON,
-                        help="interpreter for the venvs (needs libcap-dev for python-prctl)")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help="comma-separated, among " + ", ".join(MODES))
+    parser.add_argument(
+        "--python",
+        default=DEV_PYTHON,
+        help="interpreter for the venvs (needs libcap-dev for python-prctl)",
+    )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma-separated, among " + ", ".join(MODES)
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="rounds of every mode (interleaved); times are medians")
-    parser.add_argument("--fresh", action="store_true",
-                        help="rebuild venvs and trees even if a complete one exists")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every mode (interleaved); times are medians",
+    )
+    parser.add_argument(
+        "--fresh", action="store_true", help="rebuild venvs and trees even if a complete one exists"
+    )
     parser.add_argument("--markdown", help="also write the report to this file")
-    parser.add_argument("--engine", default="head",
-                        help="pytest-isolate-linux to test: 'head' (a snapshot of the "
-                             "repository's HEAD, the default), 'worktree' (editable), or the "
-                             "path of another source tree, e.g. a patched copy")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: build the report from the runs saved in the work dir")
+    parser.add_argument(
+        "--engine",
+        default="head",
+        help="pytest-isolate-linux to test: 'head' (a snapshot of the "
+        "repository's HEAD, the default), 'worktree' (editable), or the "
+        "path of another source tree, e.g. a patched copy",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: build the report from the runs saved in the work dir",
+    )
     parser.add_argument("--list", action="store_true", help="list the projects and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -560,8 +697,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or "plain" not in modes:
-        parser.error(f"--modes={args.modes}: modes are {', '.join(MODES)} and must "
-                     f"include plain (the reference)")
+        parser.error(
+            f"--modes={args.modes}: modes are {', '.join(MODES)} and must "
+            f"include plain (the reference)"
+        )
     by_name = {p.name: p for p in PROJECTS}
     missing = [n for n in args.projects if n not in by_name]
     if missing:
@@ -581,8 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             results.append(ProjectResult(project, {m: r for m, r in saved.items() if r}))
             continue
-        vpython, tree = prepare_project(project, args.work_dir, args.python, engine,
-                                        reuse=not args.fresh)
+        vpython, tree = prepare_project(
+            project, args.work_dir, args.python, engine, reuse=not args.fresh
+        )
         walls: dict[str, list[float]] = {m: [] for m in modes}
         flaky: set[str] = set()
         # Rounds interleave the modes, so that load from other work on the
@@ -593,18 +733,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 walls[mode].append(run.wall)
                 previous = runs.get(mode)
                 if previous is not None:
-                    flaky.update(k for k, o in run.outcomes.items()
-                                 if k in previous.outcomes
-                                 and previous.outcomes[k].status != o.status)
+                    flaky.update(
+                        k
+                        for k, o in run.outcomes.items()
+                        if k in previous.outcomes and previous.outcomes[k].status != o.status
+                    )
                 runs[mode] = run
-                print(f"[{project.name}] {mode:9} {run.wall:7.1f} s  rc={run.returncode}  "
-                      f"{dict(run.counts())}", flush=True)
+                print(
+                    f"[{project.name}] {mode:9} {run.wall:7.1f} s  rc={run.returncode}  "
+                    f"{dict(run.counts())}",
+                    flush=True,
+                )
         for mode, run in runs.items():
             run.wall = statistics.median(walls[mode])
             save_mode(project, home, run)
         if flaky:
-            print(f"[{project.name}] outcome changed between rounds (flaky): "
-                  f"{', '.join(sorted(flaky)[:10])}", flush=True)
+            print(
+                f"[{project.name}] outcome changed between rounds (flaky): "
+                f"{', '.join(sorted(flaky)[:10])}",
+                flush=True,
+            )
         result = ProjectResult(project, runs)
         write_diffs(result, os.path.join(home, "diffs.txt"))
         results.append(result)

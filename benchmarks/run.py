@@ -51,8 +51,14 @@ from suites import Suite, write_rss_suite, write_suites  # noqa: E402
 
 FORKED_VENV = os.path.join(HERE, ".venv-forked")
 FORKED_REQUIREMENTS = ("pytest==8.4.*", "pytest-forked==1.7.5")
-LAYER_STEPS = ("none", "namespaces", "namespaces,rootfs", "namespaces,rootfs,cgroup",
-               "namespaces,rootfs,cgroup,caps", "all")
+LAYER_STEPS = (
+    "none",
+    "namespaces",
+    "namespaces,rootfs",
+    "namespaces,rootfs,cgroup",
+    "namespaces,rootfs,cgroup,caps",
+    "all",
+)
 SECTIONS = ("suites", "rss", "xdist", "steps", "trap")
 COMMON = ("-q", "-p", "no:cacheprovider")
 
@@ -62,15 +68,15 @@ class Runner:
     name: str
     python: str
     args: tuple[str, ...]
-    baseline: str = ""          # the plain runner whose time is subtracted
-    kind: str = "isolate"       # plain | forked | isolate
+    baseline: str = ""  # the plain runner whose time is subtracted
+    kind: str = "isolate"  # plain | forked | isolate
 
 
 @dataclass(frozen=True)
 class Sample:
-    wall: float      # seconds from start to exit
-    cpu: float       # user+sys of pytest and what it reaped (os.wait4's rusage)
-    machine: float   # busy CPU seconds of the whole machine meanwhile (/proc/stat)
+    wall: float  # seconds from start to exit
+    cpu: float  # user+sys of pytest and what it reaped (os.wait4's rusage)
+    machine: float  # busy CPU seconds of the whole machine meanwhile (/proc/stat)
     text: str
 
 
@@ -108,8 +114,13 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
-             expect: int | None = None, timeout: float = 900.0) -> Sample:
+def run_once(
+    cmd: Sequence[str],
+    cwd: str,
+    env: dict[str, str] | None = None,
+    expect: int | None = None,
+    timeout: float = 900.0,
+) -> Sample:
     """Run one pytest; its wall time, CPU by rusage, machine CPU and output.
 
     os.wait4 reports the rusage of the child including its reaped descendants.
@@ -122,8 +133,7 @@ def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
     with tempfile.TemporaryFile() as out:
         busy = machine_busy()
         begin = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
+        proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = begin + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -143,8 +153,10 @@ def run_once(cmd: Sequence[str], cwd: str, env: dict[str, str] | None = None,
         passed = re.search(r"(\d+) passed", text)
         if proc.returncode != 0 or not passed or int(passed.group(1)) != expect:
             tail = "\n".join(text.splitlines()[-15:])
-            raise RuntimeError(f"{' '.join(cmd)} in {cwd}: exit {proc.returncode}, expected "
-                               f"{expect} passed:\n{tail}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} in {cwd}: exit {proc.returncode}, expected "
+                f"{expect} passed:\n{tail}"
+            )
     return Sample(wall, usage.ru_utime + usage.ru_stime, busy, text)
 
 
@@ -152,8 +164,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment of each run: this checkout's pytest_isolate first on the
     path, so the benchmark measures the tree it lives in, even where another
     copy is installed (an editable install of a tree that is being edited)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_", "COV_", "PYTHONBREAKPOINT"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PYTEST_", "COV_", "PYTHONBREAKPOINT"))
+    }
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
@@ -164,9 +179,12 @@ def forked_python(base_python: str, venv: str, log: Callable[[str], None]) -> st
     python = os.path.join(venv, "bin", "python")
     if os.path.exists(python):
         return python
-    base = subprocess.run([base_python, "-c", "import sys; print(getattr(sys, "
-                           "'_base_executable', sys.executable))"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    base = subprocess.run(
+        [base_python, "-c", "import sys; print(getattr(sys, '_base_executable', sys.executable))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     log(f"creating {venv} with {base} and {' '.join(FORKED_REQUIREMENTS)}")
     subprocess.run([base, "-m", "venv", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", *FORKED_REQUIREMENTS], check=True)
@@ -178,9 +196,14 @@ def forked_python(base_python: str, venv: str, log: Callable[[str], None]) -> st
 def ensure_heavy(pythons: Sequence[str], log: Callable[[str], None], install: bool) -> str:
     """numpy where every interpreter has it (installed when asked), else a
     generated module of thousands of functions."""
+
     def lacks_numpy(python: str) -> bool:
-        return subprocess.run([python, "-c", "import numpy"], capture_output=True,
-                              check=False).returncode != 0
+        return (
+            subprocess.run(
+                [python, "-c", "import numpy"], capture_output=True, check=False
+            ).returncode
+            != 0
+        )
 
     missing = [p for p in pythons if lacks_numpy(p)]
     if missing and install:
@@ -195,18 +218,31 @@ def runners(dev: str, forked: str | None) -> list[Runner]:
     result = [Runner("pytest (plain)", dev, ("-p", "no:isolate"), kind="plain")]
     if forked:
         result.append(Runner("pytest 8.4 (plain, forked venv)", forked, (), kind="plain"))
-        result.append(Runner("pytest-forked 1.7.5", forked, ("--forked",),
-                             baseline="pytest 8.4 (plain, forked venv)", kind="forked"))
+        result.append(
+            Runner(
+                "pytest-forked 1.7.5",
+                forked,
+                ("--forked",),
+                baseline="pytest 8.4 (plain, forked venv)",
+                kind="forked",
+            )
+        )
     for layers in LAYER_STEPS:
         label = "all (default)" if layers == "all" else layers
-        result.append(Runner(f"--isolate layers={label}", dev,
-                             ("--isolate", f"--isolate-layers={layers}"),
-                             baseline="pytest (plain)"))
+        result.append(
+            Runner(
+                f"--isolate layers={label}",
+                dev,
+                ("--isolate", f"--isolate-layers={layers}"),
+                baseline="pytest (plain)",
+            )
+        )
     return result
 
 
-def run_suite(suite: Suite, configs: list[Runner], repeat: int,
-              log: Callable[[str], None]) -> list[Result]:
+def run_suite(
+    suite: Suite, configs: list[Runner], repeat: int, log: Callable[[str], None]
+) -> list[Result]:
     results = {r.name: Result(r) for r in configs}
     # Warm-up: the first run writes the assertion-rewrite caches of each pytest.
     for python in dict.fromkeys(r.python for r in configs):
@@ -237,8 +273,7 @@ class Report:
     def say(self, line: str = "") -> None:
         print(line, flush=True)
 
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]],
-              title: str = "") -> None:
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]], title: str = "") -> None:
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
         if title:
             self.say(title)
@@ -282,18 +317,45 @@ def suite_table(report: Report, suite: Suite, results: list[Result]) -> dict[str
     ratios = {}
     for result in results:
         if result.runner.kind == "plain":
-            rows.append([result.runner.name, fmt(result.wall), fmt(result.cpu),
-                         fmt(result.machine), "", "", ""])
+            rows.append(
+                [
+                    result.runner.name,
+                    fmt(result.wall),
+                    fmt(result.cpu),
+                    fmt(result.machine),
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         ms = overhead(result, "wall")
         ratio = ms / forked_ms if forked_ms > 0 else float("nan")  # NaN > 0 is False
         ratios[result.runner.name] = ratio
-        rows.append([result.runner.name + (" (failed)" if result.errors else ""),
-                     fmt(result.wall), fmt(result.cpu), fmt(result.machine), fmt(ms),
-                     fmt(overhead(result, "machine")), fmt(ratio)])
-    report.table(["runner", "wall s", "rusage cpu s", "machine cpu s", "overhead ms/test",
-                  "machine cpu ms/test", "ratio to pytest-forked"], rows,
-                 title=f"{suite.name}: {suite.tests} {suite.what}")
+        rows.append(
+            [
+                result.runner.name + (" (failed)" if result.errors else ""),
+                fmt(result.wall),
+                fmt(result.cpu),
+                fmt(result.machine),
+                fmt(ms),
+                fmt(overhead(result, "machine")),
+                fmt(ratio),
+            ]
+        )
+    report.table(
+        [
+            "runner",
+            "wall s",
+            "rusage cpu s",
+            "machine cpu s",
+            "overhead ms/test",
+            "machine cpu ms/test",
+            "ratio to pytest-forked",
+        ],
+        rows,
+        title=f"{suite.name}: {suite.tests} {suite.what}",
+    )
     for result in results:
         for error in result.errors[:1]:
             report.note(f"{result.runner.name} failed: {error.splitlines()[0]}")
@@ -303,80 +365,134 @@ def suite_table(report: Report, suite: Suite, results: list[Result]) -> dict[str
 # --------------------------------------------------------------------------- sections
 
 
-def section_suites(args: argparse.Namespace, report: Report, base: str, dev: str,
-                   forked: str | None, log: Callable[[str], None]) -> None:
+def section_suites(
+    args: argparse.Namespace,
+    report: Report,
+    base: str,
+    dev: str,
+    forked: str | None,
+    log: Callable[[str], None],
+) -> None:
     heavy = ensure_heavy([dev, *([forked] if forked else [])], log, install=args.install_numpy)
     suites = [s for s in write_suites(base, args.scale, heavy) if s.name in args.suites]
     report.heading("Suites: wall time, CPU and overhead per test")
-    report.note(f"Median of {args.repeat} interleaved run(s) each; overhead = (runner - its "
-                "plain pytest) / tests; the ratio divides by pytest-forked's overhead on the "
-                "same suite in the same invocation. CPU is user+sys of pytest and every "
-                "process it reaped.")
+    report.note(
+        f"Median of {args.repeat} interleaved run(s) each; overhead = (runner - its "
+        "plain pytest) / tests; the ratio divides by pytest-forked's overhead on the "
+        "same suite in the same invocation. CPU is user+sys of pytest and every "
+        "process it reaped."
+    )
     configs = runners(dev, forked)
     for suite in suites:
         log(f"suite {suite.name} ({suite.tests} tests)")
         suite_table(report, suite, run_suite(suite, configs, args.repeat, log))
 
 
-def section_rss(args: argparse.Namespace, report: Report, base: str, dev: str,
-                log: Callable[[str], None]) -> None:
+def section_rss(
+    args: argparse.Namespace, report: Report, base: str, dev: str, log: Callable[[str], None]
+) -> None:
     tests = args.rss_tests
     suite = write_rss_suite(base, tests)
     early = max(1, tests // 10)
     report.heading(f"Peak RSS of pytest's own process over {tests} trivial tests")
     rows = []
-    for name, extra in (("pytest (plain)", ("-p", "no:isolate")), ("--isolate (all layers)",
-                                                                   ("--isolate",))):
+    for name, extra in (
+        ("pytest (plain)", ("-p", "no:isolate")),
+        ("--isolate (all layers)", ("--isolate",)),
+    ):
         log(f"rss: {name}")
         path = os.path.join(base, "rss.json")
-        wall = run_once([dev, "-m", "pytest", *COMMON, *extra], suite.path,
-                        clean_env(BENCH_RSS_FILE=path, BENCH_RSS_EARLY=str(early)),
-                        expect=tests).wall
+        wall = run_once(
+            [dev, "-m", "pytest", *COMMON, *extra],
+            suite.path,
+            clean_env(BENCH_RSS_FILE=path, BENCH_RSS_EARLY=str(early)),
+            expect=tests,
+        ).wall
         with open(path) as f:
             data = json.load(f)
         growth = (data["rss"] - data["early"]) / max(1, data["count"] - data["early_at"])
-        rows.append([name, f"{data['hwm'] / 2**20:.1f}", f"{data['early'] / 2**20:.1f}",
-                     f"{data['rss'] / 2**20:.1f}", f"{growth:.0f}", fmt(wall, 1)])
-    report.table(["run", "peak RSS MiB (VmHWM)", f"RSS after {early} tests MiB",
-                  "RSS at the end MiB", "growth bytes/test", "wall s"], rows)
-    report.note("Read from /proc/self/status of the pytest process by a conftest hook "
-                "(pytest_sessionfinish), so no sandbox's memory is counted.")
+        rows.append(
+            [
+                name,
+                f"{data['hwm'] / 2**20:.1f}",
+                f"{data['early'] / 2**20:.1f}",
+                f"{data['rss'] / 2**20:.1f}",
+                f"{growth:.0f}",
+                fmt(wall, 1),
+            ]
+        )
+    report.table(
+        [
+            "run",
+            "peak RSS MiB (VmHWM)",
+            f"RSS after {early} tests MiB",
+            "RSS at the end MiB",
+            "growth bytes/test",
+            "wall s",
+        ],
+        rows,
+    )
+    report.note(
+        "Read from /proc/self/status of the pytest process by a conftest hook "
+        "(pytest_sessionfinish), so no sandbox's memory is counted."
+    )
 
 
-def section_xdist(args: argparse.Namespace, report: Report, base: str, dev: str,
-                  log: Callable[[str], None]) -> None:
+def section_xdist(
+    args: argparse.Namespace, report: Report, base: str, dev: str, log: Callable[[str], None]
+) -> None:
     # Four times the 30 ms suite: xdist's start-up (about a second for two
     # workers here) would otherwise hide what parallel workers gain.
-    suite = next(s for s in write_suites(os.path.join(base, "xdist"), args.scale * 4, "heavymod")
-                 if s.name == "sleep30")
-    configs = [("pytest", ("-p", "no:isolate")), ("pytest -n 2", ("-p", "no:isolate", "-n", "2")),
-               ("--isolate", ("--isolate",)), ("--isolate -n 2", ("--isolate", "-n", "2"))]
+    suite = next(
+        s
+        for s in write_suites(os.path.join(base, "xdist"), args.scale * 4, "heavymod")
+        if s.name == "sleep30"
+    )
+    configs = [
+        ("pytest", ("-p", "no:isolate")),
+        ("pytest -n 2", ("-p", "no:isolate", "-n", "2")),
+        ("--isolate", ("--isolate",)),
+        ("--isolate -n 2", ("--isolate", "-n", "2")),
+    ]
     walls: dict[str, list[float]] = {name: [] for name, _ in configs}
     cpus: dict[str, list[float]] = {name: [] for name, _ in configs}
     for round_ in range(args.repeat):
         for name, extra in configs:
-            sample = run_once([dev, "-m", "pytest", *COMMON, *extra], suite.path,
-                              clean_env(), expect=suite.tests)
+            sample = run_once(
+                [dev, "-m", "pytest", *COMMON, *extra], suite.path, clean_env(), expect=suite.tests
+            )
             walls[name].append(sample.wall)
             cpus[name].append(sample.machine)
         log(f"  xdist: round {round_ + 1}/{args.repeat} done")
     med = {name: statistics.median(v) for name, v in walls.items()}
     report.heading(f"xdist: -n 2 on the 30 ms suite, {suite.tests} tests")
-    report.table(["run", "wall s", "machine cpu s", "speed-up of -n 2"], [
-        [name, fmt(med[name]), fmt(statistics.median(cpus[name])),
-         fmt(med[name.replace(" -n 2", "")] / med[name]) if "-n 2" in name else ""]
-        for name, _ in configs])
+    report.table(
+        ["run", "wall s", "machine cpu s", "speed-up of -n 2"],
+        [
+            [
+                name,
+                fmt(med[name]),
+                fmt(statistics.median(cpus[name])),
+                fmt(med[name.replace(" -n 2", "")] / med[name]) if "-n 2" in name else "",
+            ]
+            for name, _ in configs
+        ],
+    )
 
 
 def section_steps(args: argparse.Namespace, report: Report, heavy: str | None) -> None:
     from steps import measure_steps
 
     report.heading("Per-step breakdown of an isolated test")
-    report.note("Each per-test step runs in a freshly forked child, as in a sandbox; 'once' "
-                "steps run once per session in pytest's process. Median and 90th percentile "
-                f"of {args.step_reps} repetitions.")
-    rows = [[s.name, fmt(s.median_ms, 3), fmt(s.p90_ms, 3), s.where, s.note]
-            for s in measure_steps(args.step_reps, heavy, ballast=not args.quick)]
+    report.note(
+        "Each per-test step runs in a freshly forked child, as in a sandbox; 'once' "
+        "steps run once per session in pytest's process. Median and 90th percentile "
+        f"of {args.step_reps} repetitions."
+    )
+    rows = [
+        [s.name, fmt(s.median_ms, 3), fmt(s.p90_ms, 3), s.where, s.note]
+        for s in measure_steps(args.step_reps, heavy, ballast=not args.quick)
+    ]
     report.table(["step", "median ms", "p90 ms", "runs in", "note"], rows)
 
 
@@ -389,9 +505,10 @@ def section_trap(args: argparse.Namespace, report: Report) -> None:
     except Exception as exc:  # no usable cgroup here: say so, keep the other sections
         report.note(f"not measured: {exc}")
         return
-    report.table(["gap between placements ms", "median ms", "p90 ms", "how"],
-                 [[fmt(r.gap_ms, 0), fmt(r.median_ms, 3), fmt(r.p90_ms, 3), r.how]
-                  for r in rows])
+    report.table(
+        ["gap between placements ms", "median ms", "p90 ms", "how"],
+        [[fmt(r.gap_ms, 0), fmt(r.median_ms, 3), fmt(r.p90_ms, 3), r.how] for r in rows],
+    )
 
 
 # --------------------------------------------------------------------------- main
@@ -407,45 +524,88 @@ def machine_line() -> str:
     with open("/proc/self/mounts") as f:
         for line in f:
             kinds.add(line.split()[2])
-    cgroup = "cgroup v1 (hybrid)" if "cgroup" in kinds else "cgroup v2" if "cgroup2" in kinds \
+    cgroup = (
+        "cgroup v1 (hybrid)"
+        if "cgroup" in kinds
+        else "cgroup v2"
+        if "cgroup2" in kinds
         else "no cgroups"
+    )
     who = "root" if os.geteuid() == 0 else "rootless"
-    return (f"{os.cpu_count()} cores, {mem + 1} GiB, Linux {platform.release()}, {cgroup}, "
-            f"{who}, Python {platform.python_version()}")
+    return (
+        f"{os.cpu_count()} cores, {mem + 1} GiB, Linux {platform.release()}, {cgroup}, "
+        f"{who}, Python {platform.python_version()}"
+    )
 
 
 def checkout_label() -> str:
-    described = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
-                               capture_output=True, text=True, check=False)
+    described = subprocess.run(
+        ["git", "-C", REPO, "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return f"commit {described.stdout.strip()}" if described.returncode == 0 else "no git"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: suites at a fifth, 1 repetition, 1,000 RSS tests")
-    parser.add_argument("--repeat", type=int, default=None,
-                        help="runs of each configuration (median taken; default 3)")
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections: {','.join(SECTIONS)}")
-    parser.add_argument("--suites", default="trivial,sleep30,import,fixture",
-                        help="which suites of the suites section")
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter with pytest 9 and pytest-isolate (default: this one)")
-    parser.add_argument("--no-forked", action="store_true",
-                        help="skip pytest-forked (no venv created)")
-    parser.add_argument("--forked-venv", default=FORKED_VENV,
-                        help="venv with pytest 8.4 and pytest-forked (created if missing; "
-                             "default benchmarks/.venv-forked)")
-    parser.add_argument("--install-numpy", action="store_true",
-                        help="pip install numpy into the interpreters that lack it")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: suites at a fifth, 1 repetition, 1,000 RSS tests",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of each configuration (median taken; default 3)",
+    )
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}"
+    )
+    parser.add_argument(
+        "--suites",
+        default="trivial,sleep30,import,fixture",
+        help="which suites of the suites section",
+    )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter with pytest 9 and pytest-isolate (default: this one)",
+    )
+    parser.add_argument(
+        "--no-forked", action="store_true", help="skip pytest-forked (no venv created)"
+    )
+    parser.add_argument(
+        "--forked-venv",
+        default=FORKED_VENV,
+        help="venv with pytest 8.4 and pytest-forked (created if missing; "
+        "default benchmarks/.venv-forked)",
+    )
+    parser.add_argument(
+        "--install-numpy",
+        action="store_true",
+        help="pip install numpy into the interpreters that lack it",
+    )
     parser.add_argument("--rss-tests", type=int, default=None, help="default 10000")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="size of the suites relative to the defaults (--quick: 0.2)")
-    parser.add_argument("--step-reps", type=int, default=None,
-                        help="repetitions of each step measurement (default 40, --quick 10)")
-    parser.add_argument("--label", default="",
-                        help="what is measured, printed with the machine (default: git describe)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="size of the suites relative to the defaults (--quick: 0.2)",
+    )
+    parser.add_argument(
+        "--step-reps",
+        type=int,
+        default=None,
+        help="repetitions of each step measurement (default 40, --quick 10)",
+    )
+    parser.add_argument(
+        "--label",
+        default="",
+        help="what is measured, printed with the machine (default: git describe)",
+    )
     parser.add_argument("--out", help="also write the results as markdown to this file")
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
@@ -456,8 +616,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.suites = [s for s in args.suites.split(",") if s]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
-        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; "
-                     f"use {', '.join(SECTIONS)}")
+        parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; use {', '.join(SECTIONS)}")
     return args
 
 
@@ -493,8 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             section_trap(args, report)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    report.note(f"Total benchmark time {time.monotonic() - started:.0f} s; load average after: "
-                f"{os.getloadavg()[0]:.2f}.")
+    report.note(
+        f"Total benchmark time {time.monotonic() - started:.0f} s; load average after: "
+        f"{os.getloadavg()[0]:.2f}."
+    )
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(report.markdown) + "\n")

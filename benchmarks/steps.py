@@ -30,10 +30,16 @@ from pytest_isolate.syscalls import loopback_up  # the sandbox's own code, impor
 
 __all__ = ["Step", "TrapRow", "measure_steps", "measure_trap"]
 
-NS_FLAGS = (("mount", sc.CLONE_NEWNS), ("uts", sc.CLONE_NEWUTS), ("ipc", sc.CLONE_NEWIPC),
-            ("cgroup", sc.CLONE_NEWCGROUP), ("network", sc.CLONE_NEWNET))
-SANDBOX_FLAGS = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP | \
-    sc.CLONE_NEWNET
+NS_FLAGS = (
+    ("mount", sc.CLONE_NEWNS),
+    ("uts", sc.CLONE_NEWUTS),
+    ("ipc", sc.CLONE_NEWIPC),
+    ("cgroup", sc.CLONE_NEWCGROUP),
+    ("network", sc.CLONE_NEWNET),
+)
+SANDBOX_FLAGS = (
+    sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP | sc.CLONE_NEWNET
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Step:
     name: str
     median_ms: float
     p90_ms: float
-    where: str          # "sandbox" (per test), "parent" (per test) or "once" (per session)
+    where: str  # "sandbox" (per test), "parent" (per test) or "once" (per session)
     note: str = ""
 
 
@@ -71,14 +77,18 @@ def _fork() -> int:
 def _enter_user_namespace() -> None:
     uid, gid = os.getuid(), os.getgid()
     sc.unshare(sc.CLONE_NEWUSER)
-    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
+    for path, text in (
+        ("/proc/self/setgroups", "deny"),
+        ("/proc/self/uid_map", f"{uid} {uid} 1"),
+        ("/proc/self/gid_map", f"{gid} {gid} 1"),
+    ):
         with open(path, "w") as f:
             f.write(text)
 
 
-def in_child(step: Callable[[], None], prepare: Callable[[], None] | None = None
-             ) -> tuple[float, float, float]:
+def in_child(
+    step: Callable[[], None], prepare: Callable[[], None] | None = None
+) -> tuple[float, float, float]:
     """Fork; the child runs ``prepare`` (untimed) then ``step`` (timed) and exits.
 
     Returns (ms the step took in the child, ms of the round trip fork -> reaped
@@ -121,8 +131,9 @@ def settle() -> None:
     time.sleep(0.25)
 
 
-def _repeat(reps: int, step: Callable[[], None], prepare: Callable[[], None] | None = None,
-            gap: float = 0.0) -> tuple[list[float], list[float], list[float]]:
+def _repeat(
+    reps: int, step: Callable[[], None], prepare: Callable[[], None] | None = None, gap: float = 0.0
+) -> tuple[list[float], list[float], list[float]]:
     settle()
     steps, totals, forks = [], [], []
     for _ in range(reps):
@@ -168,36 +179,65 @@ def measure_steps(reps: int, heavy: str | None, ballast: bool) -> list[Step]:
     steps: list[Step] = []
     _, base_totals, base_forks = _repeat(reps, _nothing)
     base_total = statistics.median(base_totals)
-    steps.append(_step(f"fork() in the parent ({_rss_mib():.0f} MiB resident)", base_forks,
-                       "parent", "page tables are copied: grows with the parent's memory"))
+    steps.append(
+        _step(
+            f"fork() in the parent ({_rss_mib():.0f} MiB resident)",
+            base_forks,
+            "parent",
+            "page tables are copied: grows with the parent's memory",
+        )
+    )
     steps.append(_step("fork + exit + reap, round trip", base_totals, "parent"))
     if ballast:
         for size in (256 << 20, 1 << 30):
             with _ballast(size):
                 _, _, forks = _repeat(max(5, reps // 3), _nothing)
-            steps.append(_step(f"fork() with {size >> 20} MiB more resident", forks, "parent",
-                               "why the parent must stay small (gc.freeze does not help)"))
+            steps.append(
+                _step(
+                    f"fork() with {size >> 20} MiB more resident",
+                    forks,
+                    "parent",
+                    "why the parent must stay small (gc.freeze does not help)",
+                )
+            )
 
     def teardown_note(totals: list[float], took: list[float]) -> str:
         extra = statistics.median(totals) - base_total - statistics.median(took)
         return f"+{max(extra, 0):.2f} ms at exit (teardown)"
 
     took, totals, _ = _repeat(reps, _enter_user_namespace)
-    steps.append(_step("unshare user namespace + id maps", took, "sandbox",
-                       ("rootless only; " if not rootless else "rootless only (here: root); ")
-                       + teardown_note(totals, took)))
+    steps.append(
+        _step(
+            "unshare user namespace + id maps",
+            took,
+            "sandbox",
+            ("rootless only; " if not rootless else "rootless only (here: root); ")
+            + teardown_note(totals, took),
+        )
+    )
     for name, flag in NS_FLAGS:
         took, totals, _ = _repeat(reps, _unshare(flag), user)
-        steps.append(_step(f"unshare {name} namespace", took, "sandbox",
-                           teardown_note(totals, took)))
+        steps.append(
+            _step(f"unshare {name} namespace", took, "sandbox", teardown_note(totals, took))
+        )
     took, totals, _ = _repeat(reps, _pid_namespace, user)
-    steps.append(_step("pid namespace: unshare + fork pid 1 + reap", took, "sandbox",
-                       teardown_note(totals, took)))
+    steps.append(
+        _step(
+            "pid namespace: unshare + fork pid 1 + reap",
+            took,
+            "sandbox",
+            teardown_note(totals, took),
+        )
+    )
     took, totals, _ = _repeat(reps, lambda: sc.unshare(SANDBOX_FLAGS), user)
-    steps.append(_step("unshare mount+uts+ipc+cgroup+net at once", took, "sandbox",
-                       teardown_note(totals, took)))
+    steps.append(
+        _step(
+            "unshare mount+uts+ipc+cgroup+net at once", took, "sandbox", teardown_note(totals, took)
+        )
+    )
     if not rootless:
         steps.extend(_rootfs_steps(reps, base_total))
+
     def uts_and_net() -> None:
         if user is not None:
             user()
@@ -210,8 +250,14 @@ def measure_steps(reps: int, heavy: str | None, ballast: bool) -> list[Step]:
     steps.extend(_report_steps(reps))
     if heavy:
         took, _, _ = _repeat(max(5, reps // 3), lambda: _import(heavy))
-        steps.append(_step(f"import {heavy} in a child whose parent never imported it", took,
-                           "sandbox", "paid by every test that imports it, once by plain pytest"))
+        steps.append(
+            _step(
+                f"import {heavy} in a child whose parent never imported it",
+                took,
+                "sandbox",
+                "paid by every test that imports it, once by plain pytest",
+            )
+        )
     steps.extend(_sandbox_steps(reps, rootless))
     return steps
 
@@ -258,23 +304,40 @@ def _rootfs_steps(reps: int, base_total: float) -> list[Step]:
         timings = []
         for _ in range(max(3, reps // 5)):
             begin = time.perf_counter()
-            plan = plan_rootfs(staging=staging, cwd=os.getcwd(), home=os.environ.get("HOME"),
-                               project=project_paths([os.getcwd()]), binds=(),
-                               writable_paths=(), tmpfs_size=512 << 20, rootless=False,
-                               cgroup2=False)
+            plan = plan_rootfs(
+                staging=staging,
+                cwd=os.getcwd(),
+                home=os.environ.get("HOME"),
+                project=project_paths([os.getcwd()]),
+                binds=(),
+                writable_paths=(),
+                tmpfs_size=512 << 20,
+                rootless=False,
+                cgroup2=False,
+            )
             timings.append((time.perf_counter() - begin) * 1000)
             plans.append(plan)
         plan = plans[-1]
-        mounts = sum(op.kind in ("bind", "tmpfs", "mask_file", "mask_dir", "overlay")
-                     for op in plan.ops)
-        took, totals, _ = _repeat(reps, lambda: apply_rootfs(plan),
-                                  lambda: sc.unshare(SANDBOX_FLAGS))
+        mounts = sum(
+            op.kind in ("bind", "tmpfs", "mask_file", "mask_dir", "overlay") for op in plan.ops
+        )
+        took, totals, _ = _repeat(
+            reps, lambda: apply_rootfs(plan), lambda: sc.unshare(SANDBOX_FLAGS)
+        )
         extra = statistics.median(totals) - base_total - statistics.median(took)
         return [
-            _step(f"plan the root ({len(plan.ops)} operations)", timings, "once",
-                  "walks /var for unix sockets to mask"),
-            _step(f"build the root: {mounts} mounts, /proc, /dev, /sys, pivot_root", took,
-                  "sandbox", f"+{max(extra, 0):.2f} ms at exit (mount tree teardown)"),
+            _step(
+                f"plan the root ({len(plan.ops)} operations)",
+                timings,
+                "once",
+                "walks /var for unix sockets to mask",
+            ),
+            _step(
+                f"build the root: {mounts} mounts, /proc, /dev, /sys, pivot_root",
+                took,
+                "sandbox",
+                f"+{max(extra, 0):.2f} ms at exit (mount tree teardown)",
+            ),
         ]
     finally:
         shutil.rmtree(staging_parent, ignore_errors=True)
@@ -307,9 +370,16 @@ def _cgroup_steps(reps: int) -> list[Step]:
                 time.sleep(gap)
             if not gap:
                 steps.append(_step("create the test's cgroup (mkdir)", creates, "parent"))
-            steps.append(_step(f"place the sandbox in it, {label}", places, "sandbox",
-                               "v1: cgroup.procs write" if manager.version == 1 else
-                               "v2: cgroup.procs write (clone3 avoids it)"))
+            steps.append(
+                _step(
+                    f"place the sandbox in it, {label}",
+                    places,
+                    "sandbox",
+                    "v1: cgroup.procs write"
+                    if manager.version == 1
+                    else "v2: cgroup.procs write (clone3 avoids it)",
+                )
+            )
             if not gap:
                 steps.append(_step("read its counters + remove it", removes, "parent"))
     finally:
@@ -333,8 +403,9 @@ def _filter_steps(reps: int, rootless: bool, user: Callable[[], None] | None) ->
         begin = time.perf_counter()
         program = build_filter.__wrapped__(keep)  # uncached: functools.cache keeps __wrapped__
         timings.append((time.perf_counter() - begin) * 1000)
-    steps.append(_step(f"compile the filter ({len(program) // 8} BPF instructions)", timings,
-                       "once"))
+    steps.append(
+        _step(f"compile the filter ({len(program) // 8} BPF instructions)", timings, "once")
+    )
     took, _, _ = _repeat(reps, lambda: load_filter(program), _no_new_privs)
     steps.append(_step("load the filter (seccomp, TSYNC)", took, "sandbox"))
     return steps
@@ -345,12 +416,21 @@ def _report_steps(reps: int) -> list[Step]:
 
     from pytest_isolate.protocol import FrameReader, encode_frame
 
-    reports = [pytest.TestReport(
-        "tests/test_module.py::TestClass::test_something[param-1]",
-        ("tests/test_module.py", 41, "TestClass.test_something[param-1]"),
-        {"test_something[param-1]": 1, "TestClass": 1, "test_module.py": 1, "tests": 1},
-        "passed", None, when, sections=[], duration=0.0012, start=time.time(),
-        stop=time.time()) for when in ("setup", "call", "teardown")]
+    reports = [
+        pytest.TestReport(
+            "tests/test_module.py::TestClass::test_something[param-1]",
+            ("tests/test_module.py", 41, "TestClass.test_something[param-1]"),
+            {"test_something[param-1]": 1, "TestClass": 1, "test_module.py": 1, "tests": 1},
+            "passed",
+            None,
+            when,
+            sections=[],
+            duration=0.0012,
+            start=time.time(),
+            stop=time.time(),
+        )
+        for when in ("setup", "call", "teardown")
+    ]
     timings = []
     for _ in range(reps * 10):
         begin = time.perf_counter()
@@ -384,10 +464,17 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
         manager = None
     factory = _init_factory(spawn, rootless)
     try:
-        rootfs = plan_rootfs(staging=staging, cwd=os.getcwd(), home=os.environ.get("HOME"),
-                             project=project_paths([os.getcwd()]), binds=(), writable_paths=(),
-                             tmpfs_size=512 << 20, rootless=rootless,
-                             cgroup2=getattr(manager, "version", 0) == 2)
+        rootfs = plan_rootfs(
+            staging=staging,
+            cwd=os.getcwd(),
+            home=os.environ.get("HOME"),
+            project=project_paths([os.getcwd()]),
+            binds=(),
+            writable_paths=(),
+            tmpfs_size=512 << 20,
+            rootless=rootless,
+            cgroup2=getattr(manager, "version", 0) == 2,
+        )
         caps = resolve_caps((), (), rootless=rootless)
         program = build_filter(caps) if seccomp_available() is None else None
         plans: list[tuple[str, SandboxPlan, bool]] = [
@@ -395,11 +482,22 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
             ("+ namespaces", SandboxPlan(namespaces=True, rootless=rootless), False),
             ("+ root", SandboxPlan(namespaces=True, rootless=rootless, rootfs=rootfs), False),
             ("+ cgroup", SandboxPlan(namespaces=True, rootless=rootless, rootfs=rootfs), True),
-            ("+ capabilities", SandboxPlan(namespaces=True, rootless=rootless, rootfs=rootfs,
-                                           caps=caps), True),
-            ("+ seccomp (all layers)", SandboxPlan(namespaces=True, rootless=rootless,
-                                                   rootfs=rootfs, caps=caps,
-                                                   seccomp_program=program), True),
+            (
+                "+ capabilities",
+                SandboxPlan(namespaces=True, rootless=rootless, rootfs=rootfs, caps=caps),
+                True,
+            ),
+            (
+                "+ seccomp (all layers)",
+                SandboxPlan(
+                    namespaces=True,
+                    rootless=rootless,
+                    rootfs=rootfs,
+                    caps=caps,
+                    seccomp_program=program,
+                ),
+                True,
+            ),
         ]
         steps = []
         for label, plan, with_cgroup in plans:
@@ -409,15 +507,22 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
                 settle()
                 ready, total, release = [], [], []
                 for _ in range(reps):
-                    ms = _one_sandbox(plan, manager if with_cgroup else None, spawn, Limits,
-                                      factory)
+                    ms = _one_sandbox(
+                        plan, manager if with_cgroup else None, spawn, Limits, factory
+                    )
                     ready.append(ms[0])
                     total.append(ms[1])
                     release.append(ms[2])
                     time.sleep(gap)
-                steps.append(_step(f"sandbox {label}, {gap_label}: spawn to 'done'", total,
-                                   "parent", f"spawn() returns after {statistics.median(ready):.2f}"
-                                   f" ms; kill + reap {statistics.median(release):.2f} ms"))
+                steps.append(
+                    _step(
+                        f"sandbox {label}, {gap_label}: spawn to 'done'",
+                        total,
+                        "parent",
+                        f"spawn() returns after {statistics.median(ready):.2f}"
+                        f" ms; kill + reap {statistics.median(release):.2f} ms",
+                    )
+                )
         return steps
     finally:
         if factory is not None:
@@ -443,14 +548,20 @@ def _init_factory(spawn: Any, rootless: bool) -> Any:
     return factory
 
 
-def _one_sandbox(plan: Any, manager: Any, spawn: Any, limits: Any,
-                 factory: Any) -> tuple[float, float, float]:
+def _one_sandbox(
+    plan: Any, manager: Any, spawn: Any, limits: Any, factory: Any
+) -> tuple[float, float, float]:
     begin = time.perf_counter()
     cgroup = manager.create(limits()) if manager is not None else None
     extra = {"init_factory": factory} if factory is not None else {}
-    sandbox = spawn(plan, cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
-                    run_test=lambda ctx: None, foreign_fds=set,
-                    cleanup=cgroup.remove if cgroup else None, **extra)
+    sandbox = spawn(
+        plan,
+        cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
+        run_test=lambda ctx: None,
+        foreign_fds=set,
+        cleanup=cgroup.remove if cgroup else None,
+        **extra,
+    )
     spawned = time.perf_counter()
     sandbox.go()
     outcome = sandbox.collect(30.0)
@@ -466,8 +577,7 @@ def _one_sandbox(plan: Any, manager: Any, spawn: Any, limits: Any,
 # --------------------------------------------------------------------------- the trap
 
 
-def measure_trap(reps: int, gaps_ms: tuple[float, ...] = (0, 5, 10, 15, 20, 30)
-                 ) -> list[TrapRow]:
+def measure_trap(reps: int, gaps_ms: tuple[float, ...] = (0, 5, 10, 15, 20, 30)) -> list[TrapRow]:
     """The cgroup move trap: a fresh child writes "0" into a new memory cgroup's
     cgroup.procs, back to back or with gaps between placements. Only cgroups
     beneath this process's own are created (open_cgroups' layout), and removed."""
@@ -487,8 +597,14 @@ def measure_trap(reps: int, gaps_ms: tuple[float, ...] = (0, 5, 10, 15, 20, 30)
                     cgroup.remove()
                 values.append(took)
                 time.sleep(gap / 1000)
-            rows.append(TrapRow(gap, statistics.median(values), _p90(values),
-                                f"cgroup v{manager.version}: write 0 to cgroup.procs"))
+            rows.append(
+                TrapRow(
+                    gap,
+                    statistics.median(values),
+                    _p90(values),
+                    f"cgroup v{manager.version}: write 0 to cgroup.procs",
+                )
+            )
         if manager.version == 2:
             rows.extend(_clone3_rows(manager, reps, gaps_ms))
     finally:
@@ -525,8 +641,20 @@ def _clone3_rows(manager: Any, reps: int, gaps_ms: tuple[float, ...]) -> list[Tr
             finally:
                 cgroup.remove()
             time.sleep(gap / 1000)
-        rows.append(TrapRow(gap, statistics.median(clone_ms), _p90(clone_ms),
-                            "cgroup v2: clone3(CLONE_INTO_CGROUP), no write (parent's call)"))
-        rows.append(TrapRow(gap, statistics.median(fork_ms), _p90(fork_ms),
-                            "plain fork() for comparison (parent's call)"))
+        rows.append(
+            TrapRow(
+                gap,
+                statistics.median(clone_ms),
+                _p90(clone_ms),
+                "cgroup v2: clone3(CLONE_INTO_CGROUP), no write (parent's call)",
+            )
+        )
+        rows.append(
+            TrapRow(
+                gap,
+                statistics.median(fork_ms),
+                _p90(fork_ms),
+                "plain fork() for comparison (parent's call)",
+            )
+        )
     return rows

@@ -51,6 +51,7 @@ def write_suites(base: str, scale: float, heavy: str) -> list[Suite]:
     where both interpreters have it): the parent never imported it, so every
     forked child imports it again while plain pytest imports it once.
     """
+
     def n(count: int) -> int:
         return max(10, int(count * scale))
 
@@ -61,8 +62,15 @@ def write_suites(base: str, scale: float, heavy: str) -> list[Suite]:
 
     root = os.path.join(base, "sleep30")
     _files(root, n(50), 10, "def test_{i}():\n    time.sleep(0.03)\n", "import time\n")
-    suites.append(Suite("sleep30", root, n(50), "tests that each sleep 30 ms (gaps between "
-                        "tests: per-test costs that only show with time between tests)"))
+    suites.append(
+        Suite(
+            "sleep30",
+            root,
+            n(50),
+            "tests that each sleep 30 ms (gaps between "
+            "tests: per-test costs that only show with time between tests)",
+        )
+    )
 
     root = os.path.join(base, "import")
     if heavy == "heavymod":
@@ -70,26 +78,42 @@ def write_suites(base: str, scale: float, heavy: str) -> list[Suite]:
         call = "heavymod.f1(1)"
     else:
         call = f"{heavy}.zeros(3).sum()"
-    _files(root, n(100), 20, f"def test_{{i}}():\n    import {heavy}\n    assert {call} == "
-           f"{call}\n")
-    suites.append(Suite("import", root, n(100), f"tests that import {heavy} inside the test "
-                        "(not at module level: the parent never imports it)"))
+    _files(
+        root, n(100), 20, f"def test_{{i}}():\n    import {heavy}\n    assert {call} == {call}\n"
+    )
+    suites.append(
+        Suite(
+            "import",
+            root,
+            n(100),
+            f"tests that import {heavy} inside the test "
+            "(not at module level: the parent never imports it)",
+        )
+    )
 
     root = os.path.join(base, "fixture")
     _files(root, n(200), 20, "def test_{i}(resource):\n    assert resource.read_text() == 'x'\n")
-    _write(os.path.join(root, "conftest.py"),
-           "import pytest\n\n\n@pytest.fixture\ndef resource(tmp_path):\n"
-           "    path = tmp_path / 'data.txt'\n    path.write_text('x')\n    yield path\n"
-           "    path.unlink()\n")
-    suites.append(Suite("fixture", root, n(200), "tests using a function-scoped fixture "
-                        "(built on tmp_path, torn down after each test)"))
+    _write(
+        os.path.join(root, "conftest.py"),
+        "import pytest\n\n\n@pytest.fixture\ndef resource(tmp_path):\n"
+        "    path = tmp_path / 'data.txt'\n    path.write_text('x')\n    yield path\n"
+        "    path.unlink()\n",
+    )
+    suites.append(
+        Suite(
+            "fixture",
+            root,
+            n(200),
+            "tests using a function-scoped fixture (built on tmp_path, torn down after each test)",
+        )
+    )
     return suites
 
 
 #: Reads pytest's own peak RSS (VmHWM of the main process only; the children
 #: are other processes and never count) and its RSS after the first tenth of
 #: the tests and at the end, for the growth per test.
-RSS_CONFTEST = '''\
+RSS_CONFTEST = """\
 import json
 import os
 
@@ -118,7 +142,7 @@ def pytest_sessionfinish(session):
     with open(os.environ["BENCH_RSS_FILE"], "w") as f:
         json.dump({"hwm": status["VmHWM"], "rss": status["VmRSS"], "early": _state["early"],
                    "early_at": _state["early_at"], "count": _state["count"]}, f)
-'''
+"""
 
 
 def write_rss_suite(base: str, tests: int) -> Suite:
@@ -128,7 +152,9 @@ def write_rss_suite(base: str, tests: int) -> Suite:
     _write(os.path.join(root, "conftest.py"), RSS_CONFTEST)
     for index, start in enumerate(range(0, tests, per_file)):
         count = min(per_file, tests - start)
-        _write(os.path.join(root, f"test_{index:03d}.py"),
-               f"import pytest\n\n\n@pytest.mark.parametrize('i', range({count}))\n"
-               "def test_trivial(i):\n    pass\n")
+        _write(
+            os.path.join(root, f"test_{index:03d}.py"),
+            f"import pytest\n\n\n@pytest.mark.parametrize('i', range({count}))\n"
+            "def test_trivial(i):\n    pass\n",
+        )
     return Suite("rss", root, tests, "trivial parametrized tests, 500 a module")

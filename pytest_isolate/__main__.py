@@ -19,15 +19,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = "python -m pytest_isolate"
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Tools for pytest-isolate-linux. Tests are run with `pytest --isolate`.")
+        description="Tools for pytest-isolate-linux. Tests are run with `pytest --isolate`.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     commands.add_parser(
         "doctor",
         help="try every isolation feature on this host and print the fix for each one missing",
         description="Try every kernel feature pytest-isolate uses, each in a throw-away child "
-                    "process, and print a table with the fix for each one missing. Exit status "
-                    "0 when the default isolation works here, 1 otherwise.")
+        "process, and print a table with the fix for each one missing. Exit status "
+        "0 when the default isolation works here, 1 otherwise.",
+    )
     args = parser.parse_args(argv)
     if args.command == "doctor":
         return run_doctor(lambda line: print(line, flush=True))

@@ -122,8 +122,7 @@ def shared_ready(item: pytest.Item) -> bool:
         return False
     if shared_snapshot(item) is None:
         return False
-    return all(fixturedef.cached_result[2] is None
-               for _, fixturedef in _wider_fixtures(item))
+    return all(fixturedef.cached_result[2] is None for _, fixturedef in _wider_fixtures(item))
 
 
 def teardown_shared(item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -140,8 +139,9 @@ def release_parent_finalizers(item: pytest.Item) -> None:
             stack[node] = ([], exc)
 
 
-def call_in_phase(item: pytest.Item, when: str, func: Callable[[], None], *,
-                  hooks: bool = True) -> pytest.TestReport:
+def call_in_phase(
+    item: pytest.Item, when: str, func: Callable[[], None], *, hooks: bool = True
+) -> pytest.TestReport:
     """Run ``func`` as (part of) phase ``when`` with pytest's per-item capture,
     and make the report pytest would make for it. ``hooks=False`` builds it
     without pytest_runtest_makereport: plugins' wrappers of that hook saw the
@@ -209,8 +209,9 @@ def basetemp(config: pytest.Config) -> str | None:
     return str(factory.getbasetemp())
 
 
-def run_phases(item: pytest.Item, nextitem: pytest.Item | None,
-               send: Callable[[pytest.TestReport], None]) -> None:
+def run_phases(
+    item: pytest.Item, nextitem: pytest.Item | None, send: Callable[[pytest.TestReport], None]
+) -> None:
     """In the sandbox: runtestprotocol without logging, each report sent as soon
     as it exists (a crash in teardown still delivers setup and call)."""
     from _pytest.warnings import catch_warnings_for_item
@@ -221,8 +222,9 @@ def run_phases(item: pytest.Item, nextitem: pytest.Item | None,
         _run_phases(item, nextitem, send)
 
 
-def _run_phases(item: pytest.Item, nextitem: pytest.Item | None,
-                send: Callable[[pytest.TestReport], None]) -> None:
+def _run_phases(
+    item: pytest.Item, nextitem: pytest.Item | None, send: Callable[[pytest.TestReport], None]
+) -> None:
     init_request(item)
     rep = call_and_report(item, "setup", log=False)
     send(rep)
@@ -252,8 +254,9 @@ def reruns_expected(item: pytest.Item) -> bool:
         return False
 
 
-def install_protocol(isolated_protocol: Callable[..., list[pytest.TestReport]]
-                     ) -> Callable[[], None]:
+def install_protocol(
+    isolated_protocol: Callable[..., list[pytest.TestReport]],
+) -> Callable[[], None]:
     """Make ``isolated_protocol`` the runtestprotocol that pytest's runner and
     pytest-rerunfailures call (each looks it up in its own module). Returns
     the undo, for config.add_cleanup (pytester runs sessions in-process)."""

@@ -39,13 +39,47 @@ __all__ = [
 # include/uapi/linux/capability.h, in bit order. The numbering is kernel ABI and
 # never changes; new capabilities are only ever appended.
 _KERNEL_CAP_NAMES = (
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID",
-    "SETUID", "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST",
-    "NET_ADMIN", "NET_RAW", "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO",
-    "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT", "SYS_ADMIN", "SYS_BOOT", "SYS_NICE",
-    "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD", "LEASE", "AUDIT_WRITE",
-    "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG", "WAKE_ALARM",
-    "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "LINUX_IMMUTABLE",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_ADMIN",
+    "NET_RAW",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "SYS_MODULE",
+    "SYS_RAWIO",
+    "SYS_CHROOT",
+    "SYS_PTRACE",
+    "SYS_PACCT",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_NICE",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "MKNOD",
+    "LEASE",
+    "AUDIT_WRITE",
+    "AUDIT_CONTROL",
+    "SETFCAP",
+    "MAC_OVERRIDE",
+    "MAC_ADMIN",
+    "SYSLOG",
+    "WAKE_ALARM",
+    "BLOCK_SUSPEND",
+    "AUDIT_READ",
+    "PERFMON",
+    "BPF",
+    "CHECKPOINT_RESTORE",
 )
 
 
@@ -68,10 +102,23 @@ ALL_CAPS: tuple[str, ...] = _KERNEL_CAP_NAMES[: CAP_LAST_CAP + 1]
 #: What a test running as root keeps by default: Docker's 14 minus MKNOD.
 #: Docker can keep MKNOD only because its device cgroup denies access to the
 #: nodes; here writable mounts are nodev and tests do not need device nodes.
-DEFAULT_ROOT_CAPS: frozenset[str] = frozenset({
-    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP",
-    "NET_BIND_SERVICE", "NET_RAW", "SYS_CHROOT", "AUDIT_WRITE", "SETFCAP",
-})
+DEFAULT_ROOT_CAPS: frozenset[str] = frozenset(
+    {
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "NET_RAW",
+        "SYS_CHROOT",
+        "AUDIT_WRITE",
+        "SETFCAP",
+    }
+)
 
 _BIT = {name: bit for bit, name in enumerate(_KERNEL_CAP_NAMES)}
 
@@ -185,8 +232,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -205,8 +255,11 @@ def _capget() -> tuple[int, int, int]:
         err = ctypes.get_errno()
         raise OSError(err, f"capget: {os.strerror(err)}")
     low, high = data[0], data[1]
-    return (low.effective | high.effective << 32, low.permitted | high.permitted << 32,
-            low.inheritable | high.inheritable << 32)
+    return (
+        low.effective | high.effective << 32,
+        low.permitted | high.permitted << 32,
+        low.inheritable | high.inheritable << 32,
+    )
 
 
 def _missing_message(keep: frozenset[str]) -> str | None:
@@ -215,9 +268,11 @@ def _missing_message(keep: frozenset[str]) -> str | None:
     missing = caps_to_mask(keep) & ~(status["CapPrm"] & status["CapBnd"])
     if not missing:
         return None
-    return (f"apply_capabilities: cannot keep {_describe(missing)}: the process running the "
-            f"test does not hold it (CapPrm={status['CapPrm']:016x}, "
-            f"CapBnd={status['CapBnd']:016x}); remove it from caps_add or run pytest with it")
+    return (
+        f"apply_capabilities: cannot keep {_describe(missing)}: the process running the "
+        f"test does not hold it (CapPrm={status['CapPrm']:016x}, "
+        f"CapBnd={status['CapBnd']:016x}); remove it from caps_add or run pytest with it"
+    )
 
 
 def apply_capabilities(keep: frozenset[str]) -> None:
@@ -243,9 +298,12 @@ def apply_capabilities(keep: frozenset[str]) -> None:
             else:  # newer than the libcap python-prctl was built against
                 syscalls.prctl(_PR_CAPBSET_DROP, bit)
         except OSError as exc:
-            raise OSError(exc.errno, f"apply_capabilities: dropping {name} from the "
-                          f"bounding set (prctl PR_CAPBSET_DROP): {exc.strerror}; "
-                          f"CAP_SETPCAP is needed for that") from exc
+            raise OSError(
+                exc.errno,
+                f"apply_capabilities: dropping {name} from the "
+                f"bounding set (prctl PR_CAPBSET_DROP): {exc.strerror}; "
+                f"CAP_SETPCAP is needed for that",
+            ) from exc
 
     # 2. Ambient capabilities survive execve of unprivileged programs: a set
     #    left here by whatever started pytest would outlive the drop.
@@ -253,23 +311,27 @@ def apply_capabilities(keep: frozenset[str]) -> None:
         syscalls.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
     except OSError as exc:
         if exc.errno != errno.EINVAL:  # EINVAL: kernel before 4.3, no ambient set
-            raise OSError(exc.errno, "apply_capabilities: clearing the ambient set "
-                          f"(prctl PR_CAP_AMBIENT_CLEAR_ALL): {exc.strerror}") from exc
+            raise OSError(
+                exc.errno,
+                "apply_capabilities: clearing the ambient set "
+                f"(prctl PR_CAP_AMBIENT_CLEAR_ALL): {exc.strerror}",
+            ) from exc
 
     # 3. Inheritable empty, permitted and effective = keep, in one capset(2):
     #    lowering permitted is always allowed, and effective must stay within
     #    it. A non-empty inheritable set let programs with inheritable file
     #    capabilities gain them at execve in Moby/containerd (CVE-2022-24769).
     keep_bits = [_BIT[name] for name in keep]
-    other_bits = [bit for bit in range(min(CAP_LAST_CAP, prctl.CAP_LAST_CAP) + 1)
-                  if bit not in keep_bits]
+    other_bits = [
+        bit for bit in range(min(CAP_LAST_CAP, prctl.CAP_LAST_CAP) + 1) if bit not in keep_bits
+    ]
     try:
-        prctl.set_caps(keep_bits, keep_bits, [], other_bits, other_bits,
-                       keep_bits + other_bits)
+        prctl.set_caps(keep_bits, keep_bits, [], other_bits, other_bits, keep_bits + other_bits)
     except OSError as exc:
         message = _missing_message(keep) or (
             f"apply_capabilities: setting permitted and effective to "
-            f"{_describe(caps_to_mask(keep))} (capset): {exc.strerror}")
+            f"{_describe(caps_to_mask(keep))} (capset): {exc.strerror}"
+        )
         raise OSError(exc.errno, message) from exc
 
     # 4. no_new_privs, always: setuid/setgid bits and file capabilities stop
@@ -278,8 +340,10 @@ def apply_capabilities(keep: frozenset[str]) -> None:
     try:
         prctl.prctl(prctl.PR_SET_NO_NEW_PRIVS, 1)
     except OSError as exc:
-        raise OSError(exc.errno, "apply_capabilities: setting no_new_privs "
-                      f"(prctl PR_SET_NO_NEW_PRIVS): {exc.strerror}") from exc
+        raise OSError(
+            exc.errno,
+            f"apply_capabilities: setting no_new_privs (prctl PR_SET_NO_NEW_PRIVS): {exc.strerror}",
+        ) from exc
 
     # 5. Check the kernel's view: libcap sets only the bits it knows, and a
     #    capability missing from the bounding set passes steps 1-3 silently.
@@ -287,7 +351,12 @@ def apply_capabilities(keep: frozenset[str]) -> None:
     effective, permitted, inheritable = _capget()
     in_bounding = all(prctl.prctl(prctl.PR_CAPBSET_READ, bit) for bit in keep_bits)
     if (effective, permitted, inheritable) != (want, want, 0) or not in_bounding:
-        raise OSError(errno.EPERM, _missing_message(keep) or (
-            f"apply_capabilities: after the drop effective={effective:x}, "
-            f"permitted={permitted:x}, inheritable={inheritable:x}; expected {want:x}, "
-            f"{want:x}, 0"))
+        raise OSError(
+            errno.EPERM,
+            _missing_message(keep)
+            or (
+                f"apply_capabilities: after the drop effective={effective:x}, "
+                f"permitted={permitted:x}, inheritable={inheritable:x}; expected {want:x}, "
+                f"{want:x}, 0"
+            ),
+        )

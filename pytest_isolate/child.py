@@ -38,22 +38,29 @@ def forward_warning(warning_message: warnings.WarningMessage, when: str, nodeid:
     if FORWARD_FD is None:
         return
     category = warning_message.category
-    send_message(FORWARD_FD, "warning", {
-        "message": str(warning_message.message),
-        "category": f"{category.__module__}.{category.__qualname__}",
-        "filename": str(warning_message.filename),
-        "lineno": int(warning_message.lineno or 0),
-        "when": when,
-        "nodeid": nodeid,
-    })
+    send_message(
+        FORWARD_FD,
+        "warning",
+        {
+            "message": str(warning_message.message),
+            "category": f"{category.__module__}.{category.__qualname__}",
+            "filename": str(warning_message.filename),
+            "lineno": int(warning_message.lineno or 0),
+            "when": when,
+            "nodeid": nodeid,
+        },
+    )
 
 
 def _plugins_to_silence(manager: Any) -> list[object]:
     """xdist's WorkerInteractor, registered under a generated name by
     xdist 3 (under "workerinteractor" by older versions)."""
     # Its module is execnet's "__channelexec__" (xdist ships remote.py as source).
-    found = [plugin for plugin in manager.get_plugins()
-             if type(plugin).__name__ == "WorkerInteractor" and hasattr(plugin, "channel")]
+    found = [
+        plugin
+        for plugin in manager.get_plugins()
+        if type(plugin).__name__ == "WorkerInteractor" and hasattr(plugin, "channel")
+    ]
     for name in _PLUGINS_TO_SILENCE:
         plugin = manager.get_plugin(name)
         if plugin is not None and plugin not in found:
@@ -103,14 +110,16 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
 
     def send(report: pytest.TestReport) -> None:
         data: dict[str, Any] = config.hook.pytest_report_to_serializable(
-            config=config, report=report)
+            config=config, report=report
+        )
         send_message(ctx.result_fd, "report", data)
 
     coverage = start_in_sandbox(COVERAGE_DIR)
     try:
         compat.run_phases(item, nextitem, send)
     except pytest.exit.Exception as exc:
-        send_message(ctx.result_fd, "session_exit", {"msg": str(exc.msg),
-                                                     "returncode": exc.returncode})
+        send_message(
+            ctx.result_fd, "session_exit", {"msg": str(exc.msg), "returncode": exc.returncode}
+        )
     finally:
         stop_in_sandbox(coverage)

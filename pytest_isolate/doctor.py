@@ -44,11 +44,15 @@ from .seccomp import build_filter, load_filter, seccomp_available, syscall_numbe
 
 __all__ = ["Check", "clone3_into_cgroup", "header_line", "run_checks", "run_doctor"]
 
-_PACKAGES_FIX = ("apt-get install libcap-dev gcc python3-dev && pip install python-prctl "
-                 "(python-prctl builds against libcap's headers)")
-_CONTAINER_FIX = ("in Docker or Podman: `docker run --privileged ...`, or at least "
-                  "`--cap-add SYS_ADMIN --security-opt seccomp=unconfined "
-                  "--security-opt apparmor=unconfined`")
+_PACKAGES_FIX = (
+    "apt-get install libcap-dev gcc python3-dev && pip install python-prctl "
+    "(python-prctl builds against libcap's headers)"
+)
+_CONTAINER_FIX = (
+    "in Docker or Podman: `docker run --privileged ...`, or at least "
+    "`--cap-add SYS_ADMIN --security-opt seccomp=unconfined "
+    "--security-opt apparmor=unconfined`"
+)
 #: clone3(2)'s flag that forks straight into a cgroup v2 directory (Linux 5.7+).
 CLONE_INTO_CGROUP = 0x200000000
 
@@ -59,7 +63,7 @@ class Check:
 
     feature: str
     works: bool | None  # None: not applicable here
-    needed_by: str      # what uses the feature ("defaults" makes a failure fatal)
+    needed_by: str  # what uses the feature ("defaults" makes a failure fatal)
     detail: str
     fix: str = ""
     required: bool = False  # the default isolation cannot run without it
@@ -87,8 +91,11 @@ def _probe(body: Callable[[], str], timeout: float = 20.0) -> tuple[bool, str, i
             try:
                 result: dict[str, Any] = {"ok": True, "detail": body(), "errno": None}
             except BaseException as exc:  # every failure is a finding
-                result = {"ok": False, "detail": _describe_error(exc),
-                          "errno": getattr(exc, "errno", None)}
+                result = {
+                    "ok": False,
+                    "detail": _describe_error(exc),
+                    "errno": getattr(exc, "errno", None),
+                }
             os.write(write_fd, json.dumps(result).encode()[:60000])
         finally:
             os._exit(0)
@@ -177,6 +184,7 @@ def _probe_namespace(flag: int, rootless: bool) -> Callable[[], str]:
             sc.sethostname("doctor")
             return "sethostname works inside"
         return "unshare works"
+
     return body
 
 
@@ -194,7 +202,8 @@ def _pivot_root_probe(staging: str, rootless: bool) -> Callable[[], str]:
         left = os.listdir("/")
         if left:
             raise RuntimeError(f"the old root is still reachable: / holds {left[:5]}")
-        return "pivot_root(\".\", \".\") with the old root detached"
+        return 'pivot_root(".", ".") with the old root detached'
+
     return body
 
 
@@ -214,6 +223,7 @@ def _mount_setattr_probe(staging: str, rootless: bool) -> Callable[[], str]:
                 return "a submount became read-only with its parent (AT_RECURSIVE)"
             raise
         raise RuntimeError("a submount stayed writable after mount_setattr(AT_RECURSIVE)")
+
     return body
 
 
@@ -236,6 +246,7 @@ def _overlay_probe(staging: str, rootless: bool) -> Callable[[], str]:
             if f.read() != "lower":
                 raise RuntimeError("a write through the overlay reached its lower layer")
         return "writes land in the upper layer" + (" (user namespace)" if rootless else "")
+
     return body
 
 
@@ -245,8 +256,8 @@ def _caps_probe(rootless: bool) -> Callable[[], str]:
         keep = resolve_caps((), (), rootless=rootless)
         apply_capabilities(keep)
         effective = current_caps()["CapEff"]
-        return (f"dropped to {len(keep)} capabilities (CapEff={effective:016x}), "
-                "no_new_privs set")
+        return f"dropped to {len(keep)} capabilities (CapEff={effective:016x}), no_new_privs set"
+
     return body
 
 
@@ -267,6 +278,7 @@ def _landlock_probe(staging: str) -> Callable[[], str]:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(outside)
+
     return body
 
 
@@ -278,13 +290,20 @@ def _seccomp_probe(program: bytes) -> Callable[[], str]:
         libc.syscall.restype = ctypes.c_long
         # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0): the filter
         # must answer EPERM whatever the keyring would have said.
-        rc = libc.syscall(ctypes.c_long(syscall_number("keyctl")), ctypes.c_long(0),
-                          ctypes.c_long(-3), ctypes.c_long(0))
+        rc = libc.syscall(
+            ctypes.c_long(syscall_number("keyctl")),
+            ctypes.c_long(0),
+            ctypes.c_long(-3),
+            ctypes.c_long(0),
+        )
         err = ctypes.get_errno()
         if rc != -1 or err != errno.EPERM:
-            raise RuntimeError(f"keyctl was not refused by the loaded filter (rc={rc}, "
-                               f"errno={errno.errorcode.get(err, err)})")
+            raise RuntimeError(
+                f"keyctl was not refused by the loaded filter (rc={rc}, "
+                f"errno={errno.errorcode.get(err, err)})"
+            )
         return f"{len(program) // 8} BPF instructions loaded; keyctl refused with EPERM"
+
     return body
 
 
@@ -292,9 +311,22 @@ def _seccomp_probe(program: bytes) -> Callable[[], str]:
 
 
 class _CloneArgs(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
-        "tls", "set_tid", "set_tid_size", "cgroup")]
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags",
+            "pidfd",
+            "child_tid",
+            "parent_tid",
+            "exit_signal",
+            "stack",
+            "stack_size",
+            "tls",
+            "set_tid",
+            "set_tid_size",
+            "cgroup",
+        )
+    ]
 
 
 _SYS_CLONE3 = {"x86_64": 435, "aarch64": 435}.get(platform.machine())
@@ -314,8 +346,9 @@ def clone3_into_cgroup(cgroup_fd: int) -> int:
     libc = ctypes.PyDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
     args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
-    pid: int = libc.syscall(ctypes.c_long(_SYS_CLONE3), ctypes.byref(args),
-                            ctypes.c_size_t(ctypes.sizeof(args)))
+    pid: int = libc.syscall(
+        ctypes.c_long(_SYS_CLONE3), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))
+    )
     if pid < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"clone3(CLONE_INTO_CGROUP): {os.strerror(err)}")
@@ -335,6 +368,7 @@ def _clone3_probe(directory: str, cgpath: str) -> Callable[[], str]:
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"the child was not born in {cgpath}")
         return "the child is born in its cgroup: no cgroup.procs write per test"
+
     return body
 
 
@@ -368,18 +402,24 @@ def userns_fix() -> str:
     """The command that enables unprivileged user namespaces on this host."""
     fixes = []
     if _sysctl("kernel.unprivileged_userns_clone") == "0":
-        fixes.append("sysctl -w kernel.unprivileged_userns_clone=1 (Debian/Ubuntu kernels; "
-                     "persist it in /etc/sysctl.d/)")
+        fixes.append(
+            "sysctl -w kernel.unprivileged_userns_clone=1 (Debian/Ubuntu kernels; "
+            "persist it in /etc/sysctl.d/)"
+        )
     if _sysctl("user.max_user_namespaces") == "0":
         fixes.append("sysctl -w user.max_user_namespaces=15000")
     if _sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1":
-        fixes.append("Ubuntu 23.10+/24.04: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"
-                     " (or an AppArmor profile granting `userns,` to this Python)")
+        fixes.append(
+            "Ubuntu 23.10+/24.04: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"
+            " (or an AppArmor profile granting `userns,` to this Python)"
+        )
     if in_container():
         fixes.append(_CONTAINER_FIX + " (the default seccomp profile refuses unshare)")
     if not fixes:
-        fixes.append("run as root, or allow unprivileged user namespaces "
-                     "(sysctl user.max_user_namespaces > 0)")
+        fixes.append(
+            "run as root, or allow unprivileged user namespaces "
+            "(sysctl user.max_user_namespaces > 0)"
+        )
     return "; ".join(fixes)
 
 
@@ -399,8 +439,10 @@ def _mount_fix(err: int | None, rootless: bool) -> str:
     if in_container():
         return _CONTAINER_FIX
     if err == errno.EINVAL:
-        return ("pivot_root cannot leave an initramfs root: run from a real root file system "
-                "(or `switch_root` first)")
+        return (
+            "pivot_root cannot leave an initramfs root: run from a real root file system "
+            "(or `switch_root` first)"
+        )
     return "run as root (CAP_SYS_ADMIN) outside a restricted container"
 
 
@@ -426,36 +468,65 @@ def run_checks() -> list[Check]:
 def _namespace_checks(staging: str, rootless: bool) -> list[Check]:
     checks = []
     ok, detail, err = _probe(_probe_userns)
-    checks.append(Check("user namespaces", ok, "defaults" if rootless else "rootless only",
-                        detail, "" if ok else userns_fix(),
-                        required=rootless))
+    checks.append(
+        Check(
+            "user namespaces",
+            ok,
+            "defaults" if rootless else "rootless only",
+            detail,
+            "" if ok else userns_fix(),
+            required=rootless,
+        )
+    )
     if rootless and not ok:
         return checks  # every other probe would fail the same way
     where = " (in a user namespace)" if rootless else ""
     for name, flag, option in (
-            ("pid namespace", sc.CLONE_NEWPID, "CONFIG_PID_NS"),
-            ("mount namespace", sc.CLONE_NEWNS, "CONFIG_NAMESPACES"),
-            ("network namespace", sc.CLONE_NEWNET, "CONFIG_NET_NS"),
-            ("uts namespace", sc.CLONE_NEWUTS, "CONFIG_UTS_NS"),
-            ("ipc namespace", sc.CLONE_NEWIPC, "CONFIG_IPC_NS"),
-            ("cgroup namespace", sc.CLONE_NEWCGROUP, "CONFIG_CGROUPS")):
+        ("pid namespace", sc.CLONE_NEWPID, "CONFIG_PID_NS"),
+        ("mount namespace", sc.CLONE_NEWNS, "CONFIG_NAMESPACES"),
+        ("network namespace", sc.CLONE_NEWNET, "CONFIG_NET_NS"),
+        ("uts namespace", sc.CLONE_NEWUTS, "CONFIG_UTS_NS"),
+        ("ipc namespace", sc.CLONE_NEWIPC, "CONFIG_IPC_NS"),
+        ("cgroup namespace", sc.CLONE_NEWCGROUP, "CONFIG_CGROUPS"),
+    ):
         ok, detail, err = _probe(_probe_namespace(flag, rootless))
-        checks.append(Check(name, ok, "defaults", detail + ("" if not ok else where),
-                            "" if ok else _namespace_fix(option, err, rootless), required=True))
+        checks.append(
+            Check(
+                name,
+                ok,
+                "defaults",
+                detail + ("" if not ok else where),
+                "" if ok else _namespace_fix(option, err, rootless),
+                required=True,
+            )
+        )
     for name, probe, needed, required in (
-            ("pivot_root", _pivot_root_probe, "defaults", True),
-            ("mount_setattr (recursive read-only)", _mount_setattr_probe,
-             "a faster read-only root", False),
-            ("overlayfs" + (" in a user namespace" if rootless else ""), _overlay_probe,
-             "fs='overlay', rootfs= images", False)):
+        ("pivot_root", _pivot_root_probe, "defaults", True),
+        (
+            "mount_setattr (recursive read-only)",
+            _mount_setattr_probe,
+            "a faster read-only root",
+            False,
+        ),
+        (
+            "overlayfs" + (" in a user namespace" if rootless else ""),
+            _overlay_probe,
+            "fs='overlay', rootfs= images",
+            False,
+        ),
+    ):
         ok, detail, err = _probe(probe(staging, rootless))
         fix = ""
         if not ok and probe is _mount_setattr_probe:
             fix = "Linux 5.12+ (without it the sandbox remounts each submount read-only)"
         elif not ok and probe is _overlay_probe:
-            fix = ("modprobe overlay" if err == errno.ENODEV else
-                   "Linux 5.11+ for overlayfs in a user namespace" if rootless else
-                   _mount_fix(err, rootless))
+            fix = (
+                "modprobe overlay"
+                if err == errno.ENODEV
+                else "Linux 5.11+ for overlayfs in a user namespace"
+                if rootless
+                else _mount_fix(err, rootless)
+            )
         elif not ok:
             fix = _mount_fix(err, rootless)
         checks.append(Check(name, ok, needed, detail, fix, required=required))
@@ -468,23 +539,39 @@ def _cgroup_checks(rootless: bool) -> list[Check]:
         manager = open_cgroups(owner_tag="doctor")
     except CgroupUnavailable as exc:
         checks = [Check("cgroups", False, "memory=, pids=, cpu=", exc.missing, exc.fix)]
-        checks.extend(Check(f"cgroup {c} controller", False, needed[c], "no usable cgroup",
-                            "see the cgroups row") for c in CONTROLLERS)
+        checks.extend(
+            Check(
+                f"cgroup {c} controller",
+                False,
+                needed[c],
+                "no usable cgroup",
+                "see the cgroups row",
+            )
+            for c in CONTROLLERS
+        )
         return checks
     checks = []
     try:
-        checks.append(Check("cgroups", True, "memory=, pids=, cpu=",
-                            manager.describe()))
+        checks.append(Check("cgroups", True, "memory=, pids=, cpu=", manager.describe()))
         peak_check = swap_check = None
         for controller in CONTROLLERS:
             if controller not in manager.controllers:
                 problem = manager.unavailable.get(controller)
-                checks.append(Check(f"cgroup {controller} controller", False, needed[controller],
-                                    problem.missing if problem else "not usable",
-                                    problem.fix if problem else "see the cgroups row"))
+                checks.append(
+                    Check(
+                        f"cgroup {controller} controller",
+                        False,
+                        needed[controller],
+                        problem.missing if problem else "not usable",
+                        problem.fix if problem else "see the cgroups row",
+                    )
+                )
                 continue
-            limits = {"memory": Limits(memory=64 << 20), "pids": Limits(pids=64),
-                      "cpu": Limits(cpu=0.5)}[controller]
+            limits = {
+                "memory": Limits(memory=64 << 20),
+                "pids": Limits(pids=64),
+                "cpu": Limits(cpu=0.5),
+            }[controller]
             ok, detail, err = False, "", None
             try:
                 cgroup = manager.create(limits)
@@ -492,17 +579,26 @@ def _cgroup_checks(rootless: bool) -> list[Check]:
                 detail = _describe_error(exc)
             else:
                 try:
-                    ok, detail, err = _probe(_place_probe(cgroup.procs_files, controller,
-                                                          place_current_process))
+                    ok, detail, err = _probe(
+                        _place_probe(cgroup.procs_files, controller, place_current_process)
+                    )
                     if ok and controller == "memory":
                         # Read while the cgroup exists: its files are the evidence.
                         peak_check = _peak_check(cgroup.stats().peak_memory, manager.version)
-                        swap_check = _swap_check(os.path.dirname(cgroup.procs_files[0]),
-                                                 manager.version)
+                        swap_check = _swap_check(
+                            os.path.dirname(cgroup.procs_files[0]), manager.version
+                        )
                 finally:
                     cgroup.remove()
-            checks.append(Check(f"cgroup {controller} controller", ok, needed[controller],
-                                detail, "" if ok else _cgroup_fix(rootless, err)))
+            checks.append(
+                Check(
+                    f"cgroup {controller} controller",
+                    ok,
+                    needed[controller],
+                    detail,
+                    "" if ok else _cgroup_fix(rootless, err),
+                )
+            )
         if peak_check and swap_check:
             checks.extend((peak_check, swap_check))
         checks.append(_clone3_check(manager, rootless))
@@ -511,14 +607,16 @@ def _cgroup_checks(rootless: bool) -> list[Check]:
     return checks
 
 
-def _place_probe(procs_files: tuple[str, ...], controller: str,
-                 place: Callable[[tuple[str, ...]], None]) -> Callable[[], str]:
+def _place_probe(
+    procs_files: tuple[str, ...], controller: str, place: Callable[[tuple[str, ...]], None]
+) -> Callable[[], str]:
     def body() -> str:
         place(procs_files)
         if controller == "memory":
             ballast = bytearray(8 << 20)  # touched: charged to the test's cgroup
             del ballast
         return f"{controller} limit written, a child placed in the test cgroup"
+
     return body
 
 
@@ -529,12 +627,18 @@ def _cgroup_fix(rootless: bool, err: int | None) -> str:
 
 
 def _peak_check(peak: int | None, version: int) -> Check:
-    name = "peak memory (memory.peak)" if version == 2 else \
-        "peak memory (memory.max_usage_in_bytes)"
+    name = (
+        "peak memory (memory.peak)" if version == 2 else "peak memory (memory.max_usage_in_bytes)"
+    )
     if peak:
         return Check(name, True, "peak memory", f"{peak / 2**20:.1f} MiB measured")
-    return Check(name, False, "peak memory", "the kernel keeps no peak counter",
-                 "Linux 5.19+ for memory.peak (limits work without it)")
+    return Check(
+        name,
+        False,
+        "peak memory",
+        "the kernel keeps no peak counter",
+        "Linux 5.19+ for memory.peak (limits work without it)",
+    )
 
 
 def _swap_check(directory: str, version: int) -> Check:
@@ -542,32 +646,57 @@ def _swap_check(directory: str, version: int) -> Check:
     with open("/proc/swaps") as f:
         swap_on = len(f.read().splitlines()) > 1
     if os.path.exists(f"{directory}/{control}"):
-        return Check("swap accounting", True, "memory= without swap",
-                     f"{control} present" + ("" if swap_on else " (no swap configured)"))
+        return Check(
+            "swap accounting",
+            True,
+            "memory= without swap",
+            f"{control} present" + ("" if swap_on else " (no swap configured)"),
+        )
     if not swap_on:
-        return Check("swap accounting", None, "memory= without swap",
-                     f"no {control}, but no swap is configured: limits hold")
-    return Check("swap accounting", False, "memory= without swap",
-                 f"no {control}: a test over its limit swaps instead of being killed",
-                 "boot with swapaccount=1 (kernel command line) or turn swap off")
+        return Check(
+            "swap accounting",
+            None,
+            "memory= without swap",
+            f"no {control}, but no swap is configured: limits hold",
+        )
+    return Check(
+        "swap accounting",
+        False,
+        "memory= without swap",
+        f"no {control}: a test over its limit swaps instead of being killed",
+        "boot with swapaccount=1 (kernel command line) or turn swap off",
+    )
 
 
 def _clone3_check(manager: Any, rootless: bool) -> Check:
     name = "clone3 CLONE_INTO_CGROUP"
     need = "cheaper placement (v2)"
     if manager.version != 2:
-        return Check(name, None, need, "cgroup v1: each test is placed by a cgroup.procs "
-                     "write (10-15 ms when tests are 15 ms or more apart, see "
-                     "docs/performance.md)")
+        return Check(
+            name,
+            None,
+            need,
+            "cgroup v1: each test is placed by a cgroup.procs "
+            "write (10-15 ms when tests are 15 ms or more apart, see "
+            "docs/performance.md)",
+        )
     cgroup = manager.create(Limits())
     try:
         cgpath = manager.hierarchy.cgpath_of(cgroup.clone_into)
         ok, detail, err = _probe(_clone3_probe(cgroup.clone_into, cgpath))
     finally:
         cgroup.remove()
-    fix = "" if ok else ("Linux 5.7+" if err == errno.ENOSYS else
-                         _CONTAINER_FIX + " (Docker's seccomp profile answers ENOSYS)"
-                         if in_container() else "")
+    fix = (
+        ""
+        if ok
+        else (
+            "Linux 5.7+"
+            if err == errno.ENOSYS
+            else _CONTAINER_FIX + " (Docker's seccomp profile answers ENOSYS)"
+            if in_container()
+            else ""
+        )
+    )
     return Check(name, ok, need, detail, fix)
 
 
@@ -577,43 +706,79 @@ def _filter_checks(rootless: bool) -> list[Check]:
         # python-prctl's C extension, which capabilities.py loads on first use.
         importlib.import_module("_prctl")
     except ImportError as exc:
-        checks.append(Check("capabilities (python-prctl)", False, "defaults", str(exc),
-                            _PACKAGES_FIX, required=True))
+        checks.append(
+            Check(
+                "capabilities (python-prctl)",
+                False,
+                "defaults",
+                str(exc),
+                _PACKAGES_FIX,
+                required=True,
+            )
+        )
         granted: frozenset[str] = frozenset()
     else:
         ok, detail, err = _probe(_caps_probe(rootless))
-        checks.append(Check("capabilities (python-prctl)", ok, "defaults", detail,
-                            "" if ok else (_CONTAINER_FIX if in_container() else _PACKAGES_FIX),
-                            required=True))
+        checks.append(
+            Check(
+                "capabilities (python-prctl)",
+                ok,
+                "defaults",
+                detail,
+                "" if ok else (_CONTAINER_FIX if in_container() else _PACKAGES_FIX),
+                required=True,
+            )
+        )
         granted = resolve_caps((), (), rootless=rootless)
     reason = seccomp_available()
     if reason is not None:
-        checks.append(Check("seccomp filter (libseccomp)", False, "defaults", reason,
-                            "apt-get install libseccomp2 (2.5+), or run with "
-                            "--isolate-seccomp=false", required=True))
+        checks.append(
+            Check(
+                "seccomp filter (libseccomp)",
+                False,
+                "defaults",
+                reason,
+                "apt-get install libseccomp2 (2.5+), or run with --isolate-seccomp=false",
+                required=True,
+            )
+        )
         return checks
     try:
         program = build_filter(granted)
     except OSError as exc:
-        checks.append(Check("seccomp filter (libseccomp)", False, "defaults",
-                            _describe_error(exc), "apt-get install libseccomp2 (2.5+)",
-                            required=True))
+        checks.append(
+            Check(
+                "seccomp filter (libseccomp)",
+                False,
+                "defaults",
+                _describe_error(exc),
+                "apt-get install libseccomp2 (2.5+)",
+                required=True,
+            )
+        )
         return checks
     ok, detail, err = _probe(_seccomp_probe(program))
-    fix = "" if ok else ("a kernel with CONFIG_SECCOMP_FILTER=y" if err == errno.EINVAL
-                         else _CONTAINER_FIX)
-    checks.append(Check("seccomp filter (libseccomp)", ok, "defaults", detail, fix,
-                        required=True))
+    fix = (
+        ""
+        if ok
+        else ("a kernel with CONFIG_SECCOMP_FILTER=y" if err == errno.EINVAL else _CONTAINER_FIX)
+    )
+    checks.append(Check("seccomp filter (libseccomp)", ok, "defaults", detail, fix, required=True))
     return checks
 
 
 def _landlock_check(staging: str) -> Check:
     ok, detail, _ = _probe(_landlock_probe(staging))
-    fix = "" if ok else ("Linux 5.13+ with Landlock among the active security modules "
-                         "(CONFIG_SECURITY_LANDLOCK=y; boot with lsm=landlock,... if "
-                         "/sys/kernel/security/lsm does not list it)")
-    return Check("Landlock (writes confined)", ok,
-                 "kept descriptors read-only", detail, fix)
+    fix = (
+        ""
+        if ok
+        else (
+            "Linux 5.13+ with Landlock among the active security modules "
+            "(CONFIG_SECURITY_LANDLOCK=y; boot with lsm=landlock,... if "
+            "/sys/kernel/security/lsm does not list it)"
+        )
+    )
+    return Check("Landlock (writes confined)", ok, "kept descriptors read-only", detail, fix)
 
 
 def _sandbox_check(staging: str, rootless: bool) -> Check:
@@ -621,8 +786,10 @@ def _sandbox_check(staging: str, rootless: bool) -> Check:
     ok, detail, _ = _probe(lambda: _default_sandbox(staging, rootless), timeout=60)
     fix = ""
     if not ok:
-        fix = ("the rows above name the missing feature; docs/troubleshooting.md lists each "
-               "setup step's errors")
+        fix = (
+            "the rows above name the missing feature; docs/troubleshooting.md lists each "
+            "setup step's errors"
+        )
     return Check("default sandbox (every layer)", ok, "defaults", detail, fix, required=True)
 
 
@@ -630,13 +797,26 @@ def _default_sandbox(staging: str, rootless: bool) -> str:  # pragma: no cover -
     root = os.path.join(staging, "root")
     os.makedirs(root, exist_ok=True)
     caps = resolve_caps((), (), rootless=rootless)
-    rootfs = plan_rootfs(staging=root, cwd=os.getcwd(), home=os.environ.get("HOME"),
-                         project=project_paths([os.getcwd()]), binds=(), writable_paths=(),
-                         tmpfs_size=64 << 20, rootless=rootless,
-                         cgroup2=os.path.exists("/sys/fs/cgroup/cgroup.controllers"))
+    rootfs = plan_rootfs(
+        staging=root,
+        cwd=os.getcwd(),
+        home=os.environ.get("HOME"),
+        project=project_paths([os.getcwd()]),
+        binds=(),
+        writable_paths=(),
+        tmpfs_size=64 << 20,
+        rootless=rootless,
+        cgroup2=os.path.exists("/sys/fs/cgroup/cgroup.controllers"),
+    )
     program = build_filter(caps) if seccomp_available() is None else None
-    plan = SandboxPlan(namespaces=True, rootless=rootless, hostname="isolated", rootfs=rootfs,
-                       caps=caps, seccomp_program=program)
+    plan = SandboxPlan(
+        namespaces=True,
+        rootless=rootless,
+        hostname="isolated",
+        rootfs=rootfs,
+        caps=caps,
+        seccomp_program=program,
+    )
     sandbox = spawn(plan, cgroup_procs=(), run_test=_inside_sandbox, foreign_fds=set)
     try:
         sandbox.go()
@@ -648,10 +828,15 @@ def _default_sandbox(staging: str, rootless: bool) -> str:  # pragma: no cover -
             error = str(message.payload.get("error", "?")).strip().splitlines()[-1]
             raise RuntimeError(f"setup failed at step '{message.payload.get('step')}': {error}")
     if not any(message.type == "done" for message in outcome.messages):
-        raise RuntimeError(f"the sandbox ended without running its test (wait status "
-                           f"{outcome.wait_status}, test status {outcome.test_status})")
-    return ("namespaces, read-only root, hostname, capabilities"
-            + (", seccomp" if program else "") + ": a test ran inside")
+        raise RuntimeError(
+            f"the sandbox ended without running its test (wait status "
+            f"{outcome.wait_status}, test status {outcome.test_status})"
+        )
+    return (
+        "namespaces, read-only root, hostname, capabilities"
+        + (", seccomp" if program else "")
+        + ": a test ran inside"
+    )
 
 
 def _inside_sandbox(ctx: Any) -> None:  # pragma: no cover - runs in the sandbox
@@ -672,14 +857,22 @@ def _inside_sandbox(ctx: Any) -> None:  # pragma: no cover - runs in the sandbox
 def format_table(checks: list[Check]) -> list[str]:
     rows = [("feature", "works", "needed by", "detail")]
     for check in checks:
-        works = ("n/a" if check.works is None else "yes" if check.works
-                 else "NO" if check.required else "no")
+        works = (
+            "n/a"
+            if check.works is None
+            else "yes"
+            if check.works
+            else "NO"
+            if check.required
+            else "no"
+        )
         rows.append((check.feature, works, check.needed_by, check.detail))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = []
     for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3]))
-                     + "  " + row[3])
+        lines.append(
+            "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:3])) + "  " + row[3]
+        )
         if index == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
         elif checks[index - 1].fix and checks[index - 1].works is False:
@@ -691,8 +884,10 @@ def _host_line() -> str:
     uid = os.geteuid()
     who = "root" if uid == 0 else f"rootless (uid {uid})"
     where = ", in a container" if in_container() else ""
-    return (f"pytest-isolate doctor: {who}{where}; Linux {platform.release()} "
-            f"{platform.machine()}; Python {platform.python_version()} ({sys.executable})")
+    return (
+        f"pytest-isolate doctor: {who}{where}; Linux {platform.release()} "
+        f"{platform.machine()}; Python {platform.python_version()} ({sys.executable})"
+    )
 
 
 def run_doctor(write: Callable[[str], None]) -> int:
@@ -705,11 +900,17 @@ def run_doctor(write: Callable[[str], None]) -> int:
         write(line)
     write("")
     fatal = [c.feature for c in checks if c.required and c.works is False]
-    optional = [use for c in checks if not c.required and c.works is False
-                for use in c.needed_by.split(", ")]
+    optional = [
+        use
+        for c in checks
+        if not c.required and c.works is False
+        for use in c.needed_by.split(", ")
+    ]
     if fatal:
-        write(f"--isolate cannot run with its defaults here: {', '.join(fatal)} "
-              f"({len(fatal)} missing). Apply the fixes above, then run the doctor again.")
+        write(
+            f"--isolate cannot run with its defaults here: {', '.join(fatal)} "
+            f"({len(fatal)} missing). Apply the fixes above, then run the doctor again."
+        )
         return 1
     text = "--isolate works here with every default layer"
     if optional:
@@ -726,8 +927,10 @@ def _userns_summary() -> str:
     # From sysctls only: the header must not fork. The doctor tries it for real.
     if _sysctl("user.max_user_namespaces") == "0":
         return "user namespaces disabled"
-    if os.geteuid() != 0 and (_sysctl("kernel.unprivileged_userns_clone") == "0" or
-                              _sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1"):
+    if os.geteuid() != 0 and (
+        _sysctl("kernel.unprivileged_userns_clone") == "0"
+        or _sysctl("kernel.apparmor_restrict_unprivileged_userns") == "1"
+    ):
         return "unprivileged user namespaces restricted"
     return "user namespaces available"
 
@@ -735,8 +938,11 @@ def _userns_summary() -> str:
 @cache
 def _seccomp_summary() -> str:
     reason = seccomp_available()
-    return "seccomp available" if reason is None else "seccomp unavailable (" + \
-        reason.split(";")[0] + ")"
+    return (
+        "seccomp available"
+        if reason is None
+        else "seccomp unavailable (" + reason.split(";")[0] + ")"
+    )
 
 
 def header_line(engine: Any) -> str:

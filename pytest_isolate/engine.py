@@ -162,12 +162,12 @@ class Engine:
 
     def _project_paths(self, strict: bool) -> list[str]:
         if strict not in self._project:
-            extra = [str(self.config.rootpath), str(self.config.invocation_params.dir),
-                     os.getcwd()]
+            extra = [str(self.config.rootpath), str(self.config.invocation_params.dir), os.getcwd()]
             # Strict shows fewer system directories (no /opt, no /var): what
             # Python needs from those is bound on its own.
             self._project[strict] = project_paths(
-                extra, STRICT_SYSTEM_DIRS if strict else SYSTEM_DIRS)
+                extra, STRICT_SYSTEM_DIRS if strict else SYSTEM_DIRS
+            )
         return self._project[strict]
 
     def plan_for(self, spec: IsolationSpec) -> SandboxPlan:
@@ -196,12 +196,19 @@ class Engine:
                 except ImageError as exc:
                     raise IsolationUnavailable(str(exc)) from None
             rootfs = plan_rootfs(
-                staging=self._staging_dir(), cwd=os.getcwd(), home=os.environ.get("HOME"),
-                project=self._project_paths(spec.strict), binds=spec.binds,
+                staging=self._staging_dir(),
+                cwd=os.getcwd(),
+                home=os.environ.get("HOME"),
+                project=self._project_paths(spec.strict),
+                binds=spec.binds,
                 writable_paths=writable,
-                tmpfs_size=spec.tmpfs_size, rootless=self.rootless,
-                cgroup2=getattr(cgroups, "version", 0) == 2, overlay=spec.fs == "overlay",
-                image_root=image_root, strict=spec.strict)
+                tmpfs_size=spec.tmpfs_size,
+                rootless=self.rootless,
+                cgroup2=getattr(cgroups, "version", 0) == 2,
+                overlay=spec.fs == "overlay",
+                image_root=image_root,
+                strict=spec.strict,
+            )
         caps = None
         granted: frozenset[str] = frozenset()
         if spec.has("caps") and (namespaces or not self.rootless):
@@ -221,15 +228,23 @@ class Engine:
             if reason:
                 raise IsolationUnavailable(
                     f"the syscall filter is not available: {reason}; or run this test with "
-                    "@pytest.mark.isolated(seccomp=False) / --isolate-seccomp=false")
+                    "@pytest.mark.isolated(seccomp=False) / --isolate-seccomp=false"
+                )
             program = self._filters.get(granted)
             if program is None:
                 program = self._filters[granted] = build_filter(granted)
         return SandboxPlan(
-            namespaces=namespaces, rootless=self.rootless and namespaces,
-            new_net=spec.net == "none" and spec.pod is None, pod_netns=None,
-            hostname=spec.hostname, rootfs=rootfs, caps=caps, seccomp_program=program,
-            env_allow=spec.env, strict_fds=spec.strict)
+            namespaces=namespaces,
+            rootless=self.rootless and namespaces,
+            new_net=spec.net == "none" and spec.pod is None,
+            pod_netns=None,
+            hostname=spec.hostname,
+            rootfs=rootfs,
+            caps=caps,
+            seccomp_program=program,
+            env_allow=spec.env,
+            strict_fds=spec.strict,
+        )
 
     def _foreign_fds(self) -> set[int]:
         """pytest's descriptors a test process must not keep: other sandboxes'
@@ -241,8 +256,9 @@ class Engine:
             fds.add(self._init_factory.fileno())
         return fds
 
-    def _spawn(self, item: pytest.Item, spec: IsolationSpec,
-               ahead: bool = False) -> tuple[Sandbox, Any]:
+    def _spawn(
+        self, item: pytest.Item, spec: IsolationSpec, ahead: bool = False
+    ) -> tuple[Sandbox, Any]:
         """A sandbox for ``item``. ``ahead``: it has the current test's run
         time to get ready, enough to copy ahead the pages it will write."""
         plan = self.plan_for(spec)
@@ -270,19 +286,23 @@ class Engine:
             elif wants_limit:
                 raise IsolationUnavailable(
                     f"this test asks for a resource limit but no usable cgroup was found: "
-                    f"{self._cgroup_error}")
+                    f"{self._cgroup_error}"
+                )
         # Freeze what pytest's process holds so the sandbox's garbage collector
         # does not write to (copy, and be charged for) the whole inherited heap;
         # unfreeze right after so pytest's own cycles are still collected.
         gc.freeze()
         try:
-            sandbox = spawn(plan, cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
-                            run_test=partial(run_in_sandbox, item),
-                            foreign_fds=self._foreign_fds,
-                            keep_fds=partial(compat.capture_fds, self.config),
-                            init_factory=self.init_factory() if plan.namespaces else None,
-                            cleanup=cgroup.remove if cgroup else None,
-                            prefault=self._hot_pages if ahead else ())
+            sandbox = spawn(
+                plan,
+                cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
+                run_test=partial(run_in_sandbox, item),
+                foreign_fds=self._foreign_fds,
+                keep_fds=partial(compat.capture_fds, self.config),
+                init_factory=self.init_factory() if plan.namespaces else None,
+                cleanup=cgroup.remove if cgroup else None,
+                prefault=self._hot_pages if ahead else (),
+            )
         except BaseException:
             if cgroup is not None:
                 cgroup.remove()
@@ -305,8 +325,9 @@ class Engine:
         return self._sandboxes_seen <= 2 or self._sandboxes_seen % _RELEARN_EVERY == 0
 
     def _learn_hot_pages(self, sandbox: Sandbox) -> None:
-        pages = written_ranges(sandbox.pid, private_writable_mappings(),
-                               max_pages=_PREFAULT_MAX_PAGES)
+        pages = written_ranges(
+            sandbox.pid, private_writable_mappings(), max_pages=_PREFAULT_MAX_PAGES
+        )
         if pages:
             self._hot_pages = pages
 
@@ -331,8 +352,9 @@ class Engine:
 
     # ------------------------------------------------------------------ the protocol
 
-    def run(self, item: pytest.Item, nextitem: pytest.Item | None,
-            spec: IsolationSpec) -> list[pytest.TestReport]:
+    def run(
+        self, item: pytest.Item, nextitem: pytest.Item | None, spec: IsolationSpec
+    ) -> list[pytest.TestReport]:
         """runtestprotocol for one isolated item; returns its reports in order."""
         compat.init_request(item)
         if not compat.shared_ready(item):
@@ -372,9 +394,9 @@ class Engine:
         deferred, self._deferred_teardown = self._deferred_teardown, None
         if deferred is None or deferred[0] is not item:
             return None
-        report = compat.call_in_phase(item, "teardown",
-                                      lambda: compat.teardown_shared(item, deferred[1]),
-                                      hooks=False)
+        report = compat.call_in_phase(
+            item, "teardown", lambda: compat.teardown_shared(item, deferred[1]), hooks=False
+        )
         return report if report.failed else None
 
     def finish_item(self) -> None:
@@ -410,9 +432,12 @@ class Engine:
     def _take_or_spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
-            if (prepared.item is item and prepared.spec == spec
-                    and compat.shared_snapshot(item) == prepared.snapshot
-                    and prepared.sandbox.pid > 0):
+            if (
+                prepared.item is item
+                and prepared.spec == spec
+                and compat.shared_snapshot(item) == prepared.snapshot
+                and prepared.sandbox.pid > 0
+            ):
                 return prepared.sandbox, prepared.cgroup
             self._release(prepared.sandbox)
         return self._spawn(item, spec)
@@ -444,8 +469,14 @@ class Engine:
             return  # it fails again, with a report, when its turn comes
         self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup)
 
-    def _teardown(self, item: pytest.Item, nextitem: pytest.Item | None,
-                  child: pytest.TestReport | None, *, hooks: bool = False) -> pytest.TestReport:
+    def _teardown(
+        self,
+        item: pytest.Item,
+        nextitem: pytest.Item | None,
+        child: pytest.TestReport | None,
+        *,
+        hooks: bool = False,
+    ) -> pytest.TestReport:
         """The teardown report: the sandbox's, merged with the teardown of
         wider fixtures in pytest's process. ``hooks`` only when the setup
         report was also made through pytest_runtest_makereport here."""
@@ -458,24 +489,32 @@ class Engine:
             return compat.call_in_phase(item, "teardown", lambda: None, hooks=hooks)
         if child is not None and nextitem is not None and nextitem.parent is item.parent:
             return child  # pytest's process has nothing to tear down before a sibling
-        parent = compat.call_in_phase(item, "teardown",
-                                      lambda: compat.teardown_shared(item, nextitem),
-                                      hooks=hooks)
+        parent = compat.call_in_phase(
+            item, "teardown", lambda: compat.teardown_shared(item, nextitem), hooks=hooks
+        )
         if child is None:
             return parent
         if parent.failed and not child.failed:
             parent.sections = [*child.sections, *parent.sections]
             return parent
         if parent.failed:
-            child.sections.append(("teardown of wider fixtures in pytest's process",
-                                   str(parent.longrepr)))
+            child.sections.append(
+                ("teardown of wider fixtures in pytest's process", str(parent.longrepr))
+            )
         return child
 
     # ------------------------------------------------------------------ results
 
-    def _interpret(self, item: pytest.Item, nextitem: pytest.Item | None,
-                   spec: IsolationSpec, outcome: SandboxOutcome, stats: Any, out: str,
-                   err: str) -> list[pytest.TestReport]:
+    def _interpret(
+        self,
+        item: pytest.Item,
+        nextitem: pytest.Item | None,
+        spec: IsolationSpec,
+        outcome: SandboxOutcome,
+        stats: Any,
+        out: str,
+        err: str,
+    ) -> list[pytest.TestReport]:
         reports: list[pytest.TestReport] = []
         problem: str | None = None
         done = False
@@ -493,8 +532,10 @@ class Engine:
             elif msg.type == "setup_failed" and isinstance(msg.payload, dict):
                 setup_failure = msg.payload
             elif msg.type == "session_exit" and isinstance(msg.payload, dict):
-                exit_request = (str(msg.payload.get("msg", "")),
-                                _int(msg.payload.get("returncode"), 1))
+                exit_request = (
+                    str(msg.payload.get("msg", "")),
+                    _int(msg.payload.get("returncode"), 1),
+                )
             if problem:
                 break
         if outcome.protocol_error and not problem:
@@ -505,8 +546,10 @@ class Engine:
         if problem:
             text = f"the isolated test sent a malformed result: {problem}"
         elif outcome.timed_out:
-            text = (f"Timeout: the test ran longer than its timeout of {spec.timeout:g} s; its "
-                    "whole process tree was killed.")
+            text = (
+                f"Timeout: the test ran longer than its timeout of {spec.timeout:g} s; its "
+                "whole process tree was killed."
+            )
             if outcome.stack:
                 text += "\n\n" + outcome.stack.rstrip()
         elif setup_failure is not None:
@@ -516,16 +559,23 @@ class Engine:
         if text is not None and phase != "done":
             assert phase in _PHASES
             sections = _output_sections(phase, out, err)
-            reports.append(self._report(item, phase, text, spec=spec, sections=sections,
-                                        duration=outcome.duration))
+            reports.append(
+                self._report(
+                    item, phase, text, spec=spec, sections=sections, duration=outcome.duration
+                )
+            )
         elif text is not None:
             # Every report arrived but the end was not clean: note it on teardown.
             reports[-1].sections.append(("isolation", text))
         if oom and text is None and reports:
-            reports[-1].sections.append((
-                "isolation", f"the kernel's OOM killer ended {stats.oom_kills} process(es) "
-                "of this test (its memory limit is "
-                f"{format_size(spec.memory) if spec.memory else 'unset'})"))
+            reports[-1].sections.append(
+                (
+                    "isolation",
+                    f"the kernel's OOM killer ended {stats.oom_kills} process(es) "
+                    "of this test (its memory limit is "
+                    f"{format_size(spec.memory) if spec.memory else 'unset'})",
+                )
+            )
         child_teardown = reports.pop() if reports and reports[-1].when == "teardown" else None
         reports.append(self._teardown(item, nextitem, child_teardown))
         _annotate(reports, spec, stats)
@@ -533,9 +583,9 @@ class Engine:
             self.pending_exit = exit_request
         return reports
 
-    def _accept_report(self, item: pytest.Item, msg: Message,
-                       reports: list[pytest.TestReport]
-                       ) -> tuple[pytest.TestReport | None, str | None]:
+    def _accept_report(
+        self, item: pytest.Item, msg: Message, reports: list[pytest.TestReport]
+    ) -> tuple[pytest.TestReport | None, str | None]:
         data = msg.payload
         if not isinstance(data, dict) or data.get("$report_type") != "TestReport":
             return None, "a report frame does not hold a TestReport"
@@ -547,8 +597,7 @@ class Engine:
         if isinstance(data.get("sections"), list):
             data["sections"] = [tuple(s) if isinstance(s, list) else s for s in data["sections"]]
         try:
-            report = self.config.hook.pytest_report_from_serializable(config=self.config,
-                                                                      data=data)
+            report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
         except Exception as exc:
             return None, f"a report could not be rebuilt ({type(exc).__name__}: {exc})"
         if not isinstance(report, pytest.TestReport) or report.nodeid != item.nodeid:
@@ -559,24 +608,53 @@ class Engine:
             return None, f"a report has the outcome {report.outcome!r}"
         return _lean_copy(report, item), None
 
-    def _report(self, item: pytest.Item, when: Literal["setup", "call", "teardown"], text: str,
-                *, spec: IsolationSpec | None,
-                sections: list[tuple[str, str]] | None = None,
-                duration: float = 0.0) -> pytest.TestReport:
+    def _report(
+        self,
+        item: pytest.Item,
+        when: Literal["setup", "call", "teardown"],
+        text: str,
+        *,
+        spec: IsolationSpec | None,
+        sections: list[tuple[str, str]] | None = None,
+        duration: float = 0.0,
+    ) -> pytest.TestReport:
         now = time.time()
         return pytest.TestReport(
-            item.nodeid, item.location, {k: 1 for k in item.keywords}, "failed", text, when,
-            sections=sections or [], duration=duration, start=now - duration, stop=now,
-            user_properties=list(getattr(item, "user_properties", [])))
+            item.nodeid,
+            item.location,
+            {k: 1 for k in item.keywords},
+            "failed",
+            text,
+            when,
+            sections=sections or [],
+            duration=duration,
+            start=now - duration,
+            stop=now,
+            user_properties=list(getattr(item, "user_properties", [])),
+        )
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 #: TestReport.__init__'s own fields; anything else a report carries is an extra.
-_REPORT_FIELDS = frozenset({"nodeid", "_id", "location", "keywords", "outcome", "longrepr",
-                            "when", "sections", "duration", "start", "stop",
-                            "user_properties", "$report_type"})
+_REPORT_FIELDS = frozenset(
+    {
+        "nodeid",
+        "_id",
+        "location",
+        "keywords",
+        "outcome",
+        "longrepr",
+        "when",
+        "sections",
+        "duration",
+        "start",
+        "stop",
+        "user_properties",
+        "$report_type",
+    }
+)
 
 
 def _lean_copy(report: pytest.TestReport, item: pytest.Item) -> pytest.TestReport:
@@ -587,18 +665,29 @@ def _lean_copy(report: pytest.TestReport, item: pytest.Item) -> pytest.TestRepor
     report until the session ends: decoded copies were most of the per-test
     memory growth of pytest's process."""
     extras = {k: v for k, v in vars(report).items() if k not in _REPORT_FIELDS}
-    location = item.location if tuple(report.location) == tuple(item.location) \
-        else report.location
-    keywords = {sys.intern(k) if isinstance(k, str) else k: v
-                for k, v in dict(report.keywords).items()}
+    location = item.location if tuple(report.location) == tuple(item.location) else report.location
+    keywords = {
+        sys.intern(k) if isinstance(k, str) else k: v for k, v in dict(report.keywords).items()
+    }
     return pytest.TestReport(
-        item.nodeid, location, keywords, _CANONICAL.get(report.outcome, report.outcome),
-        report.longrepr, _CANONICAL.get(report.when, report.when), report.sections,
-        report.duration, report.start, report.stop, report.user_properties, **extras)
+        item.nodeid,
+        location,
+        keywords,
+        _CANONICAL.get(report.outcome, report.outcome),
+        report.longrepr,
+        _CANONICAL.get(report.when, report.when),
+        report.sections,
+        report.duration,
+        report.start,
+        report.stop,
+        report.user_properties,
+        **extras,
+    )
 
 
-_CANONICAL: dict[str, Any] = {s: s for s in ("passed", "failed", "skipped", "setup", "call",
-                                             "teardown")}
+_CANONICAL: dict[str, Any] = {
+    s: s for s in ("passed", "failed", "skipped", "setup", "call", "teardown")
+}
 
 
 def _read(fd: int) -> str:
@@ -614,8 +703,9 @@ def _int(value: object, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-def _next_phase(reports: list[pytest.TestReport],
-                item: pytest.Item) -> Literal["setup", "call", "teardown", "done"]:
+def _next_phase(
+    reports: list[pytest.TestReport], item: pytest.Item
+) -> Literal["setup", "call", "teardown", "done"]:
     if not reports:
         return "setup"
     last = reports[-1]
@@ -639,9 +729,11 @@ def _crash_text(outcome: SandboxOutcome, spec: IsolationSpec, stats: Any, oom: b
     if oom:
         limit = format_size(spec.memory) if spec.memory else "unset"
         peak = format_size(stats.peak_memory) if stats.peak_memory else "unknown"
-        return (f"MemoryError-like: test exceeded its memory limit of {limit} (peak {peak}); "
-                "the kernel's OOM killer ended it. Raise it with "
-                "@pytest.mark.isolated(memory=...) or --isolate-memory")
+        return (
+            f"MemoryError-like: test exceeded its memory limit of {limit} (peak {peak}); "
+            "the kernel's OOM killer ended it. Raise it with "
+            "@pytest.mark.isolated(memory=...) or --isolate-memory"
+        )
     status = outcome.test_status
     if status is None:
         status = outcome.wait_status
@@ -656,16 +748,20 @@ def _crash_text(outcome: SandboxOutcome, spec: IsolationSpec, stats: Any, oom: b
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else status
     if outcome.test_status is None and code == SETUP_FAILED_EXIT:
         return "the sandbox failed during setup without saying why"
-    return (f"the test process exited with status {code} before reporting a result "
-            "(os._exit() or a C library's exit() in the test)")
+    return (
+        f"the test process exited with status {code} before reporting a result "
+        "(os._exit() or a C library's exit() in the test)"
+    )
 
 
 def _setup_failure_text(payload: dict[str, Any]) -> str:
     step = str(payload.get("step", "?"))
     error = str(payload.get("error", "?"))
-    return (f"isolation setup failed at step '{step}': {error}\n"
-            "Run `python -m pytest_isolate doctor` to see what this host supports; "
-            "docs/troubleshooting.md lists each setup error and its fix.")
+    return (
+        f"isolation setup failed at step '{step}': {error}\n"
+        "Run `python -m pytest_isolate doctor` to see what this host supports; "
+        "docs/troubleshooting.md lists each setup error and its fix."
+    )
 
 
 def _setup_error_text(item: pytest.Item, exc: BaseException) -> str:
@@ -691,18 +787,36 @@ def _replay_warning(item: pytest.Item, payload: Any) -> str | None:
     message = str(payload.get("message", ""))[:10000]
     category_name = str(payload.get("category", ""))
     category: type[Warning] = UserWarning
-    for candidate in (pytest.PytestWarning, DeprecationWarning, PendingDeprecationWarning,
-                      RuntimeWarning, UserWarning, FutureWarning, ResourceWarning,
-                      SyntaxWarning, ImportWarning, UnicodeWarning, BytesWarning):
+    for candidate in (
+        pytest.PytestWarning,
+        DeprecationWarning,
+        PendingDeprecationWarning,
+        RuntimeWarning,
+        UserWarning,
+        FutureWarning,
+        ResourceWarning,
+        SyntaxWarning,
+        ImportWarning,
+        UnicodeWarning,
+        BytesWarning,
+    ):
         if category_name.endswith("." + candidate.__qualname__):
             category = candidate
             break
-    warning = warnings.WarningMessage(category(message), category,
-                                      str(payload.get("filename", "?")),
-                                      _int(payload.get("lineno"), 0))
-    item.config.hook.pytest_warning_recorded.call_historic(kwargs={
-        "warning_message": warning, "when": "runtest", "nodeid": item.nodeid,
-        "location": None})
+    warning = warnings.WarningMessage(
+        category(message),
+        category,
+        str(payload.get("filename", "?")),
+        _int(payload.get("lineno"), 0),
+    )
+    item.config.hook.pytest_warning_recorded.call_historic(
+        kwargs={
+            "warning_message": warning,
+            "when": "runtest",
+            "nodeid": item.nodeid,
+            "location": None,
+        }
+    )
     return None
 
 
@@ -727,9 +841,19 @@ def _annotate(reports: list[pytest.TestReport], spec: IsolationSpec, stats: Any)
         # Where the user looks first: the call's report (its failure, or -rP).
         last = next((r for r in reports if r.when == "call"), last)
         if getattr(stats, "pids_max_hits", 0):
-            last.sections.append(("isolation", f"the pids limit of {spec.pids} was hit "
-                                  f"{stats.pids_max_hits} time(s): fork() failed with EAGAIN"))
+            last.sections.append(
+                (
+                    "isolation",
+                    f"the pids limit of {spec.pids} was hit "
+                    f"{stats.pids_max_hits} time(s): fork() failed with EAGAIN",
+                )
+            )
         if getattr(stats, "nr_throttled", None):
-            last.sections.append(("isolation", f"CPU quota {spec.cpu} cores: throttled "
-                                  f"{stats.nr_throttled} time(s), "
-                                  f"{(stats.throttled_usec or 0) / 1e6:.2f} s in all"))
+            last.sections.append(
+                (
+                    "isolation",
+                    f"CPU quota {spec.cpu} cores: throttled "
+                    f"{stats.nr_throttled} time(s), "
+                    f"{(stats.throttled_usec or 0) / 1e6:.2f} s in all",
+                )
+            )

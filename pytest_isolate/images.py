@@ -118,11 +118,17 @@ def prepare_image(
     if os.path.isdir(source):
         return os.path.abspath(source)
     if not os.path.lexists(source):
-        raise ImageError(f"image {source!r} does not exist; fix: give an existing directory "
-                         f"or an image archive ({_FORMATS})", archive=source)
+        raise ImageError(
+            f"image {source!r} does not exist; fix: give an existing directory "
+            f"or an image archive ({_FORMATS})",
+            archive=source,
+        )
     if not os.path.isfile(source):
-        raise ImageError(f"image {source!r} is neither a directory nor a regular file; fix: "
-                         f"give a directory or an image archive ({_FORMATS})", archive=source)
+        raise ImageError(
+            f"image {source!r} is neither a directory nor a regular file; fix: "
+            f"give a directory or an image archive ({_FORMATS})",
+            archive=source,
+        )
     cache_dir = os.path.abspath(cache_dir)
     _prepare_cache_dir(cache_dir)
     policy = _Policy(allow_devices, allow_setuid, keep_owners=os.geteuid() == 0)
@@ -130,8 +136,11 @@ def prepare_image(
     try:
         archive = open(source, "rb")  # noqa: SIM115 (closed by the with below)
     except OSError as exc:
-        raise ImageError(f"image {source!r} cannot be read: {exc.strerror}; fix: make it "
-                         "readable by the user running pytest", archive=source) from exc
+        raise ImageError(
+            f"image {source!r} cannot be read: {exc.strerror}; fix: make it "
+            "readable by the user running pytest",
+            archive=source,
+        ) from exc
     with archive:
         identity = _identity(os.fstat(archive.fileno()))
         digest = _archive_digest(source, archive, identity, cache_dir)
@@ -153,19 +162,33 @@ def prepare_image(
                 os.chmod(staging, 0o755)
                 summary = _unpack(archive, source, staging, policy)
                 if _identity(os.fstat(archive.fileno())) != identity:
-                    raise ImageError(f"image {source!r} changed while it was being unpacked; "
-                                     "fix: do not rebuild an image while tests use it, then "
-                                     "rerun", archive=source)
+                    raise ImageError(
+                        f"image {source!r} changed while it was being unpacked; "
+                        "fix: do not rebuild an image while tests use it, then "
+                        "rerun",
+                        archive=source,
+                    )
                 os.rename(staging, rootfs)
             except BaseException:
                 _remove_tree(staging)
                 raise
             seconds = time.monotonic() - started
-            summary.update(source=os.path.abspath(source), sha256=digest, variant=variant,
-                           uid=os.geteuid(), unpack_seconds=round(seconds, 4))
+            summary.update(
+                source=os.path.abspath(source),
+                sha256=digest,
+                variant=variant,
+                uid=os.geteuid(),
+                unpack_seconds=round(seconds, 4),
+            )
             _write_json_atomic(marker, summary)  # last: its presence means "complete"
-            log.info("unpacked image %s: %s, %d layer(s), %d member(s) in %.3f s", source,
-                     summary["format"], summary["layers"], summary["members"], seconds)
+            log.info(
+                "unpacked image %s: %s, %d layer(s), %d member(s) in %.3f s",
+                source,
+                summary["format"],
+                summary["layers"],
+                summary["members"],
+                seconds,
+            )
             return rootfs
 
 
@@ -177,8 +200,10 @@ def _prepare_cache_dir(cache_dir: str) -> None:
         os.makedirs(cache_dir, mode=0o700, exist_ok=True)
         st = os.stat(cache_dir)
     except OSError as exc:
-        raise ImageError(f"image cache {cache_dir!r} cannot be created: {exc.strerror}; fix: "
-                         "set PYTEST_ISOLATE_CACHE to a writable directory") from exc
+        raise ImageError(
+            f"image cache {cache_dir!r} cannot be created: {exc.strerror}; fix: "
+            "set PYTEST_ISOLATE_CACHE to a writable directory"
+        ) from exc
     # Whoever can write into the cache can plant a finished-looking image that tests
     # then run in: refuse a cache others control, as ssh refuses a shared ~/.ssh.
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
@@ -187,7 +212,8 @@ def _prepare_cache_dir(cache_dir: str) -> None:
             f"0o{stat.S_IMODE(st.st_mode):o}; it must belong to you (uid {os.geteuid()}) and "
             "not be writable by group or others, since whoever writes there chooses the root "
             f"your tests run in; fix: chmod go-w {cache_dir}, or set PYTEST_ISOLATE_CACHE to a "
-            "private directory")
+            "private directory"
+        )
 
 
 def _identity(st: os.stat_result) -> list[int]:
@@ -255,9 +281,12 @@ def _locked(path: str, source: str) -> Iterator[None]:
         try:
             lock.acquire(timeout=_LOCK_TIMEOUT)
         except filelock.Timeout:
-            raise ImageError(f"image {source!r}: another process has been unpacking it for "
-                             f"{_LOCK_TIMEOUT:.0f} s (lock {path}); fix: end that process, or "
-                             "remove the image's cache directory", archive=source) from None
+            raise ImageError(
+                f"image {source!r}: another process has been unpacking it for "
+                f"{_LOCK_TIMEOUT:.0f} s (lock {path}); fix: end that process, or "
+                "remove the image's cache directory",
+                archive=source,
+            ) from None
     try:
         yield
     finally:
@@ -313,8 +342,11 @@ def _unpack(archive: IO[bytes], label: str, root: str, policy: _Policy) -> dict[
         outer = tarfile.open(fileobj=archive, mode="r:*")  # noqa: SIM115 (closed below)
     except (tarfile.TarError, EOFError, OSError) as exc:
         why = " ".join(str(exc).split())  # tarfile lists each method tried, one per line
-        raise ImageError(f"image {label!r} is not a readable tar archive ({why}); fix: give a "
-                         f"directory or an image archive ({_FORMATS})", archive=label) from exc
+        raise ImageError(
+            f"image {label!r} is not a readable tar archive ({why}); fix: give a "
+            f"directory or an image archive ({_FORMATS})",
+            archive=label,
+        ) from exc
     extractor = _Extractor(root, policy)
     try:
         with outer:
@@ -324,15 +356,17 @@ def _unpack(archive: IO[bytes], label: str, root: str, policy: _Policy) -> dict[
                 layers = 1
             else:
                 names = (_docker_layers if kind == "docker-save" else _oci_layers)(
-                    outer, members, label)
+                    outer, members, label
+                )
                 for name in names:
                     _apply_inner_layer(outer, members, name, label, extractor)
                 layers = len(names)
             extractor.finalize(label)
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as exc:
         # Errors of members are ImageErrors already; what is left is a damaged stream.
-        raise ImageError(f"image {label!r} is damaged: {exc}; fix: download or build it again",
-                         archive=label) from exc
+        raise ImageError(
+            f"image {label!r} is damaged: {exc}; fix: download or build it again", archive=label
+        ) from exc
     finally:
         extractor.close()
     return {"format": kind, "layers": layers, "members": extractor.count}
@@ -340,9 +374,12 @@ def _unpack(archive: IO[bytes], label: str, root: str, policy: _Policy) -> dict[
 
 def _check_compression(magic: bytes, label: str) -> None:
     if magic == _ZSTD_MAGIC:
-        raise ImageError(f"image {label!r} is zstd-compressed, which Python's tarfile cannot "
-                         "read before 3.14; fix: decompress it (zstd -d) or recompress it with "
-                         "gzip or xz", archive=label)
+        raise ImageError(
+            f"image {label!r} is zstd-compressed, which Python's tarfile cannot "
+            "read before 3.14; fix: decompress it (zstd -d) or recompress it with "
+            "gzip or xz",
+            archive=label,
+        )
 
 
 def _detect_format(outer: tarfile.TarFile) -> tuple[str, dict[str, tarfile.TarInfo]]:
@@ -355,8 +392,11 @@ def _detect_format(outer: tarfile.TarFile) -> tuple[str, dict[str, tarfile.TarIn
     members: dict[str, tarfile.TarInfo] = {}
     while (member := outer.next()) is not None:
         parts = [p for p in member.name.split("/") if p not in ("", ".")]
-        if len(parts) >= 2 and parts[0] != "blobs" and (
-                len(parts) > 2 or parts[1] not in ("layer.tar", "json", "VERSION")):
+        if (
+            len(parts) >= 2
+            and parts[0] != "blobs"
+            and (len(parts) > 2 or parts[1] not in ("layer.tar", "json", "VERSION"))
+        ):
             return "tar", {}
         members["/".join(parts)] = member
     if "manifest.json" in members:
@@ -366,38 +406,56 @@ def _detect_format(outer: tarfile.TarFile) -> tuple[str, dict[str, tarfile.TarIn
     return "tar", {}
 
 
-def _read_json_member(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str,
-                      label: str) -> Any:
+def _read_json_member(
+    outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str, label: str
+) -> Any:
     member = members.get(name)
     f = outer.extractfile(member) if member is not None else None
     if f is None:
-        raise ImageError(f"image {label!r} has no file {name!r} although its layout needs one; "
-                         "fix: save the image again (docker save IMAGE -o FILE.tar)", archive=label)
+        raise ImageError(
+            f"image {label!r} has no file {name!r} although its layout needs one; "
+            "fix: save the image again (docker save IMAGE -o FILE.tar)",
+            archive=label,
+        )
     try:
         return json.loads(f.read(_JSON_MAX + 1)[:_JSON_MAX])
     except ValueError as exc:
-        raise ImageError(f"image {label!r}: {name!r} is not valid JSON ({exc}); fix: save the "
-                         "image again", archive=label, member=name) from exc
+        raise ImageError(
+            f"image {label!r}: {name!r} is not valid JSON ({exc}); fix: save the image again",
+            archive=label,
+            member=name,
+        ) from exc
 
 
-def _docker_layers(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
-                   label: str) -> list[str]:
+def _docker_layers(
+    outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], label: str
+) -> list[str]:
     manifest = _read_json_member(outer, members, "manifest.json", label)
     if not isinstance(manifest, list) or len(manifest) != 1 or not isinstance(manifest[0], dict):
-        tags = [m.get("RepoTags") for m in manifest if isinstance(m, dict)] \
-            if isinstance(manifest, list) else []
-        raise ImageError(f"image {label!r}: manifest.json must describe exactly one image, "
-                         f"found {len(tags)} (tags {tags}); fix: save one image per archive "
-                         "(docker save IMAGE:TAG -o FILE.tar)", archive=label)
+        tags = (
+            [m.get("RepoTags") for m in manifest if isinstance(m, dict)]
+            if isinstance(manifest, list)
+            else []
+        )
+        raise ImageError(
+            f"image {label!r}: manifest.json must describe exactly one image, "
+            f"found {len(tags)} (tags {tags}); fix: save one image per archive "
+            "(docker save IMAGE:TAG -o FILE.tar)",
+            archive=label,
+        )
     layers = manifest[0].get("Layers")
     if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
-        raise ImageError(f"image {label!r}: manifest.json has no list of layer paths "
-                         "('Layers'); fix: save the image again", archive=label)
+        raise ImageError(
+            f"image {label!r}: manifest.json has no list of layer paths "
+            "('Layers'); fix: save the image again",
+            archive=label,
+        )
     return [str(x) for x in layers]
 
 
-def _oci_layers(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
-                label: str) -> list[str]:
+def _oci_layers(
+    outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], label: str
+) -> list[str]:
     document = _read_json_member(outer, members, "index.json", label)
     for _ in range(4):  # an index may point to a per-platform index; bounded against loops
         descriptor = _select_manifest(document, label)
@@ -406,15 +464,20 @@ def _oci_layers(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
             break
     layers = document.get("layers") if isinstance(document, dict) else None
     if not isinstance(layers, list):
-        raise ImageError(f"image {label!r}: the OCI manifest has no 'layers' list; fix: save "
-                         "the image again", archive=label)
+        raise ImageError(
+            f"image {label!r}: the OCI manifest has no 'layers' list; fix: save the image again",
+            archive=label,
+        )
     names = []
     for layer in layers:
         media = str(layer.get("mediaType", "")) if isinstance(layer, dict) else ""
         if "zstd" in media:
-            raise ImageError(f"image {label!r}: layer {layer.get('digest')} is zstd-compressed "
-                             f"({media}), which Python's tarfile cannot read before 3.14; fix: "
-                             "export the image with gzip layers", archive=label)
+            raise ImageError(
+                f"image {label!r}: layer {layer.get('digest')} is zstd-compressed "
+                f"({media}), which Python's tarfile cannot read before 3.14; fix: "
+                "export the image with gzip layers",
+                archive=label,
+            )
         names.append(_blob_path(layer, label))
     return names
 
@@ -422,18 +485,30 @@ def _oci_layers(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
 def _select_manifest(index: Any, label: str) -> dict[str, Any]:
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(manifests, list) or not manifests:
-        raise ImageError(f"image {label!r}: the OCI index lists no manifests; fix: save the "
-                         "image again", archive=label)
+        raise ImageError(
+            f"image {label!r}: the OCI index lists no manifests; fix: save the image again",
+            archive=label,
+        )
     if len(manifests) == 1 and isinstance(manifests[0], dict):
         return manifests[0]
     arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
-        platform.machine(), platform.machine())
-    fitting = [m for m in manifests if isinstance(m, dict) and isinstance(m.get("platform"), dict)
-               and m["platform"].get("os") == "linux" and m["platform"].get("architecture") == arch]
+        platform.machine(), platform.machine()
+    )
+    fitting = [
+        m
+        for m in manifests
+        if isinstance(m, dict)
+        and isinstance(m.get("platform"), dict)
+        and m["platform"].get("os") == "linux"
+        and m["platform"].get("architecture") == arch
+    ]
     if len(fitting) != 1:
-        raise ImageError(f"image {label!r}: the OCI index lists {len(manifests)} manifests and "
-                         f"{len(fitting)} of them are for linux/{arch}; fix: export the image "
-                         f"for one platform (e.g. --platform linux/{arch})", archive=label)
+        raise ImageError(
+            f"image {label!r}: the OCI index lists {len(manifests)} manifests and "
+            f"{len(fitting)} of them are for linux/{arch}; fix: export the image "
+            f"for one platform (e.g. --platform linux/{arch})",
+            archive=label,
+        )
     return fitting[0]
 
 
@@ -441,13 +516,21 @@ def _blob_path(descriptor: Any, label: str) -> str:
     digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
     match = re.fullmatch(r"(sha256|sha512):([0-9a-f]{64,128})", str(digest))
     if match is None:
-        raise ImageError(f"image {label!r}: descriptor digest {digest!r} is not "
-                         "'sha256:<hex>'; fix: save the image again", archive=label)
+        raise ImageError(
+            f"image {label!r}: descriptor digest {digest!r} is not "
+            "'sha256:<hex>'; fix: save the image again",
+            archive=label,
+        )
     return f"blobs/{match.group(1)}/{match.group(2)}"
 
 
-def _apply_inner_layer(outer: tarfile.TarFile, members: dict[str, tarfile.TarInfo], name: str,
-                       label: str, extractor: _Extractor) -> None:
+def _apply_inner_layer(
+    outer: tarfile.TarFile,
+    members: dict[str, tarfile.TarInfo],
+    name: str,
+    label: str,
+    extractor: _Extractor,
+) -> None:
     where = f"{label}:{name}"
     key = "/".join(p for p in name.split("/") if p not in ("", "."))
     member = members.get(key)
@@ -458,8 +541,12 @@ def _apply_inner_layer(outer: tarfile.TarFile, members: dict[str, tarfile.TarInf
     except KeyError:
         f = None
     if f is None:
-        raise ImageError(f"image {label!r}: layer {name!r} named by its manifest is missing from "
-                         "the archive; fix: save the image again", archive=label, member=name)
+        raise ImageError(
+            f"image {label!r}: layer {name!r} named by its manifest is missing from "
+            "the archive; fix: save the image again",
+            archive=label,
+            member=name,
+        )
     _check_compression(f.read(4), where)
     f.seek(0)
     try:
@@ -467,9 +554,12 @@ def _apply_inner_layer(outer: tarfile.TarFile, members: dict[str, tarfile.TarInf
             extractor.apply_layer(layer, where, layered=True)
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
         why = " ".join(str(exc).split())
-        raise ImageError(f"image {label!r}: layer {name!r} is not a readable tar archive "
-                         f"({why}); fix: save the image again", archive=label,
-                         member=name) from exc
+        raise ImageError(
+            f"image {label!r}: layer {name!r} is not a readable tar archive "
+            f"({why}); fix: save the image again",
+            archive=label,
+            member=name,
+        ) from exc
 
 
 # -- extraction ----------------------------------------------------------------------------
@@ -477,18 +567,22 @@ def _apply_inner_layer(outer: tarfile.TarFile, members: dict[str, tarfile.TarInf
 
 def _relative_parts(path: str) -> tuple[str, ...]:
     if path.startswith("/"):
-        raise _Refused("has an absolute path; absolute names are refused, not silently made "
-                       "relative, because such an archive was not built as an image",
-                       "build the archive relative to the image root: tar -C ROOTDIR -cf "
-                       "IMAGE.tar .")
+        raise _Refused(
+            "has an absolute path; absolute names are refused, not silently made "
+            "relative, because such an archive was not built as an image",
+            "build the archive relative to the image root: tar -C ROOTDIR -cf IMAGE.tar .",
+        )
     parts = tuple(p for p in path.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise _Refused("has a '..' component, which could escape the image root",
-                       "build the archive relative to the image root: tar -C ROOTDIR -cf "
-                       "IMAGE.tar .")
+        raise _Refused(
+            "has a '..' component, which could escape the image root",
+            "build the archive relative to the image root: tar -C ROOTDIR -cf IMAGE.tar .",
+        )
     if len(parts) > _MAX_DEPTH:
-        raise _Refused(f"has {len(parts)} path components, more than the {_MAX_DEPTH} an image "
-                       "root may have", "rebuild the archive without such deep paths")
+        raise _Refused(
+            f"has {len(parts)} path components, more than the {_MAX_DEPTH} an image root may have",
+            "rebuild the archive without such deep paths",
+        )
     return parts
 
 
@@ -527,19 +621,27 @@ class _Extractor:
                     continue
                 self._extract(tar, member, parts)
             except _Refused as refused:
-                raise ImageError(f"image {label!r}: member {member.name!r} {refused.rule}; "
-                                 f"fix: {refused.fix}", archive=label,
-                                 member=member.name) from None
+                raise ImageError(
+                    f"image {label!r}: member {member.name!r} {refused.rule}; fix: {refused.fix}",
+                    archive=label,
+                    member=member.name,
+                ) from None
             except (OverflowError, ValueError) as exc:  # a huge uid, mtime or device number
-                raise ImageError(f"image {label!r}: member {member.name!r} has a field out of "
-                                 f"range ({exc}); fix: rebuild the archive", archive=label,
-                                 member=member.name) from exc
+                raise ImageError(
+                    f"image {label!r}: member {member.name!r} has a field out of "
+                    f"range ({exc}); fix: rebuild the archive",
+                    archive=label,
+                    member=member.name,
+                ) from exc
             except OSError as exc:
                 code = errno.errorcode.get(exc.errno or 0, "?")
-                raise ImageError(f"image {label!r}: member {member.name!r} could not be "
-                                 f"unpacked: {exc.strerror} ({code}); fix: check the archive "
-                                 "with `tar -tvf` and the space left in the cache",
-                                 archive=label, member=member.name) from exc
+                raise ImageError(
+                    f"image {label!r}: member {member.name!r} could not be "
+                    f"unpacked: {exc.strerror} ({code}); fix: check the archive "
+                    "with `tar -tvf` and the space left in the cache",
+                    archive=label,
+                    member=member.name,
+                ) from exc
             self.count += 1
             written.update(parts[:i] for i in range(1, len(parts) + 1))
 
@@ -556,8 +658,11 @@ class _Extractor:
             except _Refused:
                 continue  # replaced by a symlink or file in a later layer
             except OSError as exc:
-                raise ImageError(f"image {label!r}: directory {'/'.join(parts)!r}: metadata "
-                                 f"could not be set: {exc.strerror}", archive=label) from exc
+                raise ImageError(
+                    f"image {label!r}: directory {'/'.join(parts)!r}: metadata "
+                    f"could not be set: {exc.strerror}",
+                    archive=label,
+                ) from exc
 
     def _open_dir(self, parts: tuple[str, ...], *, create: bool) -> int | None:
         """Descriptor of directory ``parts``, each component opened with O_NOFOLLOW.
@@ -587,46 +692,66 @@ class _Extractor:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            what = (f"a symlink (-> {os.readlink(name, dir_fd=fd)!r})" if stat.S_ISLNK(st.st_mode)
-                    else "not a directory")
-            raise _Refused(f"lies under {'/'.join(parts)!r}, which is {what}; extraction never "
-                           "writes through a symlink or a file, since that could reach outside "
-                           "the image root", "store the member at its real path inside the "
-                           "image") from None
+            what = (
+                f"a symlink (-> {os.readlink(name, dir_fd=fd)!r})"
+                if stat.S_ISLNK(st.st_mode)
+                else "not a directory"
+            )
+            raise _Refused(
+                f"lies under {'/'.join(parts)!r}, which is {what}; extraction never "
+                "writes through a symlink or a file, since that could reach outside "
+                "the image root",
+                "store the member at its real path inside the image",
+            ) from None
         self.fds[parts] = child
         return child
 
     def _check_member(self, member: tarfile.TarInfo) -> None:
         if member.ischr() or member.isblk() or member.isfifo():
             if not self.policy.allow_devices:
-                what = ("a fifo" if member.isfifo() else
-                        f"a {'character' if member.ischr() else 'block'} device node "
-                        f"({member.devmajor}, {member.devminor})")
-                raise _Refused(f"is {what}; device nodes and fifos are refused, since a device "
-                               "node in a test's root can reach host hardware",
-                               "leave /dev out of the image (the container gets a minimal /dev "
-                               "of its own), or pass allow_devices=True if the test needs them")
+                what = (
+                    "a fifo"
+                    if member.isfifo()
+                    else f"a {'character' if member.ischr() else 'block'} device node "
+                    f"({member.devmajor}, {member.devminor})"
+                )
+                raise _Refused(
+                    f"is {what}; device nodes and fifos are refused, since a device "
+                    "node in a test's root can reach host hardware",
+                    "leave /dev out of the image (the container gets a minimal /dev "
+                    "of its own), or pass allow_devices=True if the test needs them",
+                )
         elif not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
-            raise _Refused(f"has tar type {member.type!r}, which an image root does not need",
-                           "rebuild the archive without it")
+            raise _Refused(
+                f"has tar type {member.type!r}, which an image root does not need",
+                "rebuild the archive without it",
+            )
         # A setgid directory only makes new files inherit its group (Debian's /var/mail):
         # harmless, kept. On a file, setuid/setgid grant privileges to whoever runs it.
         special = member.isdir() or member.issym() or member.islnk()
-        if member.mode & (stat.S_ISUID | stat.S_ISGID) and not special \
-                and not self.policy.allow_setuid:
+        if (
+            member.mode & (stat.S_ISUID | stat.S_ISGID)
+            and not special
+            and not self.policy.allow_setuid
+        ):
             bit = "setuid" if member.mode & stat.S_ISUID else "setgid"
-            raise _Refused(f"has the {bit} bit (mode 0o{member.mode:o}); setuid and setgid "
-                               "files are refused, not silently stripped, because they raise "
-                               "privileges inside the test's container",
-                               "clear the bit when building the image (chmod ug-s), or pass "
-                               "allow_setuid=True if the test needs it")
+            raise _Refused(
+                f"has the {bit} bit (mode 0o{member.mode:o}); setuid and setgid "
+                "files are refused, not silently stripped, because they raise "
+                "privileges inside the test's container",
+                "clear the bit when building the image (chmod ug-s), or pass "
+                "allow_setuid=True if the test needs it",
+            )
 
-    def _extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo,
-                 parts: tuple[str, ...]) -> None:
+    def _extract(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: tuple[str, ...]
+    ) -> None:
         if not parts:
             if not member.isdir():
-                raise _Refused("would replace the image root itself", "build the archive "
-                               "relative to the image root: tar -C ROOTDIR -cf IMAGE.tar .")
+                raise _Refused(
+                    "would replace the image root itself",
+                    "build the archive relative to the image root: tar -C ROOTDIR -cf IMAGE.tar .",
+                )
             self.dirs[()] = member
             return
         self._check_member(member)
@@ -658,13 +783,14 @@ class _Extractor:
             self._apply_metadata(member, name=name, dir_fd=parent)
         elif member.islnk():
             source, source_dir = self._hardlink_source(member)
-            os.link(source, name, src_dir_fd=source_dir, dst_dir_fd=parent,
-                    follow_symlinks=False)
+            os.link(source, name, src_dir_fd=source_dir, dst_dir_fd=parent, follow_symlinks=False)
         else:
-            kind = (stat.S_IFCHR if member.ischr() else
-                    stat.S_IFBLK if member.isblk() else stat.S_IFIFO)
-            os.mknod(name, 0o600 | kind, os.makedev(member.devmajor, member.devminor),
-                     dir_fd=parent)
+            kind = (
+                stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() else stat.S_IFIFO
+            )
+            os.mknod(
+                name, 0o600 | kind, os.makedev(member.devmajor, member.devminor), dir_fd=parent
+            )
             self._apply_metadata(member, name=name, dir_fd=parent)
 
     def _hardlink_source(self, member: tarfile.TarInfo) -> tuple[str, int]:
@@ -673,23 +799,31 @@ class _Extractor:
             source = _relative_parts(member.linkname)
             source_dir = self._open_dir(source[:-1], create=False) if source else None
         except _Refused as refused:
-            raise _Refused(f"is a hard link to {member.linkname!r}, whose name {refused.rule}",
-                           "hard links must name a file stored earlier in the same image"
-                           ) from None
+            raise _Refused(
+                f"is a hard link to {member.linkname!r}, whose name {refused.rule}",
+                "hard links must name a file stored earlier in the same image",
+            ) from None
         st = None
         if source_dir is not None:
             with contextlib.suppress(FileNotFoundError):
                 st = os.stat(source[-1], dir_fd=source_dir, follow_symlinks=False)
         if source_dir is None or st is None or stat.S_ISDIR(st.st_mode):
-            raise _Refused(f"is a hard link to {member.linkname!r}, which no earlier member of "
-                           "the image created", "hard links must name a file stored earlier in "
-                           "the same image")
+            raise _Refused(
+                f"is a hard link to {member.linkname!r}, which no earlier member of "
+                "the image created",
+                "hard links must name a file stored earlier in the same image",
+            )
         return source[-1], source_dir
 
-    def _write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int,
-                    name: str) -> None:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=parent)
+    def _write_file(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int, name: str
+    ) -> None:
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=parent,
+        )
         try:
             data = tar.extractfile(member)
             if data is not None:
@@ -699,8 +833,14 @@ class _Extractor:
         finally:
             os.close(fd)
 
-    def _apply_metadata(self, member: tarfile.TarInfo, *, fd: int | None = None,
-                        name: str = "", dir_fd: int | None = None) -> None:
+    def _apply_metadata(
+        self,
+        member: tarfile.TarInfo,
+        *,
+        fd: int | None = None,
+        name: str = "",
+        dir_fd: int | None = None,
+    ) -> None:
         """Owner, then mode, then times: chown clears setuid bits, and writes move mtime.
 
         As root the archive's numeric ids are kept (names would be looked up in the
@@ -747,10 +887,11 @@ class _Extractor:
         elif name.startswith(_WHITEOUT + _WHITEOUT):
             return  # other AUFS metadata (.wh..wh.plnk): Docker ignores it too
         else:
-            target = name[len(_WHITEOUT):]
+            target = name[len(_WHITEOUT) :]
             if target in ("", ".", ".."):
-                raise _Refused(f"is a whiteout of {target!r}, which names no file",
-                               "rebuild the layer")
+                raise _Refused(
+                    f"is a whiteout of {target!r}, which names no file", "rebuild the layer"
+                )
             if (*directory, target) not in written:
                 self._remove((*directory, target))
 

@@ -64,7 +64,7 @@ class InitFactory:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._jail: str | None = None
-        self._pending: int | None = None       # the setup id of the init being made
+        self._pending: int | None = None  # the setup id of the init being made
         self._ids: dict[Hashable, int] = {}
         self._starting = False
 
@@ -79,14 +79,20 @@ class InitFactory:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._jail = tempfile.mkdtemp(prefix="pytest-isolate-initd-")
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = (f"import sys; sys.path.insert(0, {package_parent!r}); "
-                "from pytest_isolate.initd import main; main()")
+        code = (
+            f"import sys; sys.path.insert(0, {package_parent!r}); "
+            "from pytest_isolate.initd import main; main()"
+        )
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", code, str(child.fileno()), self._jail],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
                 # Never pytest's output: an init outliving a run would hold it open.
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True)
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+            )
         except OSError as exc:
             raise InitFactoryError(f"cannot start the init factory: {exc}") from exc
         finally:
@@ -149,7 +155,8 @@ class InitFactory:
             for fd in fds:
                 os.close(fd)
             raise InitFactoryError(
-                f"the init factory could not make an init: {data.decode(errors='replace')}")
+                f"the init factory could not make an init: {data.decode(errors='replace')}"
+            )
         return fds[0]
 
     def new_init(self, setup: InitSetup | None = None) -> int:
@@ -213,8 +220,16 @@ def _decode_setup(data: bytes) -> InitSetup:  # pragma: no cover - runs in the f
     return (rootfs, hostname, new_net)
 
 
-_ROOTFS_FIELDS = ("staging", "ops", "cwd", "rootless", "cgroup2", "overlay", "image_root",
-                  "scratch_size")
+_ROOTFS_FIELDS = (
+    "staging",
+    "ops",
+    "cwd",
+    "rootless",
+    "cgroup2",
+    "overlay",
+    "image_root",
+    "scratch_size",
+)
 _OP_FIELDS = ("kind", "target", "source", "writable", "size")
 
 
@@ -238,8 +253,9 @@ def _jail(path: str) -> None:
     sc.pivot_root(".", ".")
     sc.umount2(".", sc.MNT_DETACH)
     os.chdir("/")
-    sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
-             | sc.MS_NOEXEC)
+    sc.mount(
+        None, "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    )
 
 
 def _build(setup: InitSetup) -> None:  # pragma: no cover - runs as pid 1 of a sandbox
@@ -248,8 +264,9 @@ def _build(setup: InitSetup) -> None:  # pragma: no cover - runs as pid 1 of a s
     from .rootfs import apply_rootfs
 
     rootfs, hostname, new_net = setup
-    sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
-               | (sc.CLONE_NEWNET if new_net else 0))
+    sc.unshare(
+        sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | (sc.CLONE_NEWNET if new_net else 0)
+    )
     if rootfs is not None:
         apply_rootfs(rootfs)
     sc.sethostname(hostname)
@@ -265,8 +282,9 @@ def _init_loop() -> None:  # pragma: no cover - runs as pid 1 of a sandbox
         signal.pause()
 
 
-def _make_init(sock: socket.socket, own_pidns: int, jail: str,
-               setup: InitSetup | None) -> int:  # pragma: no cover - runs in the factory
+def _make_init(
+    sock: socket.socket, own_pidns: int, jail: str, setup: InitSetup | None
+) -> int:  # pragma: no cover - runs in the factory
     """Fork pid 1 of a new pid namespace; return it once it is ready."""
     from . import syscalls as sc
 

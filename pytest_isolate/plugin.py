@@ -47,30 +47,50 @@ MARKER_DOC = (
 # the same marker and flag with other meanings).
 _CLASHING = {
     "pytest-isolate": "PyPI's 'pytest-isolate' (another project) uses the same import name "
-                      "'pytest_isolate' and the same --isolate flag",
+    "'pytest_isolate' and the same --isolate flag",
     "pytest-isolated": "'pytest-isolated' owns a marker also called 'isolated'",
 }
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("isolate", "run tests in throw-away Linux containers "
-                                       "(pytest-isolate-linux)")
-    group.addoption("--isolate", action="store_true", default=None,
-                    help="isolate every collected test (ini: isolate = true)")
-    parser.addini("isolate", type="bool", default=False,
-                  help="isolate every collected test (--isolate)")
+    group = parser.getgroup(
+        "isolate", "run tests in throw-away Linux containers (pytest-isolate-linux)"
+    )
+    group.addoption(
+        "--isolate",
+        action="store_true",
+        default=None,
+        help="isolate every collected test (ini: isolate = true)",
+    )
+    parser.addini(
+        "isolate", type="bool", default=False, help="isolate every collected test (--isolate)"
+    )
     for option in OPTIONS:
-        group.addoption(option.cli, dest="isolate_" + option.name, metavar=option.metavar,
-                        default=None, help=f"{option.help} (ini: {option.ini})")
+        group.addoption(
+            option.cli,
+            dest="isolate_" + option.name,
+            metavar=option.metavar,
+            default=None,
+            help=f"{option.help} (ini: {option.ini})",
+        )
         parser.addini(option.ini, help=f"{option.help} ({option.cli})", default=None)
-    group.addoption("--isolate-peak-memory", type=int, metavar="N", default=None,
-                    dest="isolate_peak_memory_n",
-                    help="show the N isolated tests with the highest peak memory "
-                         "(N=0: all; ini: isolate_peak_memory)")
+    group.addoption(
+        "--isolate-peak-memory",
+        type=int,
+        metavar="N",
+        default=None,
+        dest="isolate_peak_memory_n",
+        help="show the N isolated tests with the highest peak memory "
+        "(N=0: all; ini: isolate_peak_memory)",
+    )
     parser.addini("isolate_peak_memory", help="like --isolate-peak-memory", default=None)
-    group.addoption("--isolate-doctor", action="store_true", default=False,
-                    help="check which isolation features this host supports, print the fixes "
-                         "for those missing, and exit")
+    group.addoption(
+        "--isolate-doctor",
+        action="store_true",
+        default=False,
+        help="check which isolation features this host supports, print the fixes "
+        "for those missing, and exit",
+    )
 
 
 def _check_clashes() -> None:
@@ -81,7 +101,8 @@ def _check_clashes() -> None:
             continue
         raise pytest.UsageError(
             f"pytest-isolate-linux cannot run beside the installed distribution {name!r}: "
-            f"{why}.\nUninstall one of them, e.g. `pip uninstall {name}`.")
+            f"{why}.\nUninstall one of them, e.g. `pip uninstall {name}`."
+        )
 
 
 def _base_values(config: pytest.Config) -> dict[str, Any]:
@@ -95,8 +116,10 @@ def _base_values(config: pytest.Config) -> dict[str, Any]:
     for option in OPTIONS:
         raw_ini = config.getini(option.ini)
         raw_cli = config.getoption("isolate_" + option.name)
-        for source, raw in ((f"ini {option.ini} = {raw_ini!r}", raw_ini),
-                            (f"{option.cli}={raw_cli}", raw_cli)):
+        for source, raw in (
+            (f"ini {option.ini} = {raw_ini!r}", raw_ini),
+            (f"{option.cli}={raw_cli}", raw_cli),
+        ):
             if raw in (None, "", []):
                 continue
             try:
@@ -119,7 +142,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if base["enabled"] and not sys.platform.startswith("linux"):
         raise pytest.UsageError(
             f"--isolate needs Linux (namespaces, cgroups); this is {sys.platform}. "
-            "Run without --isolate, or on a Linux host or VM.")
+            "Run without --isolate, or on a Linux host or VM."
+        )
     if base["enabled"] and not hasattr(os, "fork"):
         raise pytest.UsageError("--isolate needs os.fork(), which this Python lacks")
     config.stash[_engine_key] = Engine(config, spec_for)
@@ -129,9 +153,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     engine = config.stash.get(_engine_key, None)
-    runs_tests_here = (not config.option.collectonly
-                       and (hasattr(config, "workerinput")
-                            or getattr(config.option, "dist", "no") == "no"))
+    runs_tests_here = not config.option.collectonly and (
+        hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no"
+    )
     if engine is not None and config.stash[_base_key]["enabled"] and runs_tests_here:
         engine.warm_up()
 
@@ -179,7 +203,8 @@ def spec_for(item: pytest.Item) -> IsolationSpec:
             spec = resolve_spec(
                 base=base,
                 marker_layers=[(m.args, m.kwargs) for m in item.iter_markers("isolated")],
-                where=item.nodeid)
+                where=item.nodeid,
+            )
             # One object per distinct spec, shared by every item that has it:
             # pytest's process keeps no per-test copy (10,000 tests, one spec).
             cached = item.config.stash[_specs_key].setdefault(spec, spec)
@@ -191,8 +216,9 @@ def spec_for(item: pytest.Item) -> IsolationSpec:
     return cached
 
 
-def runtestprotocol(item: pytest.Item, log: bool = True,
-                    nextitem: pytest.Item | None = None) -> list[pytest.TestReport]:
+def runtestprotocol(
+    item: pytest.Item, log: bool = True, nextitem: pytest.Item | None = None
+) -> list[pytest.TestReport]:
     """pytest's runtestprotocol, isolated where the item's spec says so.
 
     Installed in place of pytest's own (and pytest-rerunfailures' reference to
@@ -203,15 +229,23 @@ def runtestprotocol(item: pytest.Item, log: bool = True,
     try:
         spec = spec_for(item)
     except SpecError as exc:
-        reports = [engine._report(item, "setup", str(exc), spec=None),
-                   engine._teardown(item, nextitem, None)]
+        reports = [
+            engine._report(item, "setup", str(exc), spec=None),
+            engine._teardown(item, nextitem, None),
+        ]
     else:
         if not spec.enabled or compat.evaluate_skip(item):
             return _plain_runtestprotocol(item, log=log, nextitem=nextitem)
         if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
-            reports = [engine._report(item, "setup", f"{item.nodeid}: isolation needs Linux "
-                                      f"and os.fork(); this is {sys.platform}", spec=spec),
-                       engine._teardown(item, nextitem, None)]
+            reports = [
+                engine._report(
+                    item,
+                    "setup",
+                    f"{item.nodeid}: isolation needs Linux and os.fork(); this is {sys.platform}",
+                    spec=spec,
+                ),
+                engine._teardown(item, nextitem, None),
+            ]
         else:
             reports = engine.run(item, nextitem, spec)
     try:
@@ -227,8 +261,9 @@ def runtestprotocol(item: pytest.Item, log: bool = True,
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
-                            ) -> Generator[None, object, object]:
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
     """Around every protocol (ours, pytest's, pytest-rerunfailures'): tear
     down wider fixtures held back while reruns were possible."""
     try:
@@ -242,8 +277,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config
-                             ) -> Generator[None, Any, Any]:
+def pytest_report_teststatus(
+    report: pytest.TestReport, config: pytest.Config
+) -> Generator[None, Any, Any]:
     result = yield
     summary = getattr(report, "isolate_summary", None)
     verbose = config.get_verbosity()
@@ -297,7 +333,8 @@ def _peak_memory_count(config: pytest.Config) -> int | None:
             count = int(raw)
         except ValueError:
             raise pytest.UsageError(
-                f"ini isolate_peak_memory = {raw!r}: use a whole number, e.g. 10") from None
+                f"ini isolate_peak_memory = {raw!r}: use a whole number, e.g. 10"
+            ) from None
     return count
 
 

@@ -43,8 +43,14 @@ from .spec import SpecError, parse_option
 __all__ = ["Pod", "PodError", "lookup_pod", "pod"]
 
 #: Signals a relay (spawn) or trampoline (popen) passes on to the process it runs.
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                     signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 _START_TIMEOUT = 10.0
 
 # popen runs this with `python -I -S -c`: it loads pods.py and syscalls.py as
@@ -84,7 +90,8 @@ class Pod:
         if name in _registry:
             raise PodError(
                 f"pod({name!r}): a pod named {name!r} is already running in this pytest process "
-                f"(holder pid {_registry[name].pid}); close it first or use another name")
+                f"(holder pid {_registry[name].pid}); close it first or use another name"
+            )
         self.name = name
         self.rootless = os.geteuid() != 0
         self._owner = os.getpid()
@@ -100,8 +107,7 @@ class Pod:
             path, self._own_log = os.path.abspath(os.fspath(log)), False
         #: Where the output of spawn()ed and popen()ed processes goes (unless redirected).
         self.log_path = path
-        self._log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                               0o600)
+        self._log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             #: The holder's pid (P's child until close()).
             self.pid: int = _start_holder(name, self.rootless)
@@ -124,8 +130,9 @@ class Pod:
     def __enter__(self) -> Pod:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     # ------------------------------------------------------------------ running things
@@ -158,8 +165,7 @@ class Pod:
         self._relays.append(pid)
         return pid
 
-    def popen(self, args: Sequence[str | os.PathLike[str]], **kwargs: Any
-              ) -> subprocess.Popen[Any]:
+    def popen(self, args: Sequence[str | os.PathLike[str]], **kwargs: Any) -> subprocess.Popen[Any]:
         """Run a program inside the pod; ``kwargs`` go to ``subprocess.Popen``.
 
         The program runs under a small trampoline (``python -I -S -c``) that
@@ -170,11 +176,15 @@ class Pod:
         """
         self._check_usable("popen")
         if isinstance(args, (str, bytes)) or kwargs.get("shell"):
-            raise PodError(f"pod {self.name!r}: popen() takes a list of arguments, not a shell "
-                           "string; for a shell line pass ['/bin/sh', '-c', LINE]")
+            raise PodError(
+                f"pod {self.name!r}: popen() takes a list of arguments, not a shell "
+                "string; for a shell line pass ['/bin/sh', '-c', LINE]"
+            )
         if "executable" in kwargs or "preexec_fn" in kwargs:
-            raise PodError(f"pod {self.name!r}: popen() does not support executable= or "
-                           "preexec_fn= (they would apply to the trampoline, not the program)")
+            raise PodError(
+                f"pod {self.name!r}: popen() does not support executable= or "
+                "preexec_fn= (they would apply to the trampoline, not the program)"
+            )
         argv = [os.fspath(arg) for arg in args]
         if not argv:
             raise PodError(f"pod {self.name!r}: popen() needs a program to run")
@@ -183,8 +193,21 @@ class Pod:
         kwargs.setdefault("stdout", self._log_fd)
         kwargs.setdefault("stderr", self._log_fd)
         package_dir = os.path.dirname(os.path.abspath(__file__))
-        command = [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, package_dir, str(self._owner),
-                   self.userns_path or "", self.netns_path, self.pidns_path, program, "--", *argv]
+        command = [
+            sys.executable,
+            "-I",
+            "-S",
+            "-c",
+            _TRAMPOLINE,
+            package_dir,
+            str(self._owner),
+            self.userns_path or "",
+            self.netns_path,
+            self.pidns_path,
+            program,
+            "--",
+            *argv,
+        ]
         proc: subprocess.Popen[Any] = subprocess.Popen(command, **kwargs)
         self._popens.append((proc, argv[0]))
         return proc
@@ -214,7 +237,8 @@ class Pod:
         raise PodError(
             f"pod {self.name!r}: nothing accepted a connection on {host}:{port} inside the pod "
             f"within {timeout:g} s (last error: {reason}){self._processes_report()}\n"
-            f"--- the pod's log ({self.log_path}), last lines ---\n{self._log_tail()}")
+            f"--- the pod's log ({self.log_path}), last lines ---\n{self._log_tail()}"
+        )
 
     def read_log(self) -> str:
         """The output of the processes the pod runs, so far."""
@@ -260,13 +284,16 @@ class Pod:
             raise PodError(
                 f"pod {self.name!r}: {what}() called from another process (pid {os.getpid()}) "
                 "than the one that started the pod; use the pod from fixtures in pytest's "
-                "process, not from inside an isolated test")
+                "process, not from inside an isolated test"
+            )
         if self._closed:
             raise PodError(f"pod {self.name!r}: {what}() called after close()")
         ended = self.holder_status()
         if ended is not None:
-            raise PodError(f"pod {self.name!r}: its holder process (pid {self.pid}) has ended "
-                           f"({ended}); the pod is gone")
+            raise PodError(
+                f"pod {self.name!r}: its holder process (pid {self.pid}) has ended "
+                f"({ended}); the pod is gone"
+            )
 
     def holder_status(self) -> str | None:
         """None while the holder runs; how it ended otherwise (without reaping it)."""
@@ -292,8 +319,10 @@ class Pod:
                 lines.append(f"spawn() pid {pid} ended: {_describe(self._statuses[pid])}")
         for proc, program in self._popens:
             if proc.poll() is not None:
-                lines.append(f"popen([{program!r}, ...]) pid {proc.pid} ended with "
-                             f"returncode {proc.returncode}")
+                lines.append(
+                    f"popen([{program!r}, ...]) pid {proc.pid} ended with "
+                    f"returncode {proc.returncode}"
+                )
         return "".join("\n" + line for line in lines)
 
     def _log_tail(self, limit: int = 4000) -> str:
@@ -324,11 +353,14 @@ def lookup_pod(name: str) -> tuple[str, str | None]:
         raise PodError(
             f"isolated(pod={name!r}): no pod named {name!r} is running in this pytest process; "
             f"start it in a fixture: `with pytest_isolate.pod({name!r}) as p: ...` and request "
-            f"that fixture from the test (see docs/pods.md){also}")
+            f"that fixture from the test (see docs/pods.md){also}"
+        )
     ended = found.holder_status()
     if ended is not None:
-        raise PodError(f"isolated(pod={name!r}): the pod's holder process (pid {found.pid}) has "
-                       f"ended ({ended}); the fixture that started the pod must keep it open")
+        raise PodError(
+            f"isolated(pod={name!r}): the pod's holder process (pid {found.pid}) has "
+            f"ended ({ended}); the fixture that started the pod must keep it open"
+        )
     return found.netns_path, found.userns_path
 
 
@@ -368,8 +400,10 @@ def _start_holder(name: str, rootless: bool) -> int:
     why = answer.decode(errors="replace") or f"no answer within {_START_TIMEOUT:g} s"
     hint = ""
     if rootless and "user" in why.lower():
-        hint = ("; rootless pods need unprivileged user namespaces "
-                "(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0)")
+        hint = (
+            "; rootless pods need unprivileged user namespaces "
+            "(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0)"
+        )
     raise PodError(f"pod({name!r}): the holder could not be started: {why}{hint}")
 
 
@@ -389,8 +423,9 @@ def _read_until_eof(fd: int, timeout: float) -> bytes:
         data += chunk
 
 
-def _holder_main(ready_w: int, owner: int, rootless: bool, uid: int,
-                 gid: int) -> NoReturn:  # pragma: no cover - runs in the holder
+def _holder_main(
+    ready_w: int, owner: int, rootless: bool, uid: int, gid: int
+) -> NoReturn:  # pragma: no cover - runs in the holder
     step = "start"
     try:
         step = "set the parent-death signal"
@@ -496,8 +531,11 @@ def _enter(userns: str | None, netns: str, pidns: str | None) -> None:
     """Join the pod. The user namespace comes first: rootless, it owns the
     other two, and joining it is what grants the right to join them. A pid
     namespace applies to the children made after joining, not to the caller."""
-    for path, nstype in ((userns, sc.CLONE_NEWUSER), (netns, sc.CLONE_NEWNET),
-                         (pidns, sc.CLONE_NEWPID)):
+    for path, nstype in (
+        (userns, sc.CLONE_NEWUSER),
+        (netns, sc.CLONE_NEWNET),
+        (pidns, sc.CLONE_NEWPID),
+    ):
         if not path:
             continue
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -526,6 +564,7 @@ def _run_callable(func: Callable[[], object]) -> NoReturn:  # pragma: no cover
 
 def _relay(child: int) -> NoReturn:  # pragma: no cover - runs in a relay or trampoline
     """Stand in for ``child`` outside the pod: pass signals on, end as it ended."""
+
     def forward(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)

@@ -60,8 +60,7 @@ def private_writable_mappings(pid: int | str = "self") -> list[tuple[int, int]]:
     return result
 
 
-def written_ranges(pid: int, mappings: Sequence[tuple[int, int]],
-                   max_pages: int = 4096) -> Ranges:
+def written_ranges(pid: int, mappings: Sequence[tuple[int, int]], max_pages: int = 4096) -> Ranges:
     """The pages of ``mappings`` (pytest's own) that process ``pid``, a fork of
     pytest, has written: present and no longer shared. Merged into ranges;
     at most ``max_pages`` pages. Empty when the kernel does not tell."""
@@ -94,8 +93,9 @@ def written_ranges(pid: int, mappings: Sequence[tuple[int, int]],
     return tuple(ranges)
 
 
-def populate(ranges: Ranges, stop: Callable[[], bool] = lambda: False,
-             chunk: int = 64 * 4096) -> None:
+def populate(
+    ranges: Ranges, stop: Callable[[], bool] = lambda: False, chunk: int = 64 * 4096
+) -> None:
     """Copy these pages into this process now (each range that is still a
     private writable mapping; others, and old kernels, are skipped), a chunk
     at a time, until done or ``stop()`` says the time for it is over."""
@@ -104,7 +104,9 @@ def populate(ranges: Ranges, stop: Callable[[], bool] = lambda: False,
             if stop():
                 return
             size = min(chunk, first + length - start)
-            no_advice = (_libc.madvise(start, size, MADV_POPULATE_WRITE) != 0
-                         and ctypes.get_errno() == errno.EINVAL)
+            no_advice = (
+                _libc.madvise(start, size, MADV_POPULATE_WRITE) != 0
+                and ctypes.get_errno() == errno.EINVAL
+            )
             if no_advice:  # a kernel before 5.14: nothing to do here
                 return

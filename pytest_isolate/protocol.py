@@ -34,14 +34,16 @@ MAX_FRAME = 32 * 1024 * 1024
 MAX_TOTAL = 128 * 1024 * 1024
 
 #: Message types a sandbox may send, and who sends them.
-MESSAGE_TYPES = frozenset({
-    "report",        # test process: one pytest report, pytest_report_to_serializable form
-    "warning",       # test process: a warning recorded while the test ran
-    "done",          # test process: every report was sent
-    "setup_failed",  # any sandbox process: a setup step failed (step, error, errno)
-    "exit",          # init (pid 1): the test process's wait status
-    "session_exit",  # test process: the test called pytest.exit()
-})
+MESSAGE_TYPES = frozenset(
+    {
+        "report",  # test process: one pytest report, pytest_report_to_serializable form
+        "warning",  # test process: a warning recorded while the test ran
+        "done",  # test process: every report was sent
+        "setup_failed",  # any sandbox process: a setup step failed (step, error, errno)
+        "exit",  # init (pid 1): the test process's wait status
+        "session_exit",  # test process: the test called pytest.exit()
+    }
+)
 
 
 class ProtocolError(Exception):
@@ -55,8 +57,9 @@ class Message:
 
 
 def encode_frame(msg_type: str, payload: Any) -> bytes:
-    body = json.dumps({"type": msg_type, "payload": payload}, separators=(",", ":"),
-                      default=str).encode()
+    body = json.dumps(
+        {"type": msg_type, "payload": payload}, separators=(",", ":"), default=str
+    ).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME} byte bound")
     return _HEADER.pack(len(body)) + body
@@ -92,8 +95,8 @@ class FrameReader:
                 )
             if len(self._buf) < _HEADER.size + length:
                 return
-            body = bytes(self._buf[_HEADER.size:_HEADER.size + length])
-            del self._buf[:_HEADER.size + length]
+            body = bytes(self._buf[_HEADER.size : _HEADER.size + length])
+            del self._buf[: _HEADER.size + length]
             yield _decode(body)
 
     def finish(self) -> None:

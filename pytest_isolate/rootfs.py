@@ -29,26 +29,54 @@ from typing import Literal
 from . import syscalls as sc
 from .spec import Bind
 
-__all__ = ["Op", "RootfsPlan", "SetupStepError", "apply_rootfs", "finish_joined_rootfs",
-           "plan_rootfs"]
+__all__ = [
+    "Op",
+    "RootfsPlan",
+    "SetupStepError",
+    "apply_rootfs",
+    "finish_joined_rootfs",
+    "plan_rootfs",
+]
 
 #: Host directories shown read-only (symlinks such as /bin -> usr/bin are copied as links).
-SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
-               "/var")
+SYSTEM_DIRS = (
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/opt",
+    "/var",
+)
 #: Strict mode shows only what Python and its subprocesses need to run.
 STRICT_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 #: Directories that exist but stay empty unless a path inside them is granted.
 EMPTY_DIRS = ("/home", "/root", "/run", "/mnt", "/media", "/srv", "/tmp", "/var/tmp")
 #: Secrets inside the read-only system view, masked with an empty file or directory.
-MASKED_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-",
-                "/etc/security/opasswd")
+MASKED_FILES = (
+    "/etc/shadow",
+    "/etc/gshadow",
+    "/etc/shadow-",
+    "/etc/gshadow-",
+    "/etc/security/opasswd",
+)
 MASKED_GLOBS = ("/etc/ssh/ssh_host_*_key",)
 MASKED_DIRS = ("/etc/ssl/private",)
 #: Too big to scan for sockets and no business of a test: shown empty.
 VAR_HIDDEN_DIRS = ("/var/lib/docker", "/var/lib/containers")
 # runc's defaults: kernel information and knobs a container has no business with.
-PROC_MASKED_FILES = ("/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
-                     "/proc/timer_stats", "/proc/sched_debug", "/proc/sysrq-trigger")
+PROC_MASKED_FILES = (
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/sysrq-trigger",
+)
 PROC_MASKED_DIRS = ("/proc/acpi", "/proc/asound", "/proc/scsi")
 PROC_READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
@@ -77,12 +105,12 @@ class Op:
 
 @dataclass(frozen=True)
 class RootfsPlan:
-    staging: str                 # host directory the new root is mounted on
+    staging: str  # host directory the new root is mounted on
     ops: tuple[Op, ...]
-    cwd: str                     # working directory inside the sandbox
+    cwd: str  # working directory inside the sandbox
     rootless: bool
-    cgroup2: bool = False        # mount the (namespaced) cgroup2 tree at /sys/fs/cgroup
-    overlay: bool = False        # fs="overlay": the root stays writable, writes discarded
+    cgroup2: bool = False  # mount the (namespaced) cgroup2 tree at /sys/fs/cgroup
+    overlay: bool = False  # fs="overlay": the root stays writable, writes discarded
     image_root: str | None = None
     scratch_size: int = 512 * 1024 * 1024
 
@@ -101,8 +129,14 @@ def project_paths(extra: Iterable[str], shown: Sequence[str] = SYSTEM_DIRS) -> l
     sys.path). Collapsed so that no path is listed below another, and none
     below a system directory the view already shows (``shown``)."""
     candidates: set[str] = set()
-    for entry in (*sys.path, sys.prefix, sys.base_prefix, sys.exec_prefix,
-                  os.path.dirname(sys.executable), *extra):
+    for entry in (
+        *sys.path,
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        os.path.dirname(sys.executable),
+        *extra,
+    ):
         if entry and os.path.isabs(entry) and os.path.exists(entry):
             candidates.add(os.path.abspath(entry))
             candidates.add(os.path.realpath(entry))
@@ -173,19 +207,32 @@ def _var_sockets(limit: int = 20000) -> list[str]:
                     if entry.is_dir(follow_symlinks=False):
                         if entry.path not in skipped:
                             pending.append(entry.path)
-                    elif (not entry.is_file(follow_symlinks=False)
-                          and not entry.is_symlink()
-                          and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)):
+                    elif (
+                        not entry.is_file(follow_symlinks=False)
+                        and not entry.is_symlink()
+                        and stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+                    ):
                         found.append(entry.path)
                 except OSError:
                     pass
     return sorted(found)
 
 
-def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[str],
-                binds: Sequence[Bind], writable_paths: Sequence[str], tmpfs_size: int,
-                rootless: bool, cgroup2: bool, overlay: bool = False,
-                image_root: str | None = None, strict: bool = False) -> RootfsPlan:
+def plan_rootfs(
+    *,
+    staging: str,
+    cwd: str,
+    home: str | None,
+    project: Sequence[str],
+    binds: Sequence[Bind],
+    writable_paths: Sequence[str],
+    tmpfs_size: int,
+    rootless: bool,
+    cgroup2: bool,
+    overlay: bool = False,
+    image_root: str | None = None,
+    strict: bool = False,
+) -> RootfsPlan:
     """Build the ordered list of operations for the sandbox's root.
 
     Default: the host's system directories read-only. ``image_root``: an
@@ -217,8 +264,12 @@ def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[s
         ops.extend(Op("mask_file", p) for p in _var_sockets())
     else:
         ops.append(Op("tmpfs", "/tmp", writable=True, size=tmpfs_size))
-    if home and os.path.isabs(home) and home != "/" and not any(
-            _under(home, d) for d in SYSTEM_DIRS):
+    if (
+        home
+        and os.path.isabs(home)
+        and home != "/"
+        and not any(_under(home, d) for d in SYSTEM_DIRS)
+    ):
         # A private, writable, throw-away $HOME: tools that write ~/.cache work.
         ops.append(Op("tmpfs", home, writable=True, size=tmpfs_size))
     for path in project:
@@ -241,9 +292,16 @@ def plan_rootfs(*, staging: str, cwd: str, home: str | None, project: Sequence[s
     # Depth order: a mount must exist before anything is mounted inside it.
     # sorted() is stable, so same-depth operations keep their order above.
     ordered = sorted(ops, key=lambda op: op.target.rstrip("/").count("/"))
-    return RootfsPlan(staging=staging, ops=tuple(ordered), cwd=cwd, rootless=rootless,
-                      cgroup2=cgroup2, overlay=overlay, image_root=image_root,
-                      scratch_size=tmpfs_size)
+    return RootfsPlan(
+        staging=staging,
+        ops=tuple(ordered),
+        cwd=cwd,
+        rootless=rootless,
+        cgroup2=cgroup2,
+        overlay=overlay,
+        image_root=image_root,
+        scratch_size=tmpfs_size,
+    )
 
 
 # --------------------------------------------------------------------------- in the sandbox
@@ -290,8 +348,9 @@ def _make_readonly(dest: str) -> None:
 def _bind(op: Op, root: str) -> None:
     dest = root + op.target
     if not os.path.lexists(op.source):
-        raise SetupStepError(f"bind {op.source} -> {op.target}",
-                             FileNotFoundError(2, "the host path does not exist"))
+        raise SetupStepError(
+            f"bind {op.source} -> {op.target}", FileNotFoundError(2, "the host path does not exist")
+        )
     _mountpoint(dest, os.path.isdir(op.source))
     sc.mount(op.source, dest, None, sc.MS_BIND | sc.MS_REC)
     if op.writable:
@@ -322,8 +381,10 @@ def _overlay(lower: str, dest: str, scratch: str, name: str, rootless: bool) -> 
     os.chmod(upper, stat.S_IMODE(st.st_mode))
     with contextlib.suppress(OSError):
         os.chown(upper, st.st_uid, st.st_gid)
-    options = (f"lowerdir={_escape_overlay_path(lower)},upperdir={_escape_overlay_path(upper)},"
-               f"workdir={_escape_overlay_path(work)}")
+    options = (
+        f"lowerdir={_escape_overlay_path(lower)},upperdir={_escape_overlay_path(upper)},"
+        f"workdir={_escape_overlay_path(work)}"
+    )
     if rootless:
         # In a user namespace overlayfs keeps its metadata in user.* xattrs.
         options += ",userxattr"
@@ -378,8 +439,12 @@ def _setup_dev(root: str, size: int, rootless: bool) -> None:
     except OSError:
         pass  # no private pty: programs needing one fail as on a host without devpts
     _tmpfs(dest + "/shm", size)
-    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for link, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"{dest}/{link}")
     os.chmod(dest, 0o755)
 
@@ -405,8 +470,9 @@ def _mount_cgroup2(dest: str) -> None:
     # mounter's cgroup namespace: made by the test process, after it joined
     # its cgroup and unshared that namespace.
     with contextlib.suppress(OSError):
-        sc.mount("cgroup2", dest, "cgroup2",
-                 sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | sc.MS_RDONLY)
+        sc.mount(
+            "cgroup2", dest, "cgroup2", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC | sc.MS_RDONLY
+        )
 
 
 def apply_rootfs(plan: RootfsPlan) -> None:
@@ -424,8 +490,13 @@ def apply_rootfs(plan: RootfsPlan) -> None:
     with _step(f"mount the scratch tmpfs on {scratch}"):
         # Holds the new root's mount point and the overlays' upper layers; it is
         # left behind with the old root, but overlays keep their own reference.
-        sc.mount("tmpfs", scratch, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV,
-                 f"mode=0700,size={plan.scratch_size}")
+        sc.mount(
+            "tmpfs",
+            scratch,
+            "tmpfs",
+            sc.MS_NOSUID | sc.MS_NODEV,
+            f"mode=0700,size={plan.scratch_size}",
+        )
         os.mkdir(root, 0o755)
     if plan.image_root is not None:
         with _step(f"mount the image {plan.image_root} as the root"):

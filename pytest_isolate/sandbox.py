@@ -50,8 +50,7 @@ from .prefault import Ranges, populate
 from .protocol import FrameReader, Message, ProtocolError, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
 
-__all__ = ["SETUP_FAILED_EXIT", "Sandbox", "SandboxOutcome", "SandboxPlan", "TestContext",
-           "spawn"]
+__all__ = ["SETUP_FAILED_EXIT", "Sandbox", "SandboxOutcome", "SandboxPlan", "TestContext", "spawn"]
 
 #: Exit status of a sandbox process whose setup failed (after a setup_failed frame).
 SETUP_FAILED_EXIT = 121
@@ -61,7 +60,7 @@ DUMP_SIGNAL = signal.SIGRTMIN + 3
 FAULT_SIGNAL = signal.SIGRTMIN + 4
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
-_NS_FLAGS = (sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP)
+_NS_FLAGS = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,8 @@ class SandboxPlan:
     namespaces: bool = True
     rootless: bool = False
     new_net: bool = True
-    pod_netns: str | None = None       # /proc/<pod holder>/ns/net, joined instead of a new one
-    pod_userns: str | None = None      # rootless: the pod's user namespace, joined first
+    pod_netns: str | None = None  # /proc/<pod holder>/ns/net, joined instead of a new one
+    pod_userns: str | None = None  # rootless: the pod's user namespace, joined first
     hostname: str = "isolated"
     rootfs: RootfsPlan | None = None
     caps: frozenset[str] | None = None
@@ -99,8 +98,8 @@ class TestContext:
 @dataclass
 class SandboxOutcome:
     messages: list[Message]
-    wait_status: int | None          # of the process P forked (init, or the rootless outer)
-    test_status: int | None          # the test process's status, as init reported it
+    wait_status: int | None  # of the process P forked (init, or the rootless outer)
+    test_status: int | None  # the test process's status, as init reported it
     timed_out: bool
     protocol_error: str | None
     stack: str
@@ -110,8 +109,16 @@ class SandboxOutcome:
 class Sandbox:
     """P's handle on one sandbox: its pid, pipes and captured output."""
 
-    def __init__(self, pid: int, result_fd: int, go_fd: int, out_fd: int, err_fd: int,
-                 stack_fd: int, cleanup: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        result_fd: int,
+        go_fd: int,
+        out_fd: int,
+        err_fd: int,
+        stack_fd: int,
+        cleanup: Callable[[], None] | None,
+    ) -> None:
         self.pid = pid
         self.result_fd = result_fd
         self.go_fd = go_fd
@@ -252,8 +259,15 @@ class Sandbox:
                 value = msg.payload.get("status")
                 if isinstance(value, int) and not isinstance(value, bool):
                     test_status = value
-        return SandboxOutcome(messages, status, test_status, timed_out, protocol_error, stack,
-                              time.monotonic() - self.started)
+        return SandboxOutcome(
+            messages,
+            status,
+            test_status,
+            timed_out,
+            protocol_error,
+            stack,
+            time.monotonic() - self.started,
+        )
 
     def _drain(self, reader: FrameReader, messages: list[Message]) -> str | None:
         end = time.monotonic() + 2.0
@@ -329,11 +343,17 @@ def read_memfd(fd: int, limit: int = 1 << 20) -> str:
 # --------------------------------------------------------------------------- P's side
 
 
-def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
-          run_test: Callable[[TestContext], None], foreign_fds: Callable[[], set[int]],
-          keep_fds: Callable[[], set[int]] = set,
-          cleanup: Callable[[], None] | None = None,
-          init_factory: InitFactory | None = None, prefault: Ranges = ()) -> Sandbox:
+def spawn(
+    plan: SandboxPlan,
+    *,
+    cgroup_procs: tuple[str, ...],
+    run_test: Callable[[TestContext], None],
+    foreign_fds: Callable[[], set[int]],
+    keep_fds: Callable[[], set[int]] = set,
+    cleanup: Callable[[], None] | None = None,
+    init_factory: InitFactory | None = None,
+    prefault: Ranges = (),
+) -> Sandbox:
     """Fork a sandbox that sets itself up and waits for ``go()``.
 
     Three shapes, cheapest first: as root with the init factory, pytest forks
@@ -391,9 +411,18 @@ def spawn(plan: SandboxPlan, *, cgroup_procs: tuple[str, ...],
     if pid == 0:  # pragma: no cover - runs in the sandbox
         if own_pidns >= 0:
             os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
-        _sandbox_main(plan, cgroup_procs, ctx, go_r, own | keep_fds(), foreign_fds(), run_test,
-                      init_pidfd=init_pidfd, joined=init_pidfd >= 0 and setup is not None,
-                      prefault=prefault)
+        _sandbox_main(
+            plan,
+            cgroup_procs,
+            ctx,
+            go_r,
+            own | keep_fds(),
+            foreign_fds(),
+            run_test,
+            init_pidfd=init_pidfd,
+            joined=init_pidfd >= 0 and setup is not None,
+            prefault=prefault,
+        )
     os.close(result_w)
     os.close(go_r)
     sandbox = Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
@@ -406,8 +435,13 @@ def _init_setup(plan: SandboxPlan) -> InitSetup | None:
     """What the factory's init can make for this plan (root, a new root, no
     pod): the namespaces, the root (its cgroup2 view excepted: that mount must
     be made from the test's own cgroup namespace), the hostname, the loopback."""
-    if (not plan.namespaces or plan.rootless or plan.pod_netns or plan.pod_userns
-            or plan.rootfs is None):
+    if (
+        not plan.namespaces
+        or plan.rootless
+        or plan.pod_netns
+        or plan.pod_userns
+        or plan.rootfs is None
+    ):
         # Without a new root, joining pid 1's mount namespace would make its
         # root (the host's, even if pytest runs chrooted) ours: the test
         # process unshares its namespaces itself, keeping root and directory.
@@ -435,17 +469,31 @@ def _fail(ctx: TestContext, step: str, exc: BaseException) -> None:
     else:
         error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     with contextlib.suppress(Exception):
-        send_message(ctx.result_fd, "setup_failed", {
-            "step": getattr(exc, "step", step), "error": error,
-            "errno": getattr(exc, "errno", None)})
+        send_message(
+            ctx.result_fd,
+            "setup_failed",
+            {
+                "step": getattr(exc, "step", step),
+                "error": error,
+                "errno": getattr(exc, "errno", None),
+            },
+        )
     os._exit(SETUP_FAILED_EXIT)
 
 
-def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestContext,
-                  go_r: int, own: set[int], foreign: set[int],
-                  run_test: Callable[[TestContext], None], *,
-                  init_pidfd: int = -1, joined: bool = False,
-                  prefault: Ranges = ()) -> None:  # pragma: no cover
+def _sandbox_main(
+    plan: SandboxPlan,
+    cgroup_procs: tuple[str, ...],
+    ctx: TestContext,
+    go_r: int,
+    own: set[int],
+    foreign: set[int],
+    run_test: Callable[[TestContext], None],
+    *,
+    init_pidfd: int = -1,
+    joined: bool = False,
+    prefault: Ranges = (),
+) -> None:  # pragma: no cover
     step = "start"
     direct = init_pidfd >= 0
     try:
@@ -475,8 +523,13 @@ def _sandbox_main(plan: SandboxPlan, cgroup_procs: tuple[str, ...], ctx: TestCon
             # the sandbox's root).
             step = "join the sandbox's namespaces"
             with SetupStepErrorContext("setns into the mount, uts, ipc, net namespaces of pid 1"):
-                sc.setns(init_pidfd, sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
-                         | (sc.CLONE_NEWNET if plan.new_net else 0))
+                sc.setns(
+                    init_pidfd,
+                    sc.CLONE_NEWNS
+                    | sc.CLONE_NEWUTS
+                    | sc.CLONE_NEWIPC
+                    | (sc.CLONE_NEWNET if plan.new_net else 0),
+                )
         if direct:
             os.close(init_pidfd)  # a handle on a process outside the test: not for it
         if not plan.namespaces:
@@ -574,8 +627,11 @@ def _die_with_parent() -> None:
 def _map_ids(uid: int, gid: int) -> None:
     # An unprivileged process may map only its own ids, and must deny
     # setgroups before writing gid_map.
-    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
+    for path, text in (
+        ("/proc/self/setgroups", "deny"),
+        ("/proc/self/uid_map", f"{uid} {uid} 1"),
+        ("/proc/self/gid_map", f"{gid} {gid} 1"),
+    ):
         with SetupStepErrorContext(f"write {text!r} to {path}"):
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -588,6 +644,7 @@ def _forward(child: int) -> None:
     def handler(signum: int, frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)
+
     signal.signal(DUMP_SIGNAL, handler)
     signal.signal(FAULT_SIGNAL, handler)
 
@@ -644,8 +701,13 @@ def _apply_env(allow: tuple[str, ...]) -> None:
             del os.environ[name]
 
 
-def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
-               run_test: Callable[[TestContext], None]) -> None:  # pragma: no cover
+def _test_main(
+    plan: SandboxPlan,
+    ctx: TestContext,
+    go_r: int,
+    own: set[int],
+    run_test: Callable[[TestContext], None],
+) -> None:  # pragma: no cover
     step = "prepare the test process"
     try:
         _close_directory_fds(own, plan.strict_fds)
@@ -655,6 +717,7 @@ def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
         if plan.caps is not None:
             step = "drop capabilities"
             from .capabilities import apply_capabilities
+
             apply_capabilities(plan.caps)
         else:
             sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
@@ -673,6 +736,7 @@ def _test_main(plan: SandboxPlan, ctx: TestContext, go_r: int, own: set[int],
             # kernel checks and translates it) is off the critical path.
             step = "load the syscall filter"
             from .seccomp import load_filter
+
             load_filter(plan.seccomp_program)
         step = "wait for the go signal"
         message = os.read(go_r, 10)
@@ -707,8 +771,9 @@ def _install_dump_handlers(stack_fd: int) -> None:
         frames[threading.main_thread().ident or 0] = frame  # type: ignore[assignment]
         names = {t.ident: t.name for t in threading.enumerate()}
         for ident, stack_frame in frames.items():
-            lines.append(f"\n{'~' * 20} Stack of {names.get(ident, '<unknown>')} ({ident}) "
-                         f"{'~' * 20}\n")
+            lines.append(
+                f"\n{'~' * 20} Stack of {names.get(ident, '<unknown>')} ({ident}) {'~' * 20}\n"
+            )
             lines.extend(traceback.format_stack(stack_frame))
         lines.append("+" * 69 + "\n")
         with contextlib.suppress(OSError):
@@ -716,4 +781,3 @@ def _install_dump_handlers(stack_fd: int) -> None:
 
     signal.signal(DUMP_SIGNAL, dump)
     faulthandler.register(FAULT_SIGNAL, file=stack_fd, all_threads=True)
-

@@ -70,8 +70,10 @@ def _any_value_except(arg: int, allowed: Iterable[int]) -> tuple[tuple[ArgTest, 
     ``unsigned int``, so high bits are refused rather than truncated.
     """
     values = sorted(set(allowed))
-    bits = sorted(range(32), key=lambda b: min(sum(v >> b & 1 for v in values),
-                                               sum(not v >> b & 1 for v in values)))
+    bits = sorted(
+        range(32),
+        key=lambda b: min(sum(v >> b & 1 for v in values), sum(not v >> b & 1 for v in values)),
+    )
     result: list[tuple[ArgTest, ...]] = [((arg, _CMP_GT, 0xFFFFFFFF, 0),)]
 
     def walk(group: list[int], depth: int, mask: int, prefix: int) -> None:
@@ -104,75 +106,141 @@ class Rule:
     when: tuple[tuple[ArgTest, ...], ...] = ((),)
 
 
-_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000,
-                    0x20000000, 0x40000000)  # CLONE_NEWNS, NEWCGROUP ... NEWNET: mask 0x7E020000
+_NAMESPACE_FLAGS = (
+    0x00020000,
+    0x02000000,
+    0x04000000,
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+)  # CLONE_NEWNS, NEWCGROUP ... NEWNET: mask 0x7E020000
 _CLONE_NEWTIME = 0x80  # unshare and clone3 only: for clone it is part of the exit signal
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
 _ADMIN = frozenset({"SYS_ADMIN"})
 
 #: The default filter, in the order of docs/security.md.
 DEFAULT_RULES: tuple[Rule, ...] = (
-    Rule(("keyctl", "add_key", "request_key"),
-         "the kernel keyring is not namespaced: a test could read or plant keys of the "
-         "host's users, and the keys code has a long CVE history"),
+    Rule(
+        ("keyctl", "add_key", "request_key"),
+        "the kernel keyring is not namespaced: a test could read or plant keys of the "
+        "host's users, and the keys code has a long CVE history",
+    ),
     Rule(("kexec_load", "kexec_file_load"), "replaces the running kernel"),
-    Rule(("init_module", "finit_module", "delete_module"),
-         "loads code into, or removes it from, the host kernel",
-         unless=frozenset({"SYS_MODULE"})),
-    Rule(("io_uring_setup", "io_uring_enter", "io_uring_register"),
-         "a second syscall interface that bypasses this filter for the operations it "
-         "carries, and a frequent source of kernel exploits"),
-    Rule(("open_by_handle_at",),
-         "opens any file of a file system by its handle, ignoring the mount the "
-         "container sees: the 'shocker' escape from Docker 0.11",
-         unless=frozenset({"DAC_READ_SEARCH"})),
-    Rule(("acct",), "switches process accounting of the whole host",
-         unless=frozenset({"SYS_PACCT"})),
+    Rule(
+        ("init_module", "finit_module", "delete_module"),
+        "loads code into, or removes it from, the host kernel",
+        unless=frozenset({"SYS_MODULE"}),
+    ),
+    Rule(
+        ("io_uring_setup", "io_uring_enter", "io_uring_register"),
+        "a second syscall interface that bypasses this filter for the operations it "
+        "carries, and a frequent source of kernel exploits",
+    ),
+    Rule(
+        ("open_by_handle_at",),
+        "opens any file of a file system by its handle, ignoring the mount the "
+        "container sees: the 'shocker' escape from Docker 0.11",
+        unless=frozenset({"DAC_READ_SEARCH"}),
+    ),
+    Rule(
+        ("acct",), "switches process accounting of the whole host", unless=frozenset({"SYS_PACCT"})
+    ),
     Rule(("swapon", "swapoff"), "changes the host's swap devices", unless=_ADMIN),
-    Rule(("reboot",), "reboots the host, or kills the test's pid namespace",
-         unless=frozenset({"SYS_BOOT"})),
-    Rule(("syslog",), "reads or clears the host kernel's log, which leaks kernel addresses",
-         unless=frozenset({"SYSLOG"})),
-    Rule(("vhangup",), "hangs up the terminal pytest runs on",
-         unless=frozenset({"SYS_TTY_CONFIG"})),
-    Rule(("quotactl", "quotactl_fd"), "changes disk quotas of host file systems",
-         unless=_ADMIN),
-    Rule(("lookup_dcookie", "nfsservctl"), "obsolete interfaces (removed from newer "
-         "kernels); refused so an old kernel's implementation is not reachable",
-         unless=_ADMIN),
-    Rule(("userfaultfd",), "lets a process stall the kernel in the middle of a copy "
-         "from user memory, the standard way to win kernel races in exploits",
-         unless=frozenset({"SYS_PTRACE"})),
-    Rule(("personality",), "execution domains other than Linux and Linux32 switch off "
-         "exploit mitigations (ADDR_NO_RANDOMIZE, READ_IMPLIES_EXEC, MMAP_PAGE_ZERO); "
-         "0, PER_LINUX32, UNAME26, both, and the query 0xffffffff stay allowed",
-         when=_any_value_except(0, (0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF))),
-    Rule(("mount", "umount", "umount2", "pivot_root", "fsopen", "fsconfig", "fsmount",
-          "fspick", "move_mount", "open_tree", "mount_setattr"),
-         "changes the file system tree: could uncover what the new root hides",
-         unless=_ADMIN),
-    Rule(("setns",), "joins another namespace, e.g. one of the host's through /proc",
-         unless=_ADMIN),
-    Rule(("unshare",), "a new user namespace hands the test every capability again "
-         "within it, and each new namespace exposes more kernel code",
-         unless=_ADMIN,
-         when=tuple(_flag_set(0, flag) for flag in (*_NAMESPACE_FLAGS, _CLONE_NEWTIME))),
-    Rule(("clone",), "the same as unshare, while creating a process",
-         unless=_ADMIN, when=tuple(_flag_set(0, flag) for flag in _NAMESPACE_FLAGS)),
-    Rule(("clone3",), "its flags are in memory a filter cannot read; ENOSYS makes libc "
-         "fall back to clone, whose flags are checked above",
-         unless=_ADMIN, error=errno.ENOSYS),
-    Rule(("bpf",), "loads programs into the kernel; the verifier is a large attack surface",
-         unless=frozenset({"SYS_ADMIN", "BPF"})),
-    Rule(("perf_event_open",), "profiles the whole host and exposes a large, "
-         "exploit-prone interface", unless=frozenset({"SYS_ADMIN", "PERFMON"})),
-    Rule(("fanotify_init",), "watches file access across the host's file systems",
-         unless=_ADMIN),
-    Rule(("ioctl",), "TIOCSTI and TIOCLINUX push keystrokes into the terminal pytest "
-         "runs on, to be executed by the shell after pytest exits (CVE-2017-5226); "
-         "compared on 32 bits because the kernel ignores the upper half",
-         when=(((1, _CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCSTI),),
-               ((1, _CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCLINUX),))),
+    Rule(
+        ("reboot",),
+        "reboots the host, or kills the test's pid namespace",
+        unless=frozenset({"SYS_BOOT"}),
+    ),
+    Rule(
+        ("syslog",),
+        "reads or clears the host kernel's log, which leaks kernel addresses",
+        unless=frozenset({"SYSLOG"}),
+    ),
+    Rule(
+        ("vhangup",), "hangs up the terminal pytest runs on", unless=frozenset({"SYS_TTY_CONFIG"})
+    ),
+    Rule(("quotactl", "quotactl_fd"), "changes disk quotas of host file systems", unless=_ADMIN),
+    Rule(
+        ("lookup_dcookie", "nfsservctl"),
+        "obsolete interfaces (removed from newer "
+        "kernels); refused so an old kernel's implementation is not reachable",
+        unless=_ADMIN,
+    ),
+    Rule(
+        ("userfaultfd",),
+        "lets a process stall the kernel in the middle of a copy "
+        "from user memory, the standard way to win kernel races in exploits",
+        unless=frozenset({"SYS_PTRACE"}),
+    ),
+    Rule(
+        ("personality",),
+        "execution domains other than Linux and Linux32 switch off "
+        "exploit mitigations (ADDR_NO_RANDOMIZE, READ_IMPLIES_EXEC, MMAP_PAGE_ZERO); "
+        "0, PER_LINUX32, UNAME26, both, and the query 0xffffffff stay allowed",
+        when=_any_value_except(0, (0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)),
+    ),
+    Rule(
+        (
+            "mount",
+            "umount",
+            "umount2",
+            "pivot_root",
+            "fsopen",
+            "fsconfig",
+            "fsmount",
+            "fspick",
+            "move_mount",
+            "open_tree",
+            "mount_setattr",
+        ),
+        "changes the file system tree: could uncover what the new root hides",
+        unless=_ADMIN,
+    ),
+    Rule(
+        ("setns",), "joins another namespace, e.g. one of the host's through /proc", unless=_ADMIN
+    ),
+    Rule(
+        ("unshare",),
+        "a new user namespace hands the test every capability again "
+        "within it, and each new namespace exposes more kernel code",
+        unless=_ADMIN,
+        when=tuple(_flag_set(0, flag) for flag in (*_NAMESPACE_FLAGS, _CLONE_NEWTIME)),
+    ),
+    Rule(
+        ("clone",),
+        "the same as unshare, while creating a process",
+        unless=_ADMIN,
+        when=tuple(_flag_set(0, flag) for flag in _NAMESPACE_FLAGS),
+    ),
+    Rule(
+        ("clone3",),
+        "its flags are in memory a filter cannot read; ENOSYS makes libc "
+        "fall back to clone, whose flags are checked above",
+        unless=_ADMIN,
+        error=errno.ENOSYS,
+    ),
+    Rule(
+        ("bpf",),
+        "loads programs into the kernel; the verifier is a large attack surface",
+        unless=frozenset({"SYS_ADMIN", "BPF"}),
+    ),
+    Rule(
+        ("perf_event_open",),
+        "profiles the whole host and exposes a large, exploit-prone interface",
+        unless=frozenset({"SYS_ADMIN", "PERFMON"}),
+    ),
+    Rule(("fanotify_init",), "watches file access across the host's file systems", unless=_ADMIN),
+    Rule(
+        ("ioctl",),
+        "TIOCSTI and TIOCLINUX push keystrokes into the terminal pytest "
+        "runs on, to be executed by the shell after pytest exits (CVE-2017-5226); "
+        "compared on 32 bits because the kernel ignores the upper half",
+        when=(
+            ((1, _CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCSTI),),
+            ((1, _CMP_MASKED_EQ, 0xFFFFFFFF, _TIOCLINUX),),
+        ),
+    ),
 )
 
 # Every ABI a process can enter the kernel through on this machine: a filter
@@ -190,8 +258,12 @@ class SeccompUnavailable(Exception):
 
 
 class _ArgCmp(ctypes.Structure):
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
-                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+    _fields_ = [
+        ("arg", ctypes.c_uint),
+        ("op", ctypes.c_int),
+        ("datum_a", ctypes.c_uint64),
+        ("datum_b", ctypes.c_uint64),
+    ]
 
 
 class _Version(ctypes.Structure):
@@ -213,7 +285,8 @@ def _libseccomp() -> ctypes.CDLL:
     if (version.major, version.minor) < (2, 5):
         raise SeccompUnavailable(
             f"libseccomp {version.major}.{version.minor}.{version.micro} is too old "
-            f"(it lacks the new mount API and clone3 syscalls); {_FIX}")
+            f"(it lacks the new mount API and clone3 syscalls); {_FIX}"
+        )
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
@@ -223,8 +296,13 @@ def _libseccomp() -> ctypes.CDLL:
     lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
-                                           ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp),
+    ]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     return lib
 
@@ -232,8 +310,9 @@ def _libseccomp() -> ctypes.CDLL:
 def _check(rc: int, step: str) -> None:
     # libseccomp returns -errno rather than setting errno.
     if rc < 0:
-        raise OSError(-rc, f"build_filter: {step}: {errno.errorcode.get(-rc, -rc)} "
-                           f"({os.strerror(-rc)})")
+        raise OSError(
+            -rc, f"build_filter: {step}: {errno.errorcode.get(-rc, -rc)} ({os.strerror(-rc)})"
+        )
 
 
 @cache
@@ -245,13 +324,17 @@ def seccomp_available() -> str | None:
         with open("/proc/sys/kernel/seccomp/actions_avail") as f:
             actions = f.read().split()
     except OSError:
-        return ("the kernel has no seccomp filter support (no "
-                "/proc/sys/kernel/seccomp/actions_avail; Linux 4.14+ with CONFIG_SECCOMP_FILTER "
-                "is needed); run with seccomp=false")
+        return (
+            "the kernel has no seccomp filter support (no "
+            "/proc/sys/kernel/seccomp/actions_avail; Linux 4.14+ with CONFIG_SECCOMP_FILTER "
+            "is needed); run with seccomp=false"
+        )
     missing = {"errno", "kill_process"} - set(actions)
     if missing:
-        return (f"the kernel's seccomp lacks the action(s) {', '.join(sorted(missing))}; "
-                f"run with seccomp=false")
+        return (
+            f"the kernel's seccomp lacks the action(s) {', '.join(sorted(missing))}; "
+            f"run with seccomp=false"
+        )
     if platform.machine() not in _SYS_SECCOMP:
         return f"no seccomp syscall number known for {platform.machine()}; run with seccomp=false"
     try:
@@ -284,8 +367,10 @@ def build_filter(granted: frozenset[str]) -> bytes:
     try:
         # An ABI the filter does not list (none on x86_64 or aarch64 after the
         # additions below) kills the process rather than running unfiltered.
-        _check(lib.seccomp_attr_set(ctx, _FLTATR_ACT_BADARCH, _ACT_KILL_PROCESS),
-               "seccomp_attr_set(ACT_BADARCH, KILL_PROCESS)")
+        _check(
+            lib.seccomp_attr_set(ctx, _FLTATR_ACT_BADARCH, _ACT_KILL_PROCESS),
+            "seccomp_attr_set(ACT_BADARCH, KILL_PROCESS)",
+        )
         for arch in _EXTRA_ARCHES.get(platform.machine(), ()):
             token = lib.seccomp_arch_resolve_name(arch.encode())
             _check(lib.seccomp_arch_add(ctx, token), f"seccomp_arch_add({arch})")
@@ -296,9 +381,12 @@ def build_filter(granted: frozenset[str]) -> bytes:
                 nr = syscall_number(name)
                 for tests in rule.when:
                     array = (_ArgCmp * max(len(tests), 1))(*(_ArgCmp(*t) for t in tests))
-                    _check(lib.seccomp_rule_add_array(ctx, _act_errno(rule.error), nr,
-                                                      len(tests), array),
-                           f"seccomp_rule_add({name}, {tests})")
+                    _check(
+                        lib.seccomp_rule_add_array(
+                            ctx, _act_errno(rule.error), nr, len(tests), array
+                        ),
+                        f"seccomp_rule_add({name}, {tests})",
+                    )
         fd = os.memfd_create("pytest-isolate-seccomp", os.MFD_CLOEXEC)
         try:
             _check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
@@ -326,24 +414,38 @@ def load_filter(program: bytes) -> None:
     """
     count = len(program) // 8
     if not program or len(program) % 8 or count > 4096:  # BPF_MAXINSNS
-        raise ValueError(f"load_filter: a BPF program is 1..4096 instructions of 8 bytes; "
-                         f"got {len(program)} bytes")
+        raise ValueError(
+            f"load_filter: a BPF program is 1..4096 instructions of 8 bytes; "
+            f"got {len(program)} bytes"
+        )
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(count, ctypes.cast(buffer, ctypes.c_void_p))
     nr = _SYS_SECCOMP.get(platform.machine())
     if nr is None:
         raise SeccompUnavailable(f"no seccomp syscall number known for {platform.machine()}")
-    rc = _libc.syscall(ctypes.c_long(nr), ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
-                       ctypes.c_ulong(_SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(fprog))
+    rc = _libc.syscall(
+        ctypes.c_long(nr),
+        ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
+        ctypes.c_ulong(_SECCOMP_FILTER_FLAG_TSYNC),
+        ctypes.byref(fprog),
+    )
     if rc == 0:
         return
     if rc > 0:
-        raise OSError(errno.EBUSY, f"load_filter: thread {rc} of this process cannot be "
-                                   f"synchronized (it has a different filter)")
+        raise OSError(
+            errno.EBUSY,
+            f"load_filter: thread {rc} of this process cannot be "
+            f"synchronized (it has a different filter)",
+        )
     err = ctypes.get_errno()
     hint = ""
     if err == errno.EACCES:
-        hint = ("; no_new_privs is not set and CAP_SYS_ADMIN is missing: call "
-                "capabilities.apply_capabilities() first")
-    raise OSError(err, f"load_filter: seccomp(SECCOMP_SET_MODE_FILTER, TSYNC): "
-                       f"{errno.errorcode.get(err, err)} ({os.strerror(err)}){hint}")
+        hint = (
+            "; no_new_privs is not set and CAP_SYS_ADMIN is missing: call "
+            "capabilities.apply_capabilities() first"
+        )
+    raise OSError(
+        err,
+        f"load_filter: seccomp(SECCOMP_SET_MODE_FILTER, TSYNC): "
+        f"{errno.errorcode.get(err, err)} ({os.strerror(err)}){hint}",
+    )

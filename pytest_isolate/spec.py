@@ -207,7 +207,8 @@ def _parse_hostname(value: object) -> str:
     text = str(value)
     if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})", text):
         raise SpecError(
-            f"invalid hostname {value!r}; use letters, digits, '-' and '.', <= 63 chars")
+            f"invalid hostname {value!r}; use letters, digits, '-' and '.', <= 63 chars"
+        )
     return text
 
 
@@ -316,35 +317,84 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("timeout", _parse_seconds, "wall-clock seconds before the test's process tree is "
-           "killed and its stack shown", "SECONDS", ceiling=True),
-    Option("memory", parse_size, "memory limit for the test's whole process tree, swap off "
-           "(e.g. 256M, 1.5G)", "SIZE", ceiling=True),
+    Option(
+        "timeout",
+        _parse_seconds,
+        "wall-clock seconds before the test's process tree is killed and its stack shown",
+        "SECONDS",
+        ceiling=True,
+    ),
+    Option(
+        "memory",
+        parse_size,
+        "memory limit for the test's whole process tree, swap off (e.g. 256M, 1.5G)",
+        "SIZE",
+        ceiling=True,
+    ),
     Option("pids", _parse_pids, "maximum number of processes and threads", "N", ceiling=True),
     Option("cpu", _parse_cpu, "CPU quota in cores (e.g. 0.5)", "CORES", ceiling=True),
-    Option("caps_drop", _parse_caps, "capabilities to remove from the default set "
-           "(comma-separated, e.g. chown,net_raw; 'all')", "CAPS"),
-    Option("caps_add", _parse_caps, "capabilities to grant beyond the default set "
-           "(e.g. sys_admin)", "CAPS"),
+    Option(
+        "caps_drop",
+        _parse_caps,
+        "capabilities to remove from the default set (comma-separated, e.g. chown,net_raw; 'all')",
+        "CAPS",
+    ),
+    Option(
+        "caps_add",
+        _parse_caps,
+        "capabilities to grant beyond the default set (e.g. sys_admin)",
+        "CAPS",
+    ),
     Option("seccomp", _parse_bool, "apply the default syscall filter (true/false)", "BOOL"),
     Option("net", _parse_net, "network: 'none' (own namespace, loopback up) or 'host'", "MODE"),
-    Option("pod", _parse_pod, "join the network namespace of the named pod "
-           "(see pytest_isolate.pod)", "NAME"),
+    Option(
+        "pod",
+        _parse_pod,
+        "join the network namespace of the named pod (see pytest_isolate.pod)",
+        "NAME",
+    ),
     Option("hostname", _parse_hostname, "hostname seen by the test", "NAME"),
-    Option("fs", _parse_fs, "file system view: 'readonly' host view, or 'overlay' "
-           "(writable, writes discarded)", "MODE"),
-    Option("rootfs", _parse_path, "run in another root file system: a directory, a "
-           ".tar/.tar.gz/.tar.xz image, or a `docker save` / OCI layout tarball", "PATH"),
-    Option("binds", _parse_binds, "host paths to grant: HOST[:CONTAINER][:ro|:rw], "
-           "comma-separated", "BINDS"),
-    Option("env", _parse_env, "environment allow-list (names, NAME* prefixes) or 'inherit'",
-           "NAMES"),
-    Option("strict", _parse_bool, "profile for untrusted code: no inherited fds, allow-listed "
-           "environment, no capabilities, limits a marker cannot raise", "BOOL"),
-    Option("tmpfs_size", parse_size, "size of the private /tmp, $HOME and /dev/shm when no "
-           "memory limit bounds them", "SIZE"),
-    Option("layers", _parse_layers, "isolation layers to apply (diagnostics and benchmarks): "
-           f"{','.join(LAYERS)}, all or none", "LAYERS"),
+    Option(
+        "fs",
+        _parse_fs,
+        "file system view: 'readonly' host view, or 'overlay' (writable, writes discarded)",
+        "MODE",
+    ),
+    Option(
+        "rootfs",
+        _parse_path,
+        "run in another root file system: a directory, a "
+        ".tar/.tar.gz/.tar.xz image, or a `docker save` / OCI layout tarball",
+        "PATH",
+    ),
+    Option(
+        "binds",
+        _parse_binds,
+        "host paths to grant: HOST[:CONTAINER][:ro|:rw], comma-separated",
+        "BINDS",
+    ),
+    Option(
+        "env", _parse_env, "environment allow-list (names, NAME* prefixes) or 'inherit'", "NAMES"
+    ),
+    Option(
+        "strict",
+        _parse_bool,
+        "profile for untrusted code: no inherited fds, allow-listed "
+        "environment, no capabilities, limits a marker cannot raise",
+        "BOOL",
+    ),
+    Option(
+        "tmpfs_size",
+        parse_size,
+        "size of the private /tmp, $HOME and /dev/shm when no memory limit bounds them",
+        "SIZE",
+    ),
+    Option(
+        "layers",
+        _parse_layers,
+        f"isolation layers to apply (diagnostics and benchmarks): {','.join(LAYERS)}, all or none",
+        "LAYERS",
+    ),
 )
 OPTIONS_BY_NAME = {opt.name: opt for opt in OPTIONS}
 
@@ -444,7 +494,8 @@ def _finalize(spec: IsolationSpec, where: str) -> IsolationSpec:
     problems = []
     if spec.pod and spec.net == "host":
         problems.append(
-            "pod= joins a pod's network namespace; it cannot be combined with net='host'")
+            "pod= joins a pod's network namespace; it cannot be combined with net='host'"
+        )
     if spec.has("rootfs") and not spec.has("namespaces"):
         problems.append("layer 'rootfs' requires layer 'namespaces'")
     if problems:
@@ -468,6 +519,8 @@ def _fmt_call(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
 
 def default_values() -> dict[str, Any]:
     """The built-in defaults as a mapping (the lowest layer of precedence)."""
-    return {f.name: f.default for f in dataclasses.fields(IsolationSpec)
-            if f.default is not dataclasses.MISSING}
-
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(IsolationSpec)
+        if f.default is not dataclasses.MISSING
+    }

@@ -69,15 +69,25 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 _MS_NAMES = {
-    MS_RDONLY: "MS_RDONLY", MS_NOSUID: "MS_NOSUID", MS_NODEV: "MS_NODEV",
-    MS_NOEXEC: "MS_NOEXEC", MS_REMOUNT: "MS_REMOUNT", MS_BIND: "MS_BIND",
-    MS_MOVE: "MS_MOVE", MS_REC: "MS_REC", MS_PRIVATE: "MS_PRIVATE", MS_SLAVE: "MS_SLAVE",
+    MS_RDONLY: "MS_RDONLY",
+    MS_NOSUID: "MS_NOSUID",
+    MS_NODEV: "MS_NODEV",
+    MS_NOEXEC: "MS_NOEXEC",
+    MS_REMOUNT: "MS_REMOUNT",
+    MS_BIND: "MS_BIND",
+    MS_MOVE: "MS_MOVE",
+    MS_REC: "MS_REC",
+    MS_PRIVATE: "MS_PRIVATE",
+    MS_SLAVE: "MS_SLAVE",
     MS_STRICTATIME: "MS_STRICTATIME",
 }
 _CLONE_NAMES = {
-    CLONE_NEWNS: "CLONE_NEWNS", CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
-    CLONE_NEWUTS: "CLONE_NEWUTS", CLONE_NEWIPC: "CLONE_NEWIPC",
-    CLONE_NEWUSER: "CLONE_NEWUSER", CLONE_NEWPID: "CLONE_NEWPID",
+    CLONE_NEWNS: "CLONE_NEWNS",
+    CLONE_NEWCGROUP: "CLONE_NEWCGROUP",
+    CLONE_NEWUTS: "CLONE_NEWUTS",
+    CLONE_NEWIPC: "CLONE_NEWIPC",
+    CLONE_NEWUSER: "CLONE_NEWUSER",
+    CLONE_NEWPID: "CLONE_NEWPID",
     CLONE_NEWNET: "CLONE_NEWNET",
 }
 
@@ -94,12 +104,22 @@ _MOUNT_ATTR_NOSUID = 0x2
 _MOUNT_ATTR_NODEV = 0x4
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_char_p]
+_libc.mount.argtypes = [
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_char_p,
+]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.syscall.restype = ctypes.c_long
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                        ctypes.c_ulong]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
 
 
 class SyscallError(OSError):
@@ -124,8 +144,9 @@ def _b(path: str | None) -> bytes | None:
     return None if path is None else os.fsencode(path)
 
 
-def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
-          data: str | None = None) -> None:
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
     if _libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)) != 0:
         shown = f"mount({source!r}, {target!r}, {fstype!r}, {flag_names(flags)}"
         _raise(shown + (f", {data!r})" if data else ")"))
@@ -148,12 +169,17 @@ def _mount_setattr_recursive(path: str, attr_set: int, shown: str) -> bool:
         return False
 
     class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+        _fields_ = [
+            ("attr_set", ctypes.c_uint64),
+            ("attr_clr", ctypes.c_uint64),
+            ("propagation", ctypes.c_uint64),
+            ("userns_fd", ctypes.c_uint64),
+        ]
 
     attr = MountAttr(attr_set, 0, 0, 0)
-    rc = _libc.syscall(_SYS_MOUNT_SETATTR, -100, _b(path), _AT_RECURSIVE,
-                       ctypes.byref(attr), ctypes.sizeof(attr))
+    rc = _libc.syscall(
+        _SYS_MOUNT_SETATTR, -100, _b(path), _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
     if rc != 0:
         if ctypes.get_errno() == errno.ENOSYS:
             return False
@@ -169,16 +195,19 @@ def mount_setattr_rdonly(path: str, *, nosuid_nodev: bool = False) -> bool:
     """
     if nosuid_nodev:
         return _mount_setattr_recursive(
-            path, _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
-            "MOUNT_ATTR_RDONLY|MOUNT_ATTR_NOSUID|MOUNT_ATTR_NODEV")
+            path,
+            _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
+            "MOUNT_ATTR_RDONLY|MOUNT_ATTR_NOSUID|MOUNT_ATTR_NODEV",
+        )
     return _mount_setattr_recursive(path, _MOUNT_ATTR_RDONLY, "MOUNT_ATTR_RDONLY")
 
 
 def mount_setattr_nosuid_nodev(path: str) -> bool:
     """Make the mount at ``path`` and every submount nosuid,nodev (writability
     unchanged) in one call; False where the kernel lacks mount_setattr."""
-    return _mount_setattr_recursive(path, _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV,
-                                    "MOUNT_ATTR_NOSUID|MOUNT_ATTR_NODEV")
+    return _mount_setattr_recursive(
+        path, _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV, "MOUNT_ATTR_NOSUID|MOUNT_ATTR_NODEV"
+    )
 
 
 # Landlock (Linux 5.13+; TRUNCATE from ABI 3, 6.2).
@@ -212,8 +241,16 @@ def landlock_writes_beneath(root: str) -> bool:
         beneath = os.open(root, os.O_PATH | os.O_CLOEXEC)
         try:
             rule = _PathBeneath(access, beneath)
-            if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH,
-                             ctypes.byref(rule), 0) != 0:
+            if (
+                _libc.syscall(
+                    _SYS_LANDLOCK_ADD_RULE,
+                    ruleset,
+                    _LANDLOCK_RULE_PATH_BENEATH,
+                    ctypes.byref(rule),
+                    0,
+                )
+                != 0
+            ):
                 _raise(f"landlock_add_rule(PATH_BENEATH {root!r})")
         finally:
             os.close(beneath)

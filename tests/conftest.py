@@ -16,8 +16,15 @@ pytest_plugins = ["pytester"]
 @functools.cache
 def _userns_works() -> bool:
     try:
-        return subprocess.run(["unshare", "--user", "--map-root-user", "true"],
-                              check=False, capture_output=True, timeout=10).returncode == 0
+        return (
+            subprocess.run(
+                ["unshare", "--user", "--map-root-user", "true"],
+                check=False,
+                capture_output=True,
+                timeout=10,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -49,8 +56,10 @@ _FEATURES: dict[str, tuple[Callable[[], bool], str]] = {
     "userns": (_userns_works, "needs unprivileged user namespaces"),
     "cgroup2": (lambda: _cgroup_version() == 2, "needs a pure cgroup v2 host"),
     "cgroup1": (lambda: _cgroup_version() == 1, "needs cgroup v1 (hybrid) mounts"),
-    "cgroup": (_cgroup_usable, "needs a usable cgroup with the memory controller "
-                               "(root, or a delegated cgroup v2)"),
+    "cgroup": (
+        _cgroup_usable,
+        "needs a usable cgroup with the memory controller (root, or a delegated cgroup v2)",
+    ),
     "busybox": (lambda: shutil.which("busybox") is not None, "needs busybox-static"),
 }
 

@@ -91,8 +91,10 @@ def run_in_child(body: Callable[[], object], namespaces: int = 0) -> object:
             try:
                 result = {"ok": body()}
             except BaseException as exc:
-                result = {"error": f"{type(exc).__name__}: {exc}",
-                          "errno": getattr(exc, "errno", None)}
+                result = {
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "errno": getattr(exc, "errno", None),
+                }
         try:
             os.write(write_fd, json.dumps(result).encode())
         finally:
@@ -121,12 +123,19 @@ def policy(drop: tuple[str, ...] = (), add: tuple[str, ...] = ()) -> frozenset[s
 
 def test_names_in_any_case_with_or_without_prefix_are_normalized() -> None:
     assert normalize_cap_names(["chown", "CAP_NET_RAW", "Cap_Sys_Admin", "all", "CHOWN"]) == (
-        "CHOWN", "NET_RAW", "SYS_ADMIN", "ALL")
+        "CHOWN",
+        "NET_RAW",
+        "SYS_ADMIN",
+        "ALL",
+    )
 
 
 def test_unknown_name_is_an_error_listing_the_valid_names() -> None:
-    with pytest.raises(SpecError, match=r"unknown capability 'foo'; valid names: chown, "
-                                        r"dac_override, .* or all$"):
+    with pytest.raises(
+        SpecError,
+        match=r"unknown capability 'foo'; valid names: chown, "
+        r"dac_override, .* or all$",
+    ):
         normalize_cap_names(["chown", "foo"])
 
 
@@ -138,9 +147,22 @@ def test_all_caps_lists_what_the_running_kernel_has() -> None:
 
 
 def test_default_root_set_is_dockers_without_mknod() -> None:
-    docker = {"CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID",
-              "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL",
-              "AUDIT_WRITE"}
+    docker = {
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FSETID",
+        "FOWNER",
+        "MKNOD",
+        "NET_RAW",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "SETPCAP",
+        "NET_BIND_SERVICE",
+        "SYS_CHROOT",
+        "KILL",
+        "AUDIT_WRITE",
+    }
     assert docker - DEFAULT_ROOT_CAPS == {"MKNOD"}
     assert DEFAULT_ROOT_CAPS - docker == set()
 
@@ -154,7 +176,9 @@ def test_root_policy_is_default_minus_drop_plus_add() -> None:
 def test_rootless_policy_starts_empty() -> None:
     assert resolve_caps((), (), rootless=True) == frozenset()
     assert resolve_caps(("CHOWN",), ("SYS_ADMIN", "NET_RAW"), rootless=True) == {
-        "SYS_ADMIN", "NET_RAW"}
+        "SYS_ADMIN",
+        "NET_RAW",
+    }
     assert resolve_caps(("SYS_ADMIN",), ("ALL",), rootless=True) == set(ALL_CAPS) - {"SYS_ADMIN"}
 
 
@@ -192,12 +216,16 @@ def _apply_and_read(keep: frozenset[str]) -> dict[str, object]:
     return {"caps": current_caps(), "no_new_privs": nnp}
 
 
-@pytest.mark.parametrize(("drop", "add"), [
-    ((), ()),
-    (("chown", "net_raw"), ("sys_admin",)),
-    (("all",), ()),
-    (("all",), ("net_admin", "sys_ptrace")),
-], ids=["default", "drop-chown-net_raw-add-sys_admin", "drop-all", "only-net_admin-sys_ptrace"])
+@pytest.mark.parametrize(
+    ("drop", "add"),
+    [
+        ((), ()),
+        (("chown", "net_raw"), ("sys_admin",)),
+        (("all",), ()),
+        (("all",), ("net_admin", "sys_ptrace")),
+    ],
+    ids=["default", "drop-chown-net_raw-add-sys_admin", "drop-all", "only-net_admin-sys_ptrace"],
+)
 def test_status_sets_match_the_policy_exactly(drop: tuple[str, ...], add: tuple[str, ...]) -> None:
     keep = policy(drop, add)
     result = run_in_child(lambda: _apply_and_read(keep))
@@ -228,10 +256,10 @@ def test_ambient_and_inheritable_sets_inherited_from_the_runner_are_cleared() ->
 
 def _status_of_an_exec() -> int:
     apply_capabilities(policy(add=("sys_admin",)))
-    out = subprocess.run(["cat", "/proc/self/status"], capture_output=True, text=True,
-                         check=True).stdout
-    return int(next(line.split()[1] for line in out.splitlines()
-                    if line.startswith("CapEff")), 16)
+    out = subprocess.run(
+        ["cat", "/proc/self/status"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(next(line.split()[1] for line in out.splitlines() if line.startswith("CapEff")), 16)
 
 
 def test_a_program_run_by_the_test_gets_no_more_than_the_policy() -> None:
@@ -251,8 +279,11 @@ def _keep_a_dropped_cap() -> None:
 
 
 def test_keeping_a_capability_the_process_lacks_is_an_error_naming_it() -> None:
-    with pytest.raises(ChildError, match=r"cannot keep sys_nice: the process running the "
-                                         r"test does not hold it"):
+    with pytest.raises(
+        ChildError,
+        match=r"cannot keep sys_nice: the process running the "
+        r"test does not hold it",
+    ):
         run_in_child(_keep_a_dropped_cap)
 
 
@@ -262,8 +293,11 @@ def _drop_without_setpcap() -> None:
 
 
 def test_dropping_without_setpcap_is_an_error_naming_the_step() -> None:
-    with pytest.raises(ChildError, match=r"dropping CHOWN from the bounding set .*"
-                                         r"CAP_SETPCAP is needed"):
+    with pytest.raises(
+        ChildError,
+        match=r"dropping CHOWN from the bounding set .*"
+        r"CAP_SETPCAP is needed",
+    ):
         run_in_child(_drop_without_setpcap)
 
 
@@ -305,33 +339,42 @@ def test_raw_socket_fails_without_net_raw() -> None:
     # Rootless the network namespace is the test's own (owned by its user
     # namespace): NET_RAW there is what decides, not the host's.
     with pytest.raises(ChildError) as info:
-        run_in_child(lambda: _open_raw_socket(policy(drop=("net_raw",))),
-                     namespaces=syscalls.CLONE_NEWNET if ROOTLESS else 0)
+        run_in_child(
+            lambda: _open_raw_socket(policy(drop=("net_raw",))),
+            namespaces=syscalls.CLONE_NEWNET if ROOTLESS else 0,
+        )
     assert info.value.errno == 1
 
 
 def test_raw_socket_works_with_net_raw() -> None:
-    run_in_child(lambda: _open_raw_socket(policy(add=("net_raw",))),
-                 namespaces=syscalls.CLONE_NEWNET if ROOTLESS else 0)
+    run_in_child(
+        lambda: _open_raw_socket(policy(add=("net_raw",))),
+        namespaces=syscalls.CLONE_NEWNET if ROOTLESS else 0,
+    )
 
 
 def _mount_tmpfs(keep: frozenset[str], target: str) -> bool:
     apply_capabilities(keep)
-    syscalls.mount("pytest-isolate-test", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
-                   "size=1M")
+    syscalls.mount(
+        "pytest-isolate-test", target, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "size=1M"
+    )
     return os.path.ismount(target)
 
 
 def test_mount_fails_without_sys_admin(tmp_path: Path) -> None:
     with pytest.raises(ChildError) as info:
-        run_in_child(lambda: _mount_tmpfs(policy(), str(tmp_path)),
-                     namespaces=syscalls.CLONE_NEWNS)
+        run_in_child(lambda: _mount_tmpfs(policy(), str(tmp_path)), namespaces=syscalls.CLONE_NEWNS)
     assert info.value.errno == 1
 
 
 def test_mount_works_with_sys_admin_inside_the_childs_mount_namespace(tmp_path: Path) -> None:
-    assert run_in_child(lambda: _mount_tmpfs(policy(add=("sys_admin",)), str(tmp_path)),
-                        namespaces=syscalls.CLONE_NEWNS) is True
+    assert (
+        run_in_child(
+            lambda: _mount_tmpfs(policy(add=("sys_admin",)), str(tmp_path)),
+            namespaces=syscalls.CLONE_NEWNS,
+        )
+        is True
+    )
     assert not os.path.ismount(tmp_path), "the mount reached the host"
 
 
@@ -357,8 +400,9 @@ def _euid_of_setuid_helper(helper: Path, apply: bool) -> str:
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)
-    return subprocess.run([str(helper), "-u"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        [str(helper), "-u"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @requires("root")  # a setuid-root file needs root to create, and a second uid to run it

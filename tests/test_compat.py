@@ -46,7 +46,8 @@ def test_the_temp_path_factory_hangs_off_the_config(pytester: pytest.Pytester) -
 
 
 def test_the_installed_protocol_is_removed_at_the_end_of_a_session(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     original = _pytest.runner.runtestprotocol
     pytester.makepyfile("def test_x(): pass")
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -64,59 +64,67 @@ def _cg2vm() -> str | None:
 def test_doctor_as_root_reports_every_default_feature_working(pytester: pytest.Pytester) -> None:
     result = pytester.run(sys.executable, "-m", "pytest_isolate", "doctor")
     assert result.ret == 0, result.stdout.str()
-    result.stdout.fnmatch_lines([
-        "pytest-isolate doctor: root*; Linux *; Python *",
-        "Each feature below was tried for real in a throw-away child process.",
-        "feature * works * needed by * detail",
-        "user namespaces * yes * rootless only *",
-        *CORE_ROWS,
-        "overlayfs * yes *",
-        "cgroups * yes *cgroup v[12] (memory, pids, cpu)*",
-        "cgroup memory controller * yes *",
-        "cgroup pids controller * yes *",
-        "cgroup cpu controller * yes *",
-        "peak memory (memory.*) * yes * MiB measured",
-        "swap accounting * *",
-        "clone3 CLONE_INTO_CGROUP * *",
-        *FILTER_ROWS,
-        "--isolate works here with every default layer.",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-isolate doctor: root*; Linux *; Python *",
+            "Each feature below was tried for real in a throw-away child process.",
+            "feature * works * needed by * detail",
+            "user namespaces * yes * rootless only *",
+            *CORE_ROWS,
+            "overlayfs * yes *",
+            "cgroups * yes *cgroup v[12] (memory, pids, cpu)*",
+            "cgroup memory controller * yes *",
+            "cgroup pids controller * yes *",
+            "cgroup cpu controller * yes *",
+            "peak memory (memory.*) * yes * MiB measured",
+            "swap accounting * *",
+            "clone3 CLONE_INTO_CGROUP * *",
+            *FILTER_ROWS,
+            "--isolate works here with every default layer.",
+        ]
+    )
     result.stdout.no_fnmatch_line("*fix:*")
 
 
 @requires("root", "cgroup1")
 def test_doctor_on_cgroup_v1_says_clone3_does_not_apply(pytester: pytest.Pytester) -> None:
     result = pytester.run(sys.executable, "-m", "pytest_isolate", "doctor")
-    result.stdout.fnmatch_lines([
-        "peak memory (memory.max_usage_in_bytes) * yes *",
-        "clone3 CLONE_INTO_CGROUP * n/a * cgroup v1: each test is placed by a cgroup.procs write*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "peak memory (memory.max_usage_in_bytes) * yes *",
+            "clone3 CLONE_INTO_CGROUP * n/a * cgroup v1: each test is placed by a "
+            "cgroup.procs write*",
+        ]
+    )
 
 
 @requires("root")
-def test_isolate_doctor_option_prints_the_table_and_runs_no_test(
-        pytester: pytest.Pytester) -> None:
+def test_isolate_doctor_option_prints_the_table_and_runs_no_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_would_fail():\n    assert False\n")
     result = pytester.runpytest_subprocess("--isolate-doctor")
     assert result.ret == 0
-    result.stdout.fnmatch_lines([
-        "pytest-isolate doctor: root*",
-        "default sandbox (every layer) * yes *",
-        "--isolate works here with every default layer.",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-isolate doctor: root*",
+            "default sandbox (every layer) * yes *",
+            "--isolate works here with every default layer.",
+        ]
+    )
     result.stdout.no_fnmatch_line("*test_would_fail*")
     result.stdout.no_fnmatch_line("*collected*")
 
 
 @requires("root")
 def test_console_main_runs_the_doctor_and_returns_its_status(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert main(["doctor"]) == 0
     assert "--isolate works here with every default layer." in capsys.readouterr().out
 
 
 def test_console_main_without_a_command_is_a_usage_error(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
@@ -125,18 +133,20 @@ def test_console_main_without_a_command_is_a_usage_error(
 
 @requires("root", "cgroup1")
 def test_session_header_names_root_cgroup_v1_controllers_userns_and_seccomp(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makepyfile("def test_ok():\n    pass\n")
     result = pytester.runpytest_subprocess("--isolate")
-    result.stdout.fnmatch_lines([
-        "isolate: root; cgroup v1 (memory, pids, cpu)*; user namespaces available; "
-        "seccomp available",
-        "*1 passed*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "isolate: root; cgroup v1 (memory, pids, cpu)*; user namespaces available; "
+            "seccomp available",
+            "*1 passed*",
+        ]
+    )
 
 
-def test_session_header_is_left_out_without_isolate_or_verbose(
-        pytester: pytest.Pytester) -> None:
+def test_session_header_is_left_out_without_isolate_or_verbose(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_ok():\n    pass\n")
     result = pytester.runpytest_subprocess()
     result.stdout.no_fnmatch_line("isolate: *")
@@ -144,23 +154,33 @@ def test_session_header_is_left_out_without_isolate_or_verbose(
 
 
 def test_table_prints_a_fix_only_under_a_feature_that_fails() -> None:
-    lines = format_table([
-        Check("pid namespace", True, "defaults", "the first child is pid 1"),
-        Check("seccomp filter", False, "defaults", "no libseccomp", "apt-get install libseccomp2",
-              required=True),
-        Check("overlayfs", False, "fs='overlay'", "ENODEV", "modprobe overlay"),
-        Check("clone3", None, "v2", "cgroup v1", "never shown"),
-    ])
-    pytest.LineMatcher(lines).fnmatch_lines([
-        "feature * works * needed by * detail",
-        "---*",
-        "pid namespace * yes * defaults * the first child is pid 1",
-        "seccomp filter * NO * defaults * no libseccomp",
-        " * fix: apt-get install libseccomp2",
-        "overlayfs * no * fs='overlay' * ENODEV",
-        " * fix: modprobe overlay",
-        "clone3 * n/a * v2 * cgroup v1",
-    ])
+    lines = format_table(
+        [
+            Check("pid namespace", True, "defaults", "the first child is pid 1"),
+            Check(
+                "seccomp filter",
+                False,
+                "defaults",
+                "no libseccomp",
+                "apt-get install libseccomp2",
+                required=True,
+            ),
+            Check("overlayfs", False, "fs='overlay'", "ENODEV", "modprobe overlay"),
+            Check("clone3", None, "v2", "cgroup v1", "never shown"),
+        ]
+    )
+    pytest.LineMatcher(lines).fnmatch_lines(
+        [
+            "feature * works * needed by * detail",
+            "---*",
+            "pid namespace * yes * defaults * the first child is pid 1",
+            "seccomp filter * NO * defaults * no libseccomp",
+            " * fix: apt-get install libseccomp2",
+            "overlayfs * no * fs='overlay' * ENODEV",
+            " * fix: modprobe overlay",
+            "clone3 * n/a * v2 * cgroup v1",
+        ]
+    )
     assert not any("never shown" in line for line in lines)
 
 
@@ -179,34 +199,62 @@ def as_user() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
         pytest.skip(f"needs a user {TEST_USER!r} (useradd {TEST_USER})")
     python = os.path.join(USER_VENV, "bin", "python")
     if not shutil.which("runuser") or not os.access(python, os.X_OK):
-        pytest.skip(f"needs runuser and a venv at {USER_VENV}: /usr/bin/python3 -m venv "
-                    f"{USER_VENV} && {USER_VENV}/bin/pip install pytest filelock python-prctl")
+        pytest.skip(
+            f"needs runuser and a venv at {USER_VENV}: /usr/bin/python3 -m venv "
+            f"{USER_VENV} && {USER_VENV}/bin/pip install pytest filelock python-prctl"
+        )
     copy = tempfile.mkdtemp(prefix="pytest-isolate-doctor-user-")
     try:
         os.chmod(copy, 0o755)
-        shutil.copytree(os.path.dirname(pytest_isolate.__file__),
-                        os.path.join(copy, "pytest_isolate"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            os.path.dirname(pytest_isolate.__file__),
+            os.path.join(copy, "pytest_isolate"),
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
         for top, dirs, files in os.walk(copy):
             for name in dirs:
                 os.chmod(os.path.join(top, name), 0o755)
             for name in files:
                 os.chmod(os.path.join(top, name), 0o644)
         check = subprocess.run(
-            ["runuser", "-u", TEST_USER, "--", python, "-c",
-             "import _prctl, filelock, pytest"], capture_output=True, text=True, cwd=copy,
-            check=False)
+            ["runuser", "-u", TEST_USER, "--", python, "-c", "import _prctl, filelock, pytest"],
+            capture_output=True,
+            text=True,
+            cwd=copy,
+            check=False,
+        )
         if check.returncode != 0:
-            pytest.skip(f"{USER_VENV} lacks a package: {check.stderr.strip().splitlines()[-1]}; "
-                        f"{USER_VENV}/bin/pip install pytest filelock python-prctl")
+            pytest.skip(
+                f"{USER_VENV} lacks a package: {check.stderr.strip().splitlines()[-1]}; "
+                f"{USER_VENV}/bin/pip install pytest filelock python-prctl"
+            )
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:
-            env = {"PATH": "/usr/bin:/bin", "HOME": copy, "PYTHONPATH": copy,
-                   "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-            return subprocess.run(["runuser", "-u", TEST_USER, "--", "env", "-i",
-                                   *(f"{k}={v}" for k, v in env.items()), python, *args],
-                                  capture_output=True, text=True, cwd=copy, timeout=120,
-                                  check=False)
+            env = {
+                "PATH": "/usr/bin:/bin",
+                "HOME": copy,
+                "PYTHONPATH": copy,
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "LANG": "C.UTF-8",
+            }
+            return subprocess.run(
+                [
+                    "runuser",
+                    "-u",
+                    TEST_USER,
+                    "--",
+                    "env",
+                    "-i",
+                    *(f"{k}={v}" for k, v in env.items()),
+                    python,
+                    *args,
+                ],
+                capture_output=True,
+                text=True,
+                cwd=copy,
+                timeout=120,
+                check=False,
+            )
 
         yield run
     finally:
@@ -214,58 +262,74 @@ def as_user() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
 
 
 def test_doctor_as_unprivileged_user_uses_user_namespaces_for_every_layer(
-        as_user: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    as_user: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
     result = as_user("-m", "pytest_isolate", "doctor")
     lines = pytest.LineMatcher(result.stdout.splitlines())
-    lines.fnmatch_lines([
-        "pytest-isolate doctor: rootless (uid *)*",
-        "user namespaces * yes * defaults *uid * mapped",
-        *(row.replace("defaults *", "defaults *(in a user namespace)")
-          if "namespace" in row else row for row in CORE_ROWS),
-        "overlayfs in a user namespace * yes *",
-        "capabilities (python-prctl) * yes * defaults * dropped to 0 capabilities*",
-        *FILTER_ROWS[1:],
-    ])
+    lines.fnmatch_lines(
+        [
+            "pytest-isolate doctor: rootless (uid *)*",
+            "user namespaces * yes * defaults *uid * mapped",
+            *(
+                row.replace("defaults *", "defaults *(in a user namespace)")
+                if "namespace" in row
+                else row
+                for row in CORE_ROWS
+            ),
+            "overlayfs in a user namespace * yes *",
+            "capabilities (python-prctl) * yes * defaults * dropped to 0 capabilities*",
+            *FILTER_ROWS[1:],
+        ]
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @requires("cgroup1")
 def test_doctor_as_unprivileged_user_on_cgroup_v1_explains_that_limits_need_root(
-        as_user: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    as_user: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
     result = as_user("-m", "pytest_isolate", "doctor")
-    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines([
-        "cgroups * no * memory=, pids=, cpu= * cgroup v1 memory: cannot create *: "
-        "Permission denied (uid *)",
-        " * fix: cgroup v1 cannot be delegated to an unprivileged user: run pytest as root, or*"
-        "systemd-run --user --scope -p Delegate=yes pytest ...`",
-        "cgroup memory controller * no * no usable cgroup",
-        " * fix: see the cgroups row",
-        "--isolate works here with every default layer; not available here: "
-        "memory=, pids=, cpu=, peak memory.",
-    ])
+    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines(
+        [
+            "cgroups * no * memory=, pids=, cpu= * cgroup v1 memory: cannot create *: "
+            "Permission denied (uid *)",
+            " * fix: cgroup v1 cannot be delegated to an unprivileged user: run pytest as root, or*"
+            "systemd-run --user --scope -p Delegate=yes pytest ...`",
+            "cgroup memory controller * no * no usable cgroup",
+            " * fix: see the cgroups row",
+            "--isolate works here with every default layer; not available here: "
+            "memory=, pids=, cpu=, peak memory.",
+        ]
+    )
     assert result.returncode == 0
 
 
 @requires("cgroup1")
 def test_session_header_as_unprivileged_user_says_rootless_and_why_no_limits(
-        as_user: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+    as_user: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
     test_dir = tempfile.mkdtemp(prefix="pytest-isolate-header-")
     try:
         os.chmod(test_dir, 0o777)
         with open(os.path.join(test_dir, "test_one.py"), "w") as f:
             f.write("def test_ok():\n    pass\n")
-        registered = as_user("-c", "import importlib.metadata as m; "
-                                   "m.distribution('pytest-isolate-linux')").returncode == 0
+        registered = (
+            as_user(
+                "-c", "import importlib.metadata as m; m.distribution('pytest-isolate-linux')"
+            ).returncode
+            == 0
+        )
         plugin = [] if registered else ["-p", "pytest_isolate.plugin"]
-        result = as_user("-m", "pytest", *plugin, "--isolate", "-p", "no:cacheprovider",
-                         test_dir)
+        result = as_user("-m", "pytest", *plugin, "--isolate", "-p", "no:cacheprovider", test_dir)
     finally:
         shutil.rmtree(test_dir, ignore_errors=True)
-    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines([
-        "isolate: rootless (uid *); no cgroups, so no limits (cgroup v1 memory: cannot create "
-        "*: Permission denied (uid *)); user namespaces available; seccomp available",
-        "*1 passed*",
-    ])
+    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines(
+        [
+            "isolate: rootless (uid *); no cgroups, so no limits (cgroup v1 memory: cannot create "
+            "*: Permission denied (uid *)); user namespaces available; seccomp available",
+            "*1 passed*",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------- cgroup v2
@@ -273,38 +337,60 @@ def test_session_header_as_unprivileged_user_says_rootless_and_why_no_limits(
 
 @requires("root", "cgroup2")
 def test_doctor_on_cgroup_v2_reports_v2_controllers_and_clone3_into_cgroup(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     """Runs where the host is pure cgroup v2: CI runs it inside tools/cg2vm."""
     result = pytester.run(sys.executable, "-m", "pytest_isolate", "doctor")
-    result.stdout.fnmatch_lines([
-        "cgroups * yes * cgroup v2 (memory, pids, cpu)*",
-        "peak memory (memory.peak) * yes * MiB measured",
-        "swap accounting * yes * memory.swap.max present*",
-        "clone3 CLONE_INTO_CGROUP * yes * the child is born in its cgroup*",
-        "--isolate works here with every default layer.",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "cgroups * yes * cgroup v2 (memory, pids, cpu)*",
+            "peak memory (memory.peak) * yes * MiB measured",
+            "swap accounting * yes * memory.swap.max present*",
+            "clone3 CLONE_INTO_CGROUP * yes * the child is born in its cgroup*",
+            "--isolate works here with every default layer.",
+        ]
+    )
     assert result.ret == 0
 
 
 @pytest.mark.slow
 @requires("root")
-@pytest.mark.skipif(os.environ.get("PYTEST_ISOLATE_VM") != "1" or _cg2vm() is None,
-                    reason="boots the cgroup-v2 VM (about a minute): set PYTEST_ISOLATE_VM=1 "
-                           "where tools/cg2vm is installed")
+@pytest.mark.skipif(
+    os.environ.get("PYTEST_ISOLATE_VM") != "1" or _cg2vm() is None,
+    reason="boots the cgroup-v2 VM (about a minute): set PYTEST_ISOLATE_VM=1 "
+    "where tools/cg2vm is installed",
+)
 def test_doctor_in_the_cg2vm_vm_reports_cgroup_v2_and_clone3() -> None:
     vm = _cg2vm()
     assert vm is not None
     result = subprocess.run(
-        [vm, "--timeout", "600", "--", "env", f"PYTHONPATH={REPO}", sys.executable, "-m",
-         "pytest_isolate", "doctor"], capture_output=True, text=True, cwd=REPO, timeout=700,
-        check=False)
-    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines([
-        "pytest-isolate doctor: root*",
-        "cgroups * yes * cgroup v2 (memory, pids, cpu); below the root cgroup /sys/fs/cgroup",
-        "clone3 CLONE_INTO_CGROUP * yes *",
-        "default sandbox (every layer) * yes *",
-        "--isolate works here with every default layer.",
-    ])
+        [
+            vm,
+            "--timeout",
+            "600",
+            "--",
+            "env",
+            f"PYTHONPATH={REPO}",
+            sys.executable,
+            "-m",
+            "pytest_isolate",
+            "doctor",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=700,
+        check=False,
+    )
+    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines(
+        [
+            "pytest-isolate doctor: root*",
+            "cgroups * yes * cgroup v2 (memory, pids, cpu); below the root cgroup /sys/fs/cgroup",
+            "clone3 CLONE_INTO_CGROUP * yes *",
+            "default sandbox (every layer) * yes *",
+            "--isolate works here with every default layer.",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -320,9 +406,11 @@ def _readable_by_others(path: str) -> bool:
 
 @pytest.mark.slow
 @requires("root")
-@pytest.mark.skipif(os.environ.get("PYTEST_ISOLATE_VM") != "1" or _cg2vm() is None,
-                    reason="boots the cgroup-v2 VM (about a minute): set PYTEST_ISOLATE_VM=1 "
-                           "where tools/cg2vm is installed")
+@pytest.mark.skipif(
+    os.environ.get("PYTEST_ISOLATE_VM") != "1" or _cg2vm() is None,
+    reason="boots the cgroup-v2 VM (about a minute): set PYTEST_ISOLATE_VM=1 "
+    "where tools/cg2vm is installed",
+)
 def test_doctor_in_the_cg2vm_vm_as_a_delegated_user_finds_every_controller() -> None:
     python = os.path.join(USER_VENV, "bin", "python")
     package = os.path.join(REPO, "pytest_isolate")
@@ -331,15 +419,36 @@ def test_doctor_in_the_cg2vm_vm_as_a_delegated_user_finds_every_controller() -> 
     vm = _cg2vm()
     assert vm is not None
     result = subprocess.run(
-        [vm, "--timeout", "600", "--user", TEST_USER, "--", "env", f"PYTHONPATH={REPO}",
-         "PYTHONDONTWRITEBYTECODE=1", "HOME=/tmp", python, "-m", "pytest_isolate", "doctor"],
-        capture_output=True, text=True, cwd=REPO, timeout=700, check=False)
-    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines([
-        "pytest-isolate doctor: rootless (uid *)*",
-        "cgroups * yes * cgroup v2 (memory, pids, cpu); delegated: *",
-        "cgroup cpu controller * yes *",
-        "clone3 CLONE_INTO_CGROUP * yes *",
-        "default sandbox (every layer) * yes *",
-        "--isolate works here with every default layer.",
-    ])
+        [
+            vm,
+            "--timeout",
+            "600",
+            "--user",
+            TEST_USER,
+            "--",
+            "env",
+            f"PYTHONPATH={REPO}",
+            "PYTHONDONTWRITEBYTECODE=1",
+            "HOME=/tmp",
+            python,
+            "-m",
+            "pytest_isolate",
+            "doctor",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=700,
+        check=False,
+    )
+    pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines(
+        [
+            "pytest-isolate doctor: rootless (uid *)*",
+            "cgroups * yes * cgroup v2 (memory, pids, cpu); delegated: *",
+            "cgroup cpu controller * yes *",
+            "clone3 CLONE_INTO_CGROUP * yes *",
+            "default sandbox (every layer) * yes *",
+            "--isolate works here with every default layer.",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-2000:]

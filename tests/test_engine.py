@@ -31,14 +31,16 @@ def test_pass_and_assertion_failure_look_as_without_isolation(pytester: pytest.P
     """)
     result = run(pytester)
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines([
-        "*def test_fails():*",
-        ">       assert x == [1, 3]",
-        "E       assert [1, 2] == [1, 3]",
-        "*isolation*",
-        "ran isolated: layers=namespaces,rootfs,cgroup,caps,seccomp",
-        "FAILED *::test_fails*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*def test_fails():*",
+            ">       assert x == [1, 3]",
+            "E       assert [1, 2] == [1, 3]",
+            "*isolation*",
+            "ran isolated: layers=namespaces,rootfs,cgroup,caps,seccomp",
+            "FAILED *::test_fails*",
+        ]
+    )
 
 
 def test_every_crash_is_classified_on_the_test_that_crashed(pytester: pytest.Pytester) -> None:
@@ -60,24 +62,27 @@ def test_every_crash_is_classified_on_the_test_that_crashed(pytester: pytest.Pyt
     """)
     result = run(pytester)
     result.assert_outcomes(passed=1, failed=5)
-    result.stdout.fnmatch_lines([
-        "*_ test_os_exit _*",
-        "the test process exited with status 3 before reporting a result*",
-        "*Captured stdout call*",
-        "said before dying",
-        "*_ test_sys_exit _*",
-        "E       SystemExit: 4",
-        "*_ test_segv _*",
-        "the test process was killed by SIGSEGV (11)",
-        "*_ test_abort _*",
-        "the test process was killed by SIGABRT (6)",
-        "*_ test_sigkill _*",
-        "the test process was killed by SIGKILL (9)",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_os_exit _*",
+            "the test process exited with status 3 before reporting a result*",
+            "*Captured stdout call*",
+            "said before dying",
+            "*_ test_sys_exit _*",
+            "E       SystemExit: 4",
+            "*_ test_segv _*",
+            "the test process was killed by SIGSEGV (11)",
+            "*_ test_abort _*",
+            "the test process was killed by SIGABRT (6)",
+            "*_ test_sigkill _*",
+            "the test process was killed by SIGKILL (9)",
+        ]
+    )
 
 
 def test_timeout_kills_the_tree_and_shows_where_the_test_was_stuck(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makepyfile("""
         import subprocess, time, pytest
         @pytest.mark.isolated(timeout=1)
@@ -91,15 +96,17 @@ def test_timeout_kills_the_tree_and_shows_where_the_test_was_stuck(
     result = run(pytester)
     assert time.monotonic() - start < 30
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "Timeout: the test ran longer than its timeout of 1 s; its whole process tree was "
-        "killed.",
-        "*+ Timeout +*",
-        "*in test_stuck",
-        "    waiting_here()",
-        "*in waiting_here",
-        "    time.sleep(60)",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "Timeout: the test ran longer than its timeout of 1 s; its whole process tree was "
+            "killed.",
+            "*+ Timeout +*",
+            "*in test_stuck",
+            "    waiting_here()",
+            "*in waiting_here",
+            "    time.sleep(60)",
+        ]
+    )
     assert not _host_processes_matching("sleep 313.7")
 
 
@@ -164,21 +171,24 @@ def test_pytest_outcomes_behave_as_without_isolation(pytester: pytest.Pytester) 
     """)
     result = run(pytester, "-rxXs")
     result.assert_outcomes(passed=6, failed=5, skipped=2, xfailed=1, xpassed=1)
-    result.stdout.fnmatch_lines_random([
-        "SKIPPED [[]1[]] *: not today",
-        "SKIPPED [[]1[]] *: static skip",
-        "XFAIL *::test_xfail - known",
-        "XPASS *::test_xpass - fixed",
-        "*[[]XPASS(strict)[]] must fail",
-        "E       Failed: explicit failure",
-        "E       *Unpicklable: cannot cross",
-        "E       AssertionError: 1 != 2",
-        "*test_param[[]3[]]*",
-    ])
+    result.stdout.fnmatch_lines_random(
+        [
+            "SKIPPED [[]1[]] *: not today",
+            "SKIPPED [[]1[]] *: static skip",
+            "XFAIL *::test_xfail - known",
+            "XPASS *::test_xpass - fixed",
+            "*[[]XPASS(strict)[]] must fail",
+            "E       Failed: explicit failure",
+            "E       *Unpicklable: cannot cross",
+            "E       AssertionError: 1 != 2",
+            "*test_param[[]3[]]*",
+        ]
+    )
 
 
 def test_wider_fixtures_are_set_up_once_in_pytest_and_torn_down_once(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     log = pytester.path / "fixture.log"
     pytester.makeconftest(f"""
         import os, pytest
@@ -209,12 +219,16 @@ def test_wider_fixtures_are_set_up_once_in_pytest_and_torn_down_once(
     result = run(pytester, "-p", "no:randomly")
     result.assert_outcomes(passed=6)
     assert log.read_text().splitlines() == [
-        "session setup", "module setup", "module teardown", "module setup",
-        "module teardown", "session teardown"]
+        "session setup",
+        "module setup",
+        "module teardown",
+        "module setup",
+        "module teardown",
+        "session teardown",
+    ]
 
 
-def test_a_failing_session_fixture_errors_the_tests_that_need_it(
-        pytester: pytest.Pytester) -> None:
+def test_a_failing_session_fixture_errors_the_tests_that_need_it(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
         @pytest.fixture(scope="session")
@@ -276,21 +290,34 @@ def test_a_bad_marker_value_errors_only_that_test(pytester: pytest.Pytester) -> 
     """)
     result = run(pytester)
     result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines([
-        "isolated(memory='1X') in test_a_bad_marker_value_errors_only_that_test.py::test_bad: "
-        "invalid size '1X'; use bytes or a K/M/G suffix, e.g. '256M'",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "isolated(memory='1X') in test_a_bad_marker_value_errors_only_that_test.py::test_bad: "
+            "invalid size '1X'; use bytes or a K/M/G suffix, e.g. '256M'",
+        ]
+    )
     assert "INTERNALERROR" not in result.stdout.str()
 
 
-@pytest.mark.parametrize(("args", "ini", "message"), [
-    (["--isolate-memory=1X"], "", "ERROR: --isolate-memory=1X: invalid size '1X'*"),
-    ([], "isolate_timeout = soon", "ERROR: ini isolate_timeout = 'soon': invalid number of "
-                                   "seconds 'soon'*"),
-    (["--isolate-caps-drop=chwon"], "", "ERROR: --isolate-caps-drop=chwon: unknown capability*"),
-])
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        (["--isolate-memory=1X"], "", "ERROR: --isolate-memory=1X: invalid size '1X'*"),
+        (
+            [],
+            "isolate_timeout = soon",
+            "ERROR: ini isolate_timeout = 'soon': invalid number of seconds 'soon'*",
+        ),
+        (
+            ["--isolate-caps-drop=chwon"],
+            "",
+            "ERROR: --isolate-caps-drop=chwon: unknown capability*",
+        ),
+    ],
+)
 def test_bad_command_line_and_ini_values_are_usage_errors(
-        pytester: pytest.Pytester, args: list[str], ini: str, message: str) -> None:
+    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+) -> None:
     pytester.makeini(f"[pytest]\n{ini}\n")
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_subprocess("--isolate", *args)
@@ -307,11 +334,13 @@ def test_a_sandbox_setup_failure_names_the_step_and_the_errno(pytester: pytest.P
     """)
     result = run(pytester)
     result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines([
-        "isolation setup failed at step 'bind /nonexistent/source -> /data': "
-        "the host path does not exist",
-        "Run `python -m pytest_isolate doctor`*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "isolation setup failed at step 'bind /nonexistent/source -> /data': "
+            "the host path does not exist",
+            "Run `python -m pytest_isolate doctor`*",
+        ]
+    )
 
 
 def test_garbage_on_the_result_pipe_is_a_malformed_result(pytester: pytest.Pytester) -> None:
@@ -342,14 +371,15 @@ def test_garbage_on_the_result_pipe_is_a_malformed_result(pytester: pytest.Pytes
     """)
     result = run(pytester)
     result.assert_outcomes(passed=1, failed=2)
-    result.stdout.fnmatch_lines_random([
-        "the isolated test sent a malformed result: a frame is not valid JSON*",
-        "the isolated test sent a malformed result: announced a frame of 4294967295 bytes*",
-    ])
+    result.stdout.fnmatch_lines_random(
+        [
+            "the isolated test sent a malformed result: a frame is not valid JSON*",
+            "the isolated test sent a malformed result: announced a frame of 4294967295 bytes*",
+        ]
+    )
 
 
-def test_pytest_exit_inside_an_isolated_test_stops_the_session(
-        pytester: pytest.Pytester) -> None:
+def test_pytest_exit_inside_an_isolated_test_stops_the_session(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
         def test_first():
@@ -392,10 +422,12 @@ def test_verbose_shows_which_isolation_applied(pytester: pytest.Pytester) -> Non
             pass
     """)
     result = run(pytester, "-vv")
-    result.stdout.fnmatch_lines([
-        "*::test_x PASSED [[]isolated: layers=namespaces,rootfs,cgroup,caps,seccomp "
-        "memory=64.0 MiB seccomp=off[]]*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_x PASSED [[]isolated: layers=namespaces,rootfs,cgroup,caps,seccomp "
+            "memory=64.0 MiB seccomp=off[]]*",
+        ]
+    )
     result.stdout.fnmatch_lines(["isolate: root*cgroup*"])
 
 
@@ -416,19 +448,25 @@ def test_junitxml_sees_the_same_sequence_and_the_peak_memory(pytester: pytest.Py
 
 
 def test_xdist_workers_isolate_their_own_tests(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(**{f"test_m{i}": """
+    pytester.makepyfile(
+        **{
+            f"test_m{i}": """
         import os, pytest
         @pytest.mark.parametrize("n", range(10))
         def test_p(n):
             assert os.getpid() == 2
             assert n != 7
-    """ for i in range(3)})
+    """
+            for i in range(3)
+        }
+    )
     result = run(pytester, "-n", "2")
     result.assert_outcomes(passed=27, failed=3)
 
 
 def test_a_test_in_an_xdist_worker_cannot_reach_the_workers_channel(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     """The worker talks to xdist's controller over execnet pipes: a test that
     kept them could send the controller forged reports. The worker's
     conftest notes their descriptors; in the sandbox they are closed, and a
@@ -486,13 +524,19 @@ def _mixed_suite(pytester: pytest.Pytester, count: int = 500) -> None:
 
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
 def test_500_mixed_tests_count_the_same_as_plain_pytest(
-        pytester: pytest.Pytester, workers: list[str]) -> None:
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
     _mixed_suite(pytester)
     plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", *workers, timeout=300)
     isolated = run(pytester, *workers)
     assert isolated.parseoutcomes() == plain.parseoutcomes()
-    assert plain.parseoutcomes() == {"failed": 214, "passed": 72, "skipped": 72,
-                                     "xfailed": 71, "xpassed": 71}
+    assert plain.parseoutcomes() == {
+        "failed": 214,
+        "passed": 72,
+        "skipped": 72,
+        "xfailed": 71,
+        "xpassed": 71,
+    }
 
 
 @requires("cgroup")
@@ -505,23 +549,28 @@ def test_peak_memory_summary_lists_the_heaviest_tests(pytester: pytest.Pytester)
             data[::4096] = b"x" * len(data[::4096])
     """)
     result = run(pytester, "--isolate-peak-memory=1")
-    result.stdout.fnmatch_lines([
-        "*= isolated tests by peak memory (top 1) =*",
-        "* MiB  test_peak_memory_summary_lists_the_heaviest_tests.py::test_heavy",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*= isolated tests by peak memory (top 1) =*",
+            "* MiB  test_peak_memory_summary_lists_the_heaviest_tests.py::test_heavy",
+        ]
+    )
 
 
 @requires("root")
-def test_ctrl_c_interrupts_the_session_and_leaves_nothing_behind(
-        pytester: pytest.Pytester) -> None:
+def test_ctrl_c_interrupts_the_session_and_leaves_nothing_behind(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import subprocess, time
         def test_long():
             subprocess.Popen(["sleep", "301.3"])
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *ISOLATE],
-                            cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *ISOLATE],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 30
     while not _host_processes_matching("sleep 301.3") and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -533,7 +582,8 @@ def test_ctrl_c_interrupts_the_session_and_leaves_nothing_behind(
 
 
 def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     """If pytest itself is SIGKILLed, every sandbox dies with it."""
     pytester.makepyfile("""
         import subprocess, time
@@ -541,8 +591,12 @@ def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
             subprocess.Popen(["sleep", "302.9"])
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *ISOLATE], cwd=pytester.path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *ISOLATE],
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while not _host_processes_matching("sleep 302.9") and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -573,18 +627,21 @@ def test_reruns_of_pytest_rerunfailures_are_isolated_too(pytester: pytest.Pytest
 
 def test_coverage_measured_inside_sandboxes_is_combined(pytester: pytest.Pytester) -> None:
     pytest.importorskip("pytest_cov")
-    pytester.makepyfile(mod="""
+    pytester.makepyfile(
+        mod="""
         def branch(x):
             if x > 0:
                 return "positive"
             return "other"
-    """, test_cov="""
+    """,
+        test_cov="""
         from mod import branch
         def test_positive():
             assert branch(1) == "positive"
         def test_other():
             assert branch(-1) == "other"
-    """)
+    """,
+    )
     result = run(pytester, "--cov=mod", "--cov-report=term-missing")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["mod.py * 4 * 0 * 100%*"])

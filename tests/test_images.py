@@ -37,7 +37,6 @@ BUSYBOX = os.environ.get("BUSYBOX", "/bin/busybox")
 UNPACKED = "unpacked image"  # the log line written once per real unpack
 
 
-
 def _load_layered_image() -> ModuleType:
     path = ROOT / "rootfs" / "layered_image.py"
     spec = importlib.util.spec_from_file_location("layered_image", path)
@@ -54,14 +53,28 @@ layered = _load_layered_image()
 # -- helpers -------------------------------------------------------------------------------
 
 
-def member(name: str, kind: str = "file", *, data: bytes = b"data\n", target: str = "",
-           mode: int | None = None, uid: int = 0, gid: int = 0,
-           dev: tuple[int, int] = (0, 0)) -> tuple[tarfile.TarInfo, bytes | None]:
+def member(
+    name: str,
+    kind: str = "file",
+    *,
+    data: bytes = b"data\n",
+    target: str = "",
+    mode: int | None = None,
+    uid: int = 0,
+    gid: int = 0,
+    dev: tuple[int, int] = (0, 0),
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.uid, info.gid, info.mtime = uid, gid, 1_600_000_000
-    types = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
-             "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE, "blk": tarfile.BLKTYPE,
-             "fifo": tarfile.FIFOTYPE}
+    types = {
+        "file": tarfile.REGTYPE,
+        "dir": tarfile.DIRTYPE,
+        "symlink": tarfile.SYMTYPE,
+        "hardlink": tarfile.LNKTYPE,
+        "chr": tarfile.CHRTYPE,
+        "blk": tarfile.BLKTYPE,
+        "fifo": tarfile.FIFOTYPE,
+    }
     info.type = types[kind]
     info.mode = mode if mode is not None else (0o755 if kind == "dir" else 0o644)
     info.linkname = target
@@ -72,8 +85,9 @@ def member(name: str, kind: str = "file", *, data: bytes = b"data\n", target: st
     return info, None
 
 
-def write_tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]],
-              mode: str = "w") -> str:
+def write_tar(
+    path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w"
+) -> str:
     with tarfile.open(path, mode, format=tarfile.GNU_FORMAT) as tar:  # type: ignore[call-overload]
         for info, data in members:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
@@ -94,10 +108,13 @@ def unpack_count(caplog: pytest.LogCaptureFixture) -> int:
 
 def cache_leftovers(cache: Path) -> list[str]:
     """Everything in the cache but the hash index and lock files."""
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
-                  if p.is_file() or p.is_symlink() or p.is_dir()
-                  if not p.name.endswith(".lock") and p.name != "digests.json"
-                  if not (p.is_dir() and len(p.name) == 64))
+    return sorted(
+        str(p.relative_to(cache))
+        for p in cache.rglob("*")
+        if p.is_file() or p.is_symlink() or p.is_dir()
+        if not p.name.endswith(".lock") and p.name != "digests.json"
+        if not (p.is_dir() and len(p.name) == 64)
+    )
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -109,8 +126,7 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     if not os.path.exists(BUSYBOX):
         pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static (or set BUSYBOX)")
     output = tmp_path_factory.mktemp("image") / "busybox.tar.gz"
-    result = subprocess.run([str(RECIPE), str(output)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run([str(RECIPE), str(output)], capture_output=True, text=True, check=False)
     if result.returncode != 0 and "busybox-static" in result.stderr:
         pytest.skip(f"cannot build the busybox image: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
@@ -134,7 +150,8 @@ def unpack_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 def test_busybox_tarball_unpacks_with_its_os_release_and_shell(
-        busybox_image: str, cache: Path) -> None:
+    busybox_image: str, cache: Path
+) -> None:
     root = Path(prepare_image(busybox_image, str(cache)))
     assert root.is_absolute() and root.parent.parent == cache and root.name == "rootfs"
     assert "ID=isolate-busybox" in (root / "etc/os-release").read_text()
@@ -151,15 +168,23 @@ def test_busybox_tarball_unpacks_with_its_os_release_and_shell(
 @requires("root")
 def test_busybox_image_runs_its_own_shell_under_chroot(busybox_image: str, cache: Path) -> None:
     root = prepare_image(busybox_image, str(cache))
-    result = subprocess.run(["chroot", root, "/bin/sh", "-c", "cat /etc/os-release; echo $0"],
-                            capture_output=True, text=True, check=False, timeout=30)
+    result = subprocess.run(
+        ["chroot", root, "/bin/sh", "-c", "cat /etc/os-release; echo $0"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert "ID=isolate-busybox" in result.stdout
 
 
 def test_second_prepare_of_same_image_is_a_cache_hit(
-        busybox_image: str, cache: Path, unpack_log: pytest.LogCaptureFixture,
-        request: pytest.FixtureRequest) -> None:
+    busybox_image: str,
+    cache: Path,
+    unpack_log: pytest.LogCaptureFixture,
+    request: pytest.FixtureRequest,
+) -> None:
     started = time.perf_counter()
     first = prepare_image(busybox_image, str(cache))
     unpack = time.perf_counter() - started
@@ -169,15 +194,17 @@ def test_second_prepare_of_same_image_is_a_cache_hit(
     assert first == second
     assert unpack_count(unpack_log) == 1
     # Figures for reports (junit xml, -rA); the speed claims live in docs/images.md.
-    request.node.user_properties += [("unpack_seconds", round(unpack, 4)),
-                                     ("cache_hit_seconds", round(hit, 6))]
+    request.node.user_properties += [
+        ("unpack_seconds", round(unpack, 4)),
+        ("cache_hit_seconds", round(hit, 6)),
+    ]
     marker = json.loads(Path(first + ".done").read_text())
     assert marker["format"] == "tar" and marker["layers"] == 1 and marker["members"] > 200
 
 
 def test_same_content_under_another_name_shares_the_cache_entry(
-        busybox_image: str, cache: Path, tmp_path: Path,
-        unpack_log: pytest.LogCaptureFixture) -> None:
+    busybox_image: str, cache: Path, tmp_path: Path, unpack_log: pytest.LogCaptureFixture
+) -> None:
     copy = tmp_path / "copy.tar.gz"
     shutil.copyfile(busybox_image, copy)
     assert prepare_image(busybox_image, str(cache)) == prepare_image(str(copy), str(cache))
@@ -196,14 +223,17 @@ def test_rewritten_archive_gets_a_new_cache_entry(tmp_path: Path, cache: Path) -
 
 @pytest.mark.parametrize("mode", ["w:gz", "w:xz", "w:bz2"])
 def test_compressed_rootfs_tarballs_unpack(tmp_path: Path, cache: Path, mode: str) -> None:
-    image = write_tar(tmp_path / f"image.{mode[2:]}", [
-        member("./", "dir"), member("./etc", "dir"), member("./etc/os-release", data=b"ID=x\n")],
-        mode)
+    image = write_tar(
+        tmp_path / f"image.{mode[2:]}",
+        [member("./", "dir"), member("./etc", "dir"), member("./etc/os-release", data=b"ID=x\n")],
+        mode,
+    )
     assert Path(prepare_image(image, str(cache)), "etc/os-release").read_text() == "ID=x\n"
 
 
 def test_directory_source_is_returned_as_an_absolute_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path
+) -> None:
     (tmp_path / "myroot").mkdir()
     monkeypatch.chdir(tmp_path)
     assert prepare_image("myroot", str(cache)) == str(tmp_path / "myroot")
@@ -237,27 +267,54 @@ HOSTILE = {
     "absolute": ([member("{tmp}/abs-escaped")], "abs-escaped", "absolute path"),
     "symlink-parent-absolute": (
         [member("link", "symlink", target="{tmp}/outside"), member("link/pwned")],
-        "outside/pwned", "which is a symlink"),
+        "outside/pwned",
+        "which is a symlink",
+    ),
     "symlink-parent-relative": (
         [member("link", "symlink", target="../../../outside"), member("link/pwned")],
-        "outside/pwned", "which is a symlink"),
+        "outside/pwned",
+        "which is a symlink",
+    ),
     "symlink-grandparent": (
-        [member("a", "dir"), member("a/link", "symlink", target="{tmp}/outside"),
-         member("a/link/deeper/pwned")], "outside/deeper", "which is a symlink"),
+        [
+            member("a", "dir"),
+            member("a/link", "symlink", target="{tmp}/outside"),
+            member("a/link/deeper/pwned"),
+        ],
+        "outside/deeper",
+        "which is a symlink",
+    ),
     "file-as-parent": ([member("f"), member("f/x")], "f", "not a directory"),
-    "hardlink-absolute": ([member("passwd", "hardlink", target="/etc/passwd")], "passwd",
-                          "hard link to '/etc/passwd'"),
-    "hardlink-dotdot": ([member("passwd", "hardlink", target="../../../../../../etc/passwd")],
-                        "passwd", "'..' component"),
-    "hardlink-forward": ([member("early", "hardlink", target="late"), member("late")],
-                         "late", "which no earlier member"),
+    "hardlink-absolute": (
+        [member("passwd", "hardlink", target="/etc/passwd")],
+        "passwd",
+        "hard link to '/etc/passwd'",
+    ),
+    "hardlink-dotdot": (
+        [member("passwd", "hardlink", target="../../../../../../etc/passwd")],
+        "passwd",
+        "'..' component",
+    ),
+    "hardlink-forward": (
+        [member("early", "hardlink", target="late"), member("late")],
+        "late",
+        "which no earlier member",
+    ),
     "hardlink-through-symlink": (
         [member("etc", "symlink", target="/etc"), member("pw", "hardlink", target="etc/passwd")],
-        "pw", "which is a symlink"),
-    "block-device": ([member("dev/sda", "blk", dev=(8, 0), mode=0o660)], "sda",
-                     "block device node (8, 0)"),
-    "char-device": ([member("dev/mem", "chr", dev=(1, 1), mode=0o640)], "mem",
-                    "character device node (1, 1)"),
+        "pw",
+        "which is a symlink",
+    ),
+    "block-device": (
+        [member("dev/sda", "blk", dev=(8, 0), mode=0o660)],
+        "sda",
+        "block device node (8, 0)",
+    ),
+    "char-device": (
+        [member("dev/mem", "chr", dev=(1, 1), mode=0o640)],
+        "mem",
+        "character device node (1, 1)",
+    ),
     "fifo": ([member("run/pipe", "fifo")], "pipe", "is a fifo"),
     "setuid": ([member("bin/su", mode=0o4755)], "su", "setuid bit (mode 0o4755)"),
     "setgid": ([member("bin/wall", mode=0o2755)], "wall", "setgid bit (mode 0o2755)"),
@@ -268,7 +325,8 @@ HOSTILE = {
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_archive_is_refused_and_writes_nothing_outside_the_cache(
-        case: str, tmp_path: Path, cache: Path) -> None:
+    case: str, tmp_path: Path, cache: Path
+) -> None:
     specs, sentinel, words = HOSTILE[case]
     (tmp_path / "outside").mkdir()
     members = []
@@ -297,12 +355,15 @@ def test_hostile_archive_is_refused_and_writes_nothing_outside_the_cache(
 
 
 def test_symlinks_pointing_anywhere_are_kept_as_symlinks(tmp_path: Path, cache: Path) -> None:
-    image = write_tar(tmp_path / "links.tar", [
-        member("usr/bin/python3.11", mode=0o755),
-        member("usr/bin/python", "symlink", target="/usr/bin/python3.11"),
-        member("up", "symlink", target="../../../../.."),
-        member("etc-host", "symlink", target="/etc"),
-    ])
+    image = write_tar(
+        tmp_path / "links.tar",
+        [
+            member("usr/bin/python3.11", mode=0o755),
+            member("usr/bin/python", "symlink", target="/usr/bin/python3.11"),
+            member("up", "symlink", target="../../../../.."),
+            member("etc-host", "symlink", target="/etc"),
+        ],
+    )
     root = Path(prepare_image(image, str(cache)))
     assert os.readlink(root / "usr/bin/python") == "/usr/bin/python3.11"
     assert os.readlink(root / "up") == "../../../../.."
@@ -310,11 +371,14 @@ def test_symlinks_pointing_anywhere_are_kept_as_symlinks(tmp_path: Path, cache: 
 
 
 def test_hard_links_within_the_image_share_an_inode(tmp_path: Path, cache: Path) -> None:
-    image = write_tar(tmp_path / "links.tar", [
-        member("bin/busybox", data=b"#!/bin/true\n", mode=0o755),
-        member("bin/sh", "hardlink", target="bin/busybox"),
-        member("./bin/ls", "hardlink", target="./bin/busybox"),
-    ])
+    image = write_tar(
+        tmp_path / "links.tar",
+        [
+            member("bin/busybox", data=b"#!/bin/true\n", mode=0o755),
+            member("bin/sh", "hardlink", target="bin/busybox"),
+            member("./bin/ls", "hardlink", target="./bin/busybox"),
+        ],
+    )
     root = Path(prepare_image(image, str(cache)))
     assert (root / "bin/sh").stat().st_ino == (root / "bin/busybox").stat().st_ino
     assert (root / "bin/busybox").stat().st_nlink == 3
@@ -337,8 +401,10 @@ def test_setuid_file_is_unpacked_when_allowed(tmp_path: Path, cache: Path) -> No
 
 @requires("root")
 def test_device_nodes_are_made_when_allowed(tmp_path: Path, cache: Path) -> None:
-    image = write_tar(tmp_path / "dev.tar", [member("dev/null", "chr", dev=(1, 3), mode=0o666),
-                                             member("run/pipe", "fifo")])
+    image = write_tar(
+        tmp_path / "dev.tar",
+        [member("dev/null", "chr", dev=(1, 3), mode=0o666), member("run/pipe", "fifo")],
+    )
     root = Path(prepare_image(image, str(cache), allow_devices=True))
     assert stat.S_ISCHR((root / "dev/null").lstat().st_mode)
     assert os.major((root / "dev/null").lstat().st_rdev) == 1
@@ -347,10 +413,14 @@ def test_device_nodes_are_made_when_allowed(tmp_path: Path, cache: Path) -> None
 
 @requires("root")
 def test_owners_from_the_archive_are_kept_as_root(tmp_path: Path, cache: Path) -> None:
-    image = write_tar(tmp_path / "own.tar", [
-        member("home/user", "dir", uid=1234, gid=2345, mode=0o750),
-        member("home/user/notes", uid=1234, gid=2345, mode=0o600),
-        member("home/user/link", "symlink", target="notes", uid=1234, gid=2345)])
+    image = write_tar(
+        tmp_path / "own.tar",
+        [
+            member("home/user", "dir", uid=1234, gid=2345, mode=0o750),
+            member("home/user/notes", uid=1234, gid=2345, mode=0o600),
+            member("home/user/link", "symlink", target="notes", uid=1234, gid=2345),
+        ],
+    )
     root = Path(prepare_image(image, str(cache)))
     for name in ("home/user", "home/user/notes", "home/user/link"):
         st = (root / name).lstat()
@@ -360,10 +430,18 @@ def test_owners_from_the_archive_are_kept_as_root(tmp_path: Path, cache: Path) -
 
 
 def test_later_member_replaces_an_earlier_one(tmp_path: Path, cache: Path) -> None:
-    image = write_tar(tmp_path / "dup.tar", [
-        member("etc/motd", data=b"first\n"), member("etc/motd", data=b"second\n"),
-        member("opt/tool", "dir"), member("opt/tool/x"), member("opt/tool", data=b"a file now\n"),
-        member("bin/sh", data=b"old"), member("bin/sh", "symlink", target="busybox")])
+    image = write_tar(
+        tmp_path / "dup.tar",
+        [
+            member("etc/motd", data=b"first\n"),
+            member("etc/motd", data=b"second\n"),
+            member("opt/tool", "dir"),
+            member("opt/tool/x"),
+            member("opt/tool", data=b"a file now\n"),
+            member("bin/sh", data=b"old"),
+            member("bin/sh", "symlink", target="busybox"),
+        ],
+    )
     root = Path(prepare_image(image, str(cache)))
     assert (root / "etc/motd").read_text() == "second\n"
     assert (root / "opt/tool").read_text() == "a file now\n"
@@ -374,23 +452,34 @@ def test_later_member_replaces_an_earlier_one(tmp_path: Path, cache: Path) -> No
 
 
 def _base_and_top() -> list[bytes]:
-    base = layer_bytes([
-        member("bin", "dir"), member("bin/sh", data=b"shell"), member("bin/vi", data=b"editor"),
-        member("etc", "dir"), member("etc/os-release", data=b"ID=base\n"),
-        member("home", "dir", mode=0o755), member("home/old", "dir"), member("home/old/f"),
-        member("home/keep", "dir"), member("home/keep/lower"),
-        member("var", "dir", mode=0o700),
-    ])
-    top = layer_bytes([
-        member("bin/.wh.vi"),  # deletes the lower /bin/vi
-        member("home/keep", "dir"), member("home/keep/upper"),  # written before the opaque
-        member("home/.wh..wh..opq"),  # hides everything lower in /home
-        member("home/new", "dir"),
-        member("etc/os-release", data=b"ID=top\n"),
-        member("etc/added"),
-        member("etc/.wh.added"),  # a whiteout never hides its own layer
-        member("var", "dir", mode=0o755),
-    ])
+    base = layer_bytes(
+        [
+            member("bin", "dir"),
+            member("bin/sh", data=b"shell"),
+            member("bin/vi", data=b"editor"),
+            member("etc", "dir"),
+            member("etc/os-release", data=b"ID=base\n"),
+            member("home", "dir", mode=0o755),
+            member("home/old", "dir"),
+            member("home/old/f"),
+            member("home/keep", "dir"),
+            member("home/keep/lower"),
+            member("var", "dir", mode=0o700),
+        ]
+    )
+    top = layer_bytes(
+        [
+            member("bin/.wh.vi"),  # deletes the lower /bin/vi
+            member("home/keep", "dir"),
+            member("home/keep/upper"),  # written before the opaque
+            member("home/.wh..wh..opq"),  # hides everything lower in /home
+            member("home/new", "dir"),
+            member("etc/os-release", data=b"ID=top\n"),
+            member("etc/added"),
+            member("etc/.wh.added"),  # a whiteout never hides its own layer
+            member("var", "dir", mode=0o755),
+        ]
+    )
     return [base, top]
 
 
@@ -405,8 +494,7 @@ def _check_layers_applied(root: Path) -> None:
     assert stat.S_IMODE((root / "var").stat().st_mode) == 0o755
 
 
-def test_docker_save_layers_apply_in_order_with_whiteouts(
-        tmp_path: Path, cache: Path) -> None:
+def test_docker_save_layers_apply_in_order_with_whiteouts(tmp_path: Path, cache: Path) -> None:
     image = str(tmp_path / "saved.tar")
     layered.write_docker_save(image, _base_and_top())
     root = Path(prepare_image(image, str(cache)))
@@ -423,7 +511,8 @@ def test_gzipped_docker_save_applies_its_layers(tmp_path: Path, cache: Path) -> 
 
 
 def test_docker_save_with_a_layer_stored_as_symlink_applies_it_twice(
-        tmp_path: Path, cache: Path) -> None:
+    tmp_path: Path, cache: Path
+) -> None:
     first = layer_bytes([member("etc/a", data=b"a")])
     second = layer_bytes([member("etc/.wh.a")])
     image = str(tmp_path / "saved.tar")
@@ -435,12 +524,14 @@ def test_docker_save_with_a_layer_stored_as_symlink_applies_it_twice(
 
 @pytest.mark.parametrize(("compress", "other_platform"), [(True, False), (False, True)])
 def test_oci_layout_layers_apply_in_order_with_whiteouts(
-        tmp_path: Path, cache: Path, compress: bool, other_platform: bool) -> None:
+    tmp_path: Path, cache: Path, compress: bool, other_platform: bool
+) -> None:
     if other_platform and os.uname().machine != "x86_64":
         pytest.skip("the multi-platform layout holds amd64 and arm64 manifests only")
     image = str(tmp_path / "oci.tar")
-    layered.write_oci_layout(image, _base_and_top(), compress=compress,
-                             other_platform=other_platform)
+    layered.write_oci_layout(
+        image, _base_and_top(), compress=compress, other_platform=other_platform
+    )
     root = Path(prepare_image(image, str(cache)))
     _check_layers_applied(root)
     marker = json.loads(Path(f"{root}.done").read_text())
@@ -448,14 +539,18 @@ def test_oci_layout_layers_apply_in_order_with_whiteouts(
 
 
 def test_layer_writing_through_a_lower_layers_symlink_is_refused(
-        tmp_path: Path, cache: Path) -> None:
+    tmp_path: Path, cache: Path
+) -> None:
     (tmp_path / "outside").mkdir()
     base = layer_bytes([member("link", "symlink", target=str(tmp_path / "outside"))])
     top = layer_bytes([member("link/pwned")])
     image = str(tmp_path / "oci.tar")
     layered.write_oci_layout(image, [base, top])
-    with pytest.raises(ImageError, match=r"oci.tar:blobs/sha256/[0-9a-f]+': member 'link/pwned'"
-                                         r" lies under 'link', which is a symlink"):
+    with pytest.raises(
+        ImageError,
+        match=r"oci.tar:blobs/sha256/[0-9a-f]+': member 'link/pwned'"
+        r" lies under 'link', which is a symlink",
+    ):
         prepare_image(image, str(cache))
     assert os.listdir(tmp_path / "outside") == []
     assert cache_leftovers(cache) == []
@@ -474,18 +569,30 @@ def test_whiteout_through_a_symlink_removes_nothing_outside(tmp_path: Path, cach
 
 
 def test_docker_save_with_two_images_is_refused(tmp_path: Path, cache: Path) -> None:
-    manifest = json.dumps([{"RepoTags": ["a:1"], "Layers": []},
-                           {"RepoTags": ["b:1"], "Layers": []}]).encode()
+    manifest = json.dumps(
+        [{"RepoTags": ["a:1"], "Layers": []}, {"RepoTags": ["b:1"], "Layers": []}]
+    ).encode()
     image = write_tar(tmp_path / "two.tar", [member("manifest.json", data=manifest)])
     with pytest.raises(ImageError, match=r"exactly one image, found 2 .*fix: save one image"):
         prepare_image(image, str(cache))
 
 
 def test_demo_layered_image_from_the_recipe_applies_whiteouts(
-        busybox_image: str, tmp_path: Path, cache: Path) -> None:
+    busybox_image: str, tmp_path: Path, cache: Path
+) -> None:
     image = tmp_path / "demo.tar"
-    subprocess.run([sys.executable, str(ROOT / "rootfs" / "layered_image.py"), "--format", "oci",
-                    busybox_image, str(image)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "rootfs" / "layered_image.py"),
+            "--format",
+            "oci",
+            busybox_image,
+            str(image),
+        ],
+        check=True,
+        capture_output=True,
+    )
     root = Path(prepare_image(str(image), str(cache)))
     assert (root / "etc/layer2").exists() and not (root / "bin/vi").exists()
     assert os.listdir(root / "home") == ["layer2"]
@@ -507,12 +614,19 @@ print(prepare_image(image, cache))
 
 
 def test_concurrent_processes_unpack_an_image_exactly_once(
-        busybox_image: str, cache: Path, tmp_path: Path) -> None:
+    busybox_image: str, cache: Path, tmp_path: Path
+) -> None:
     go, log = tmp_path / "go", tmp_path / "unpack.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *sys.path]))
-    workers = [subprocess.Popen([sys.executable, "-c", _WORKER, busybox_image, str(cache),
-                                 str(go), str(log)], stdout=subprocess.PIPE, text=True, env=env)
-               for _ in range(4)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, busybox_image, str(cache), str(go), str(log)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
     deadline = time.monotonic() + 30
     while len(list(tmp_path.glob("go.ready.*"))) < len(workers) and time.monotonic() < deadline:
         time.sleep(0.005)  # start them together, so they race for the lock
@@ -525,7 +639,8 @@ def test_concurrent_processes_unpack_an_image_exactly_once(
 
 
 def test_leftovers_of_an_interrupted_unpack_are_replaced(
-        tmp_path: Path, cache: Path, unpack_log: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, cache: Path, unpack_log: pytest.LogCaptureFixture
+) -> None:
     image = write_tar(tmp_path / "image.tar", [member("etc/os-release", data=b"ID=x\n")])
     root = Path(prepare_image(image, str(cache)))
     # Simulate a crash after the rename (no marker) and one mid-unpack (a staging dir).
@@ -582,16 +697,28 @@ def test_rootless_unpack_makes_every_file_the_callers(nobody_dir: Path) -> None:
     filelock_dir = str(Path(str(filelock.__file__)).parents[1])
     if not os.path.exists(python):
         pytest.skip(f"{python} missing: the rootless run needs an interpreter nobody can read")
-    image = write_tar(nobody_dir / "image.tar", [
-        member("proc", "dir", mode=0o555), member("tmp", "dir", mode=0o1777),
-        member("home/user", "dir", uid=1234, mode=0o500),
-        member("home/user/notes", uid=1234, mode=0o400)])
+    image = write_tar(
+        nobody_dir / "image.tar",
+        [
+            member("proc", "dir", mode=0o555),
+            member("tmp", "dir", mode=0o1777),
+            member("home/user", "dir", uid=1234, mode=0o500),
+            member("home/user/notes", uid=1234, mode=0o400),
+        ],
+    )
     os.chown(image, 65534, 65534)
     cache = nobody_dir / "cache"
     result = subprocess.run(
-        [python, "-c", _ROOTLESS, image, str(cache)], capture_output=True, text=True,
-        user=65534, group=65534, extra_groups=[], cwd="/",
-        env={"PYTHONPATH": f"{ROOT}:{filelock_dir}", "PATH": "/usr/bin:/bin"}, check=False)
+        [python, "-c", _ROOTLESS, image, str(cache)],
+        capture_output=True,
+        text=True,
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        cwd="/",
+        env={"PYTHONPATH": f"{ROOT}:{filelock_dir}", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     if "No module named" in result.stderr:
         pytest.skip(f"{python} cannot import the project as nobody: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
@@ -600,8 +727,15 @@ def test_rootless_unpack_makes_every_file_the_callers(nobody_dir: Path) -> None:
     # Directories keep owner rwx rootless (so rm -rf can clear the cache); files keep modes.
     assert seen["home/user"][1] == "0o700" and seen["home/user/notes"][1] == "0o400"
     assert seen["proc"][1] == "0o755" and seen["tmp"][1] == "0o1777"
-    removal = subprocess.run(["rm", "-rf", str(cache)], user=65534, group=65534, extra_groups=[],
-                             capture_output=True, text=True, check=False)
+    removal = subprocess.run(
+        ["rm", "-rf", str(cache)],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert removal.returncode == 0, removal.stderr
 
 
@@ -609,7 +743,8 @@ def test_rootless_unpack_makes_every_file_the_callers(nobody_dir: Path) -> None:
 
 
 def test_truncated_archive_is_reported_as_damaged(
-        busybox_image: str, tmp_path: Path, cache: Path) -> None:
+    busybox_image: str, tmp_path: Path, cache: Path
+) -> None:
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(Path(busybox_image).read_bytes()[:300_000])
     with pytest.raises(ImageError, match=r"is damaged: .*fix: download or build it again"):
@@ -624,10 +759,15 @@ def test_absurdly_deep_member_is_refused(tmp_path: Path, cache: Path) -> None:
 
 
 def test_docker_save_layer_symlinked_out_of_the_archive_is_refused(
-        tmp_path: Path, cache: Path) -> None:
+    tmp_path: Path, cache: Path
+) -> None:
     manifest = json.dumps([{"RepoTags": ["a:1"], "Layers": ["x/layer.tar"]}]).encode()
-    image = write_tar(tmp_path / "saved.tar", [
-        member("x/layer.tar", "symlink", target="../../../../../etc/passwd"),
-        member("manifest.json", data=manifest)])
+    image = write_tar(
+        tmp_path / "saved.tar",
+        [
+            member("x/layer.tar", "symlink", target="../../../../../etc/passwd"),
+            member("manifest.json", data=manifest),
+        ],
+    )
     with pytest.raises(ImageError, match=r"layer 'x/layer.tar' named by its manifest is missing"):
         prepare_image(image, str(cache))

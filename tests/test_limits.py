@@ -56,7 +56,8 @@ def no_leftover_cgroups():
 
 
 def test_memory_hog_over_limit_is_reported_as_oom_with_its_peak(
-        pytester: pytest.Pytester, no_leftover_cgroups: None) -> None:
+    pytester: pytest.Pytester, no_leftover_cgroups: None
+) -> None:
     pytester.makepyfile("""
         import pytest
         @pytest.mark.isolated(memory="100M")
@@ -73,18 +74,21 @@ def test_memory_hog_over_limit_is_reported_as_oom_with_its_peak(
     """)
     result = pytester.runpytest_subprocess(*ISOLATE, timeout=120)
     result.assert_outcomes(passed=1, failed=2)
-    result.stdout.fnmatch_lines([
-        "*_ test_hog _*",
-        "MemoryError-like: test exceeded its memory limit of 100.0 MiB (peak *MiB); the "
-        "kernel's OOM killer ended it. Raise it with @pytest.mark.isolated(memory=...) or "
-        "--isolate-memory",
-        "*_ test_python_memoryerror_is_an_ordinary_failure _*",
-        "E       MemoryError: raised by the test itself",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_hog _*",
+            "MemoryError-like: test exceeded its memory limit of 100.0 MiB (peak *MiB); the "
+            "kernel's OOM killer ended it. Raise it with @pytest.mark.isolated(memory=...) or "
+            "--isolate-memory",
+            "*_ test_python_memoryerror_is_an_ordinary_failure _*",
+            "E       MemoryError: raised by the test itself",
+        ]
+    )
 
 
 def test_a_suite_wide_limit_comes_from_one_ini_line_and_a_marker_can_raise_it(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makeini("[pytest]\nisolate = true\nisolate_memory = 64M\n")
     pytester.makepyfile("""
         import pytest
@@ -103,7 +107,8 @@ def test_a_suite_wide_limit_comes_from_one_ini_line_and_a_marker_can_raise_it(
 
 
 def test_fork_bomb_under_a_pids_limit_fails_cleanly(
-        pytester: pytest.Pytester, no_leftover_cgroups: None) -> None:
+    pytester: pytest.Pytester, no_leftover_cgroups: None
+) -> None:
     pytester.makepyfile("""
         import os, time, pytest
         @pytest.mark.isolated(pids=32, timeout=60)
@@ -123,10 +128,12 @@ def test_fork_bomb_under_a_pids_limit_fails_cleanly(
     result = pytester.runpytest_subprocess(*ISOLATE, timeout=120)
     assert time.monotonic() - start < 60
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "E * AssertionError: fork failed after * children: [[]Errno 11[]]*",
-        "the pids limit of 32 was hit * time(s): fork() failed with EAGAIN",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "E * AssertionError: fork failed after * children: [[]Errno 11[]]*",
+            "the pids limit of 32 was hit * time(s): fork() failed with EAGAIN",
+        ]
+    )
 
 
 def test_a_cpu_quota_visibly_throttles_a_busy_loop(pytester: pytest.Pytester) -> None:
@@ -146,14 +153,17 @@ def test_a_cpu_quota_visibly_throttles_a_busy_loop(pytester: pytest.Pytester) ->
     """)
     result = pytester.runpytest_subprocess(*ISOLATE, timeout=120)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "E       AssertionError: cpu 0.*",
-        "CPU quota 0.2 cores: throttled * time(s), * s in all",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "E       AssertionError: cpu 0.*",
+            "CPU quota 0.2 cores: throttled * time(s), * s in all",
+        ]
+    )
 
 
 def test_timed_out_and_oom_killed_tests_leave_no_cgroup(
-        pytester: pytest.Pytester, no_leftover_cgroups: None) -> None:
+    pytester: pytest.Pytester, no_leftover_cgroups: None
+) -> None:
     pytester.makepyfile("""
         import subprocess, time, pytest
         @pytest.mark.isolated(timeout=1, memory="64M")
@@ -168,14 +178,19 @@ def test_timed_out_and_oom_killed_tests_leave_no_cgroup(
 
 
 def test_cgroups_of_a_killed_pytest_are_removed_by_the_next_run(
-        pytester: pytest.Pytester, no_leftover_cgroups: None) -> None:
+    pytester: pytest.Pytester, no_leftover_cgroups: None
+) -> None:
     pytester.makepyfile("""
         import time
         def test_long():
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *ISOLATE], cwd=pytester.path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *ISOLATE],
+        cwd=pytester.path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     before = _cgroup_dirs()
     while time.monotonic() < deadline:
@@ -195,7 +210,8 @@ def test_cgroups_of_a_killed_pytest_are_removed_by_the_next_run(
 
 @requires("root")
 def test_pages_copied_ahead_never_count_against_a_tests_memory_limit(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     """The first two tests write every page of a 12 MiB buffer pytest's
     process holds, so the engine learns those pages as ones tests write and
     the next prepared sandboxes copy them ahead (prefault.py). Those copies

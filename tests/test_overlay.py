@@ -113,7 +113,8 @@ def targets_on_host(base: Path, token: str) -> list[str]:
 
 
 def test_overlay_writes_everywhere_read_back_and_none_reach_the_host(
-        pytester: pytest.Pytester, home: Path) -> None:
+    pytester: pytest.Pytester, home: Path
+) -> None:
     token = uuid.uuid4().hex[:12]
     # Rootless, /etc belongs to root: its case is the nobody test below.
     overlay_targets = ["project", "home", "newdir"] + ([] if ROOTLESS else ["etc"])
@@ -121,44 +122,56 @@ def test_overlay_writes_everywhere_read_back_and_none_reach_the_host(
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines(
         [f"*test_overlay_write_reads_back[[]{where}[]] PASSED*" for where in overlay_targets]
-        + [f"*test_readonly_write_fails_with_erofs[[]{where}[]] PASSED*"
-           for where in ("project", "etc", "newdir")]
-        + ["*test_readonly_home_is_private_and_writable PASSED*",
-           f"*= {len(overlay_targets) + 4} passed in *"])
+        + [
+            f"*test_readonly_write_fails_with_erofs[[]{where}[]] PASSED*"
+            for where in ("project", "etc", "newdir")
+        ]
+        + [
+            "*test_readonly_home_is_private_and_writable PASSED*",
+            f"*= {len(overlay_targets) + 4} passed in *",
+        ]
+    )
     assert result.ret == 0
     assert targets_on_host(pytester.path, token) == []
     assert list(home.iterdir()) == []
 
 
 def test_isolate_fs_overlay_from_the_command_line_applies_to_every_test(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     token = uuid.uuid4().hex[:12]
-    pytester.makepyfile(test_plain=f"""
+    pytester.makepyfile(
+        test_plain=f"""
         import pathlib
 
         def test_writes_where_it_stands():
             here = pathlib.Path(__file__).resolve().parent / "written-{token}.txt"
             here.write_text("x")
             assert here.read_text() == "x"
-    """)
-    result = pytester.runpytest_subprocess("--isolate", "--isolate-fs=overlay", "-v",
-                                           "-p", "no:cacheprovider")
+    """
+    )
+    result = pytester.runpytest_subprocess(
+        "--isolate", "--isolate-fs=overlay", "-v", "-p", "no:cacheprovider"
+    )
     result.stdout.fnmatch_lines(["*test_writes_where_it_stands PASSED*", "*= 1 passed in *"])
     assert targets_on_host(pytester.path, token) == []
 
 
 @pytest.mark.skipif(not ROOTLESS, reason="rootless only: run nested as an unprivileged user")
 def test_rootless_overlay_shows_other_users_files_as_nobodys_and_unwritable(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     token = uuid.uuid4().hex[:12]
     path = pytester.makepyfile(test_rootless=ROOTLESS_SUITE.format(token=token))
     before = path.read_text()
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines([
-        "*test_other_users_file_is_nobodys_and_unwritable PASSED*",
-        "*test_other_users_directory_refuses_new_files PASSED*",
-        "*test_own_files_stay_writable PASSED*",
-        "*= 3 passed in *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*test_other_users_file_is_nobodys_and_unwritable PASSED*",
+            "*test_other_users_directory_refuses_new_files PASSED*",
+            "*test_own_files_stay_writable PASSED*",
+            "*= 3 passed in *",
+        ]
+    )
     assert path.read_text() == before
     assert targets_on_host(pytester.path, token) == []

@@ -133,22 +133,26 @@ def web_pod() -> Iterator[Pod]:
 
 
 def test_isolated_tests_in_a_pod_reach_its_server_while_the_rest_are_refused(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     pytester.makepyfile(test_web=POD_SUITE.format(port=free_port(), count=3))
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines([
-        "test_web.py::test_isolated_test_in_the_pod_reaches_its_server[[]0[]] PASSED*",
-        "test_web.py::test_isolated_test_in_the_pod_reaches_its_server[[]1[]] PASSED*",
-        "test_web.py::test_isolated_test_in_the_pod_reaches_its_server[[]2[]] PASSED*",
-        "test_web.py::test_isolated_test_outside_the_pod_is_refused PASSED*",
-        "test_web.py::test_host_test_is_refused PASSED*",
-        "*= 5 passed in *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "test_web.py::test_isolated_test_in_the_pod_reaches_its_server[[]0[]] PASSED*",
+            "test_web.py::test_isolated_test_in_the_pod_reaches_its_server[[]1[]] PASSED*",
+            "test_web.py::test_isolated_test_in_the_pod_reaches_its_server[[]2[]] PASSED*",
+            "test_web.py::test_isolated_test_outside_the_pod_is_refused PASSED*",
+            "test_web.py::test_host_test_is_refused PASSED*",
+            "*= 5 passed in *",
+        ]
+    )
     assert result.ret == 0
 
 
 def test_under_xdist_each_worker_starts_its_own_pod_on_the_same_port(
-        pytester: pytest.Pytester) -> None:
+    pytester: pytest.Pytester,
+) -> None:
     pytest.importorskip("xdist", reason="pytest-xdist is not installed")
     pytester.makepyfile(test_web=POD_SUITE.format(port=free_port(), count=12))
     result = pytester.runpytest_subprocess("-n", "2", "-v", "-p", "no:cacheprovider")
@@ -161,8 +165,10 @@ def test_under_xdist_each_worker_starts_its_own_pod_on_the_same_port(
 
 
 def test_unknown_pod_name_is_an_error_on_that_test_naming_the_fix(
-        pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_nopod="""
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_nopod="""
         import pytest
 
         @pytest.mark.isolated(pod="nope")
@@ -172,15 +178,18 @@ def test_unknown_pod_name_is_an_error_on_that_test_naming_the_fix(
         @pytest.mark.isolated
         def test_other():
             pass
-    """)
+    """
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines([
-        "*ERROR at setup of test_needs_a_pod*",
-        "test_nopod.py::test_needs_a_pod: isolated(pod='nope'): no pod named 'nope' is running "
-        "in this pytest process; start it in a fixture: `with pytest_isolate.pod('nope') as p: "
-        "...` and request that fixture from the test (see docs/pods.md)",
-        "*= 1 passed, 1 error in *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_needs_a_pod*",
+            "test_nopod.py::test_needs_a_pod: isolated(pod='nope'): no pod named 'nope' is running "
+            "in this pytest process; start it in a fixture: `with pytest_isolate.pod('nope') as p: "
+            "...` and request that fixture from the test (see docs/pods.md)",
+            "*= 1 passed, 1 error in *",
+        ]
+    )
     result.stdout.no_fnmatch_line("*INTERNALERROR*")
     assert result.ret == 1
 
@@ -195,9 +204,16 @@ def test_spawned_server_is_reachable_in_the_pod_and_refused_on_the_host(web_pod:
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     # From inside: a program the pod runs fetches the page.
-    fetch = web_pod.popen(["python3", "-c", "import urllib.request; print(urllib.request."
-                           f"urlopen('http://127.0.0.1:{port}/', timeout=5).read().decode())"],
-                          stdout=-1, text=True)
+    fetch = web_pod.popen(
+        [
+            "python3",
+            "-c",
+            "import urllib.request; print(urllib.request."
+            f"urlopen('http://127.0.0.1:{port}/', timeout=5).read().decode())",
+        ],
+        stdout=-1,
+        text=True,
+    )
     out, _ = fetch.communicate(timeout=10)
     assert (fetch.returncode, out) == (0, "hello\n")
 
@@ -207,8 +223,11 @@ def test_host_listener_is_not_reachable_from_the_pod(web_pod: Pod) -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        with pytest.raises(PodError, match=rf"127.0.0.1:{port} .* \(last error: Connection "
-                                           r"refused\)"):
+        with pytest.raises(
+            PodError,
+            match=rf"127.0.0.1:{port} .* \(last error: Connection "
+            r"refused\)",
+        ):
             web_pod.wait_for_port(port, timeout=0.3)
 
 
@@ -223,8 +242,7 @@ def test_pod_has_its_own_network_namespace_with_only_loopback(web_pod: Pod) -> N
     assert (web_pod.userns_path is not None) == ROOTLESS
 
 
-def test_close_kills_a_daemonized_grandchild_and_unregisters(web_pod: Pod,
-                                                            tmp_path: Path) -> None:
+def test_close_kills_a_daemonized_grandchild_and_unregisters(web_pod: Pod, tmp_path: Path) -> None:
     pidfile = tmp_path / "daemon.pid"
 
     def daemonize() -> None:
@@ -294,8 +312,11 @@ def test_server_that_never_listens_fails_wait_for_port_with_its_log(web_pod: Pod
 
 
 def test_second_pod_with_a_running_name_or_a_bad_name_is_refused(web_pod: Pod) -> None:
-    with pytest.raises(PodError, match=r"pod\('unit-web'\): a pod named 'unit-web' is already "
-                                       r"running in this pytest process \(holder pid \d+\)"):
+    with pytest.raises(
+        PodError,
+        match=r"pod\('unit-web'\): a pod named 'unit-web' is already "
+        r"running in this pytest process \(holder pid \d+\)",
+    ):
         Pod("unit-web")
     with pytest.raises(PodError, match=r"pod\('a b'\): invalid pod name 'a b'"):
         Pod("a b")
@@ -332,6 +353,9 @@ def test_killed_holder_is_reported_by_lookup(web_pod: Pod) -> None:
     while web_pod.holder_status() is None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    with pytest.raises(PodError, match=r"the pod's holder process \(pid \d+\) has ended "
-                                       r"\(killed by SIGKILL\)"):
+    with pytest.raises(
+        PodError,
+        match=r"the pod's holder process \(pid \d+\) has ended "
+        r"\(killed by SIGKILL\)",
+    ):
         lookup_pod("unit-web")

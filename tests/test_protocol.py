@@ -25,18 +25,21 @@ def test_frames_round_trip_through_a_pipe_in_pieces() -> None:
     reader = FrameReader()
     messages = []
     for i in range(len(data)):  # one byte at a time: frames span reads
-        messages.extend(reader.feed(data[i:i + 1]))
+        messages.extend(reader.feed(data[i : i + 1]))
     reader.finish()
     assert [(m.type, m.payload) for m in messages] == [("report", {"a": [1, 2]}), ("done", {})]
 
 
-@pytest.mark.parametrize(("body", "reason"), [
-    (b"not json at all", "not valid JSON"),
-    (b'"a string"', "exactly 'type' and 'payload'"),
-    (b'{"type": "report"}', "exactly 'type' and 'payload'"),
-    (b'{"type": "pickle", "payload": 1}', "unknown message type 'pickle'"),
-    (b"\xff\xfe", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json at all", "not valid JSON"),
+        (b'"a string"', "exactly 'type' and 'payload'"),
+        (b'{"type": "report"}', "exactly 'type' and 'payload'"),
+        (b'{"type": "pickle", "payload": 1}', "unknown message type 'pickle'"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
 def test_garbage_frames_are_rejected_with_the_reason(body: bytes, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason):
         list(FrameReader().feed(struct.pack(">I", len(body)) + body))
@@ -80,9 +83,13 @@ def test_the_init_factory_is_sent_json_that_names_every_plan_field() -> None:
 
     assert {f.name for f in dataclasses.fields(RootfsPlan)} == set(initd._ROOTFS_FIELDS)
     assert {f.name for f in dataclasses.fields(Op)} == set(initd._OP_FIELDS)
-    plan = RootfsPlan(staging="/tmp/x/root", cwd="/w", rootless=False, cgroup2=True,
-                      ops=(Op("bind", "/usr", "/usr"), Op("tmpfs", "/tmp", writable=True,
-                                                             size=1 << 20)))
+    plan = RootfsPlan(
+        staging="/tmp/x/root",
+        cwd="/w",
+        rootless=False,
+        cgroup2=True,
+        ops=(Op("bind", "/usr", "/usr"), Op("tmpfs", "/tmp", writable=True, size=1 << 20)),
+    )
     for setup in ((plan, "box", True), (None, "isolated", False)):
         data = initd._encode_setup(setup)
         assert data.startswith(b"[")  # JSON

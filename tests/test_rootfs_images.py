@@ -76,8 +76,7 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> str:
     if not os.path.exists(BUSYBOX):
         pytest.skip(f"{BUSYBOX} missing: apt-get install busybox-static (or set BUSYBOX)")
     output = tmp_path_factory.mktemp("image") / "busybox.tar.gz"
-    result = subprocess.run([str(RECIPE), str(output)], capture_output=True, text=True,
-                            check=False)
+    result = subprocess.run([str(RECIPE), str(output)], capture_output=True, text=True, check=False)
     if result.returncode != 0 and "busybox-static" in result.stderr:
         pytest.skip(f"cannot build the busybox image: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
@@ -96,29 +95,34 @@ def unpacked_roots(cache: Path) -> list[str]:
     """Every unpack directory in the cache: finished roots and temporary ones."""
     if not cache.exists():
         return []
-    return sorted(str(p.relative_to(cache)) for p in cache.glob("*/rootfs*")
-                  if p.is_dir())
+    return sorted(str(p.relative_to(cache)) for p in cache.glob("*/rootfs*") if p.is_dir())
 
 
 def cache_leftovers(cache: Path) -> list[str]:
     """Everything in the cache but hash indexes, lock files and per-image directories."""
     if not cache.exists():
         return []
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
-                  if not p.name.endswith(".lock") and p.name != "digests.json"
-                  if not (p.is_dir() and len(p.name) == 64))
+    return sorted(
+        str(p.relative_to(cache))
+        for p in cache.rglob("*")
+        if not p.name.endswith(".lock") and p.name != "digests.json"
+        if not (p.is_dir() and len(p.name) == 64)
+    )
 
 
 def test_test_in_the_busybox_image_reads_its_os_release_runs_its_shell_and_imports_the_project(
-        pytester: pytest.Pytester, busybox_image: str, cache: Path) -> None:
+    pytester: pytest.Pytester, busybox_image: str, cache: Path
+) -> None:
     pytester.makepyfile(project_module="ANSWER = 42\n")
     pytester.makepyfile(test_image=IMAGE_SUITE.format(image=busybox_image, count=2))
     result = pytester.runpytest_subprocess("-v", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines([
-        "test_image.py::test_in_the_image[[]0[]] PASSED*",
-        "test_image.py::test_in_the_image[[]1[]] PASSED*",
-        "*= 2 passed in *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "test_image.py::test_in_the_image[[]0[]] PASSED*",
+            "test_image.py::test_in_the_image[[]1[]] PASSED*",
+            "*= 2 passed in *",
+        ]
+    )
     assert result.ret == 0
     assert len([r for r in unpacked_roots(cache) if r.endswith("/rootfs")]) == 1
 
@@ -137,16 +141,20 @@ def hostile_tar(path: Path, members: list[tarfile.TarInfo]) -> str:
 
 
 def test_malicious_tarball_as_rootfs_is_an_error_on_that_test_and_writes_nothing_outside(
-        pytester: pytest.Pytester, cache: Path, tmp_path: Path) -> None:
+    pytester: pytest.Pytester, cache: Path, tmp_path: Path
+) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     dotdot = tarfile.TarInfo("../../../../../../../../" + str(tmp_path / "escaped").lstrip("/"))
     link = tarfile.TarInfo("link")
     link.type, link.linkname = tarfile.SYMTYPE, str(outside)
     through = tarfile.TarInfo("link/pwned")
-    images = {"dotdot": hostile_tar(tmp_path / "dotdot.tar", [dotdot]),
-              "symlink": hostile_tar(tmp_path / "symlink.tar", [link, through])}
-    pytester.makepyfile(test_evil=f"""
+    images = {
+        "dotdot": hostile_tar(tmp_path / "dotdot.tar", [dotdot]),
+        "symlink": hostile_tar(tmp_path / "symlink.tar", [link, through]),
+    }
+    pytester.makepyfile(
+        test_evil=f"""
         import pytest
 
         @pytest.mark.isolated(rootfs={images["dotdot"]!r})
@@ -160,17 +168,20 @@ def test_malicious_tarball_as_rootfs_is_an_error_on_that_test_and_writes_nothing
         @pytest.mark.isolated
         def test_unaffected():
             pass
-    """)
+    """
+    )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines([
-        "*ERROR at setup of test_dotdot*",
-        f"test_evil.py::test_dotdot: *image {images['dotdot']!r}: member '../*/escaped' has a "
-        "'..' component, which could escape the image root; fix: *",
-        "*ERROR at setup of test_symlink_out*",
-        f"test_evil.py::test_symlink_out: *image {images['symlink']!r}: member 'link/pwned' "
-        "lies under 'link', which is a symlink*; fix: *",
-        "*= 1 passed, 2 errors in *",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_dotdot*",
+            f"test_evil.py::test_dotdot: *image {images['dotdot']!r}: member '../*/escaped' has a "
+            "'..' component, which could escape the image root; fix: *",
+            "*ERROR at setup of test_symlink_out*",
+            f"test_evil.py::test_symlink_out: *image {images['symlink']!r}: member 'link/pwned' "
+            "lies under 'link', which is a symlink*; fix: *",
+            "*= 1 passed, 2 errors in *",
+        ]
+    )
     result.stdout.no_fnmatch_line("*INTERNALERROR*")
     assert result.ret == 1
     assert not (tmp_path / "escaped").exists()
@@ -179,8 +190,12 @@ def test_malicious_tarball_as_rootfs_is_an_error_on_that_test_and_writes_nothing
 
 
 def test_two_xdist_workers_using_the_same_image_unpack_it_once(
-        pytester: pytest.Pytester, busybox_image: str, cache: Path,
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytester: pytest.Pytester,
+    busybox_image: str,
+    cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
     pytest.importorskip("xdist", reason="pytest-xdist is not installed")
     log = tmp_path / "unpack.log"
     monkeypatch.setenv("UNPACK_LOG", str(log))

@@ -44,8 +44,9 @@ from pytest_isolate.seccomp import (
 ROOTLESS = os.geteuid() != 0
 X86_64 = platform.machine() == "x86_64"
 
-pytestmark = pytest.mark.skipif(seccomp_available() is not None,
-                                reason=f"seccomp unavailable: {seccomp_available()}")
+pytestmark = pytest.mark.skipif(
+    seccomp_available() is not None, reason=f"seccomp unavailable: {seccomp_available()}"
+)
 
 # ------------------------------------------------------------------ helpers
 
@@ -87,8 +88,10 @@ def run_in_child(body: Callable[[], object], namespaces: int = 0, *, enter: bool
             try:
                 result = {"ok": body()}
             except BaseException as exc:
-                result = {"error": f"{type(exc).__name__}: {exc}",
-                          "errno": getattr(exc, "errno", None)}
+                result = {
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "errno": getattr(exc, "errno", None),
+                }
         try:
             os.write(write_fd, json.dumps(result).encode())
         finally:
@@ -122,10 +125,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 NOWHERE = b"/nonexistent-pytest-isolate"
 SIGCHLD = int(signal.SIGCHLD)
-_NAMESPACE_FLAGS = {"CLONE_NEWNS": 0x20000, "CLONE_NEWCGROUP": 0x2000000,
-                    "CLONE_NEWUTS": 0x4000000, "CLONE_NEWIPC": 0x8000000,
-                    "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
-                    "CLONE_NEWNET": 0x40000000}
+_NAMESPACE_FLAGS = {
+    "CLONE_NEWNS": 0x20000,
+    "CLONE_NEWCGROUP": 0x2000000,
+    "CLONE_NEWUTS": 0x4000000,
+    "CLONE_NEWIPC": 0x8000000,
+    "CLONE_NEWUSER": 0x10000000,
+    "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+}
 Probe = Callable[[], int]  # 0 on success, else the errno
 
 
@@ -147,6 +155,7 @@ def call(name: str, *args: int | bytes | None) -> Probe:
     def probe() -> int:
         rc = raw(syscall_number(name), *args)
         return -rc if rc < 0 else 0
+
     return probe
 
 
@@ -161,6 +170,7 @@ def clone_with(flags: int) -> Probe:
             return -rc
         os.waitpid(rc, 0)
         return 0
+
     return probe
 
 
@@ -170,21 +180,35 @@ def ioctl_on_pipe(request: int) -> Probe:
         byte = ctypes.c_int(0)
         rc = raw(syscall_number("ioctl"), read_end, request, ctypes.byref(byte))
         return -rc if rc < 0 else 0
+
     return probe
 
 
 def i386_keyctl() -> int:
     """keyctl(KEYCTL_GET_KEYRING_ID, thread keyring, 0) through the i386 ABI."""
-    code = bytes([
-        0x53,                          # push rbx (callee-saved)
-        0xB8, 0x20, 0x01, 0x00, 0x00,  # mov eax, 288: keyctl in syscall_32.tbl
-        0x31, 0xDB,                    # xor ebx, ebx
-        0xB9, 0xFF, 0xFF, 0xFF, 0xFF,  # mov ecx, -1
-        0x31, 0xD2,                    # xor edx, edx
-        0xCD, 0x80,                    # int 0x80
-        0x5B,                          # pop rbx
-        0xC3,                          # ret
-    ])
+    code = bytes(
+        [
+            0x53,  # push rbx (callee-saved)
+            0xB8,
+            0x20,
+            0x01,
+            0x00,
+            0x00,  # mov eax, 288: keyctl in syscall_32.tbl
+            0x31,
+            0xDB,  # xor ebx, ebx
+            0xB9,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,  # mov ecx, -1
+            0x31,
+            0xD2,  # xor edx, edx
+            0xCD,
+            0x80,  # int 0x80
+            0x5B,  # pop rbx
+            0xC3,  # ret
+        ]
+    )
     page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     page.write(code)
     function = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
@@ -226,8 +250,7 @@ BLOCKED: dict[str, tuple[Probe, int]] = {
     "userfaultfd": (call("userfaultfd", os.O_CLOEXEC), errno.EPERM),
     "personality:ADDR_NO_RANDOMIZE": (call("personality", 0x0040000), errno.EPERM),
     "personality:READ_IMPLIES_EXEC": (call("personality", 0x0400000), errno.EPERM),
-    "personality:PER_LINUX32 with bit 32 set": (call("personality", 1 << 32 | 8),
-                                                  errno.EPERM),
+    "personality:PER_LINUX32 with bit 32 set": (call("personality", 1 << 32 | 8), errno.EPERM),
     "mount": (call("mount", b"none", NOWHERE, b"tmpfs", 0, None), errno.EPERM),
     "umount2": (call("umount2", NOWHERE, 0), errno.EPERM),
     "pivot_root": (call("pivot_root", NOWHERE, NOWHERE), errno.EPERM),
@@ -239,8 +262,10 @@ BLOCKED: dict[str, tuple[Probe, int]] = {
     "open_tree": (call("open_tree", -100, NOWHERE, 0), errno.EPERM),
     "mount_setattr": (call("mount_setattr", -100, NOWHERE, 0, None, 0), errno.EPERM),
     "setns": (call("setns", -1, 0), errno.EPERM),
-    **{f"unshare:{name}": (call("unshare", flag), errno.EPERM)
-       for name, flag in {**_NAMESPACE_FLAGS, "CLONE_NEWTIME": 0x80}.items()},
+    **{
+        f"unshare:{name}": (call("unshare", flag), errno.EPERM)
+        for name, flag in {**_NAMESPACE_FLAGS, "CLONE_NEWTIME": 0x80}.items()
+    },
     **{f"clone:{name}": (clone_with(flag), errno.EPERM) for name, flag in _NAMESPACE_FLAGS.items()},
     "clone3": (call("clone3", None, 0), errno.ENOSYS),
     "bpf": (call("bpf", 0xFFFF, None, 0), errno.EPERM),
@@ -311,14 +336,20 @@ def run_probes(probes: dict[str, Probe]) -> dict[str, str]:
     return results
 
 
-def probe_environment(keep: frozenset[str] | None, program: bytes | None,
-                      probes: dict[str, Probe], namespaces: int = 0) -> dict[str, str]:
+def probe_environment(
+    keep: frozenset[str] | None,
+    program: bytes | None,
+    probes: dict[str, Probe],
+    namespaces: int = 0,
+) -> dict[str, str]:
     """Set up capabilities (None: keep all held) and the filter in a child, then probe."""
+
     def body() -> dict[str, str]:
         apply_capabilities(held_caps() if keep is None else keep)
         if program is not None:
             load_filter(program)
         return run_probes(probes)
+
     result = run_in_child(body, namespaces)
     assert isinstance(result, dict)
     return result
@@ -353,18 +384,21 @@ def test_seccomp_is_available_on_this_host() -> None:
     assert seccomp_available() is None
 
 
-@pytest.mark.parametrize("allowed", [
-    (0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF),
-    (0,),
-    (0xFFFFFFFF,),
-    (5, 6, 1 << 31),
-])
+@pytest.mark.parametrize(
+    "allowed",
+    [
+        (0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF),
+        (0,),
+        (0xFFFFFFFF,),
+        (5, 6, 1 << 31),
+    ],
+)
 def test_any_value_except_matches_exactly_the_other_values(allowed: tuple[int, ...]) -> None:
     alternatives = _any_value_except(0, allowed)
 
     def matched(value: int) -> bool:
         for tests in alternatives:
-            (_, op, a, b), = tests
+            ((_, op, a, b),) = tests
             if (op == _CMP_GT and value > a) or (op == _CMP_MASKED_EQ and value & a == b):
                 return True
         return False
@@ -374,8 +408,9 @@ def test_any_value_except_matches_exactly_the_other_values(allowed: tuple[int, .
     for value in allowed:
         samples |= {value - 1, value + 1, value | 1 << 32, value ^ 1 << 31}
     samples |= {1 << bit for bit in range(64)} | {(1 << bit) - 1 for bit in range(65)}
-    samples |= {rng.getrandbits(32) for _ in range(2000)} | {rng.getrandbits(64)
-                                                            for _ in range(500)}
+    samples |= {rng.getrandbits(32) for _ in range(2000)} | {
+        rng.getrandbits(64) for _ in range(500)
+    }
     for value in samples:
         if 0 <= value < 1 << 64:
             assert matched(value) == (value not in allowed), hex(value)
@@ -450,16 +485,23 @@ def _unshare_and_mount_under_default_filter(target: str) -> bool:
 
 
 def test_with_sys_admin_a_test_can_unshare_a_mount_namespace_and_mount(tmp_path: Path) -> None:
-    assert run_in_child(lambda: _unshare_and_mount_under_default_filter(str(tmp_path)),
-                        namespaces=syscalls.CLONE_NEWNS) is True
+    assert (
+        run_in_child(
+            lambda: _unshare_and_mount_under_default_filter(str(tmp_path)),
+            namespaces=syscalls.CLONE_NEWNS,
+        )
+        is True
+    )
     assert not os.path.ismount(tmp_path)
 
 
 def _keyctl_from_a_thread_started_before_the_filter() -> int:
     start, result = threading.Event(), []
+
     def worker() -> None:
         start.wait()
         result.append(call("keyctl", 0, -1, 0)())
+
     thread = threading.Thread(target=worker)
     thread.start()
     apply_capabilities(policy())

@@ -14,10 +14,18 @@ from pytest_isolate.spec import (
 )
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    ("100M", 100 * 2**20), ("1.5G", int(1.5 * 2**30)), ("512k", 512 * 1024),
-    ("256mb", 256 * 2**20), ("1GiB", 2**30), (4096, 4096), ("2048", 2048),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("100M", 100 * 2**20),
+        ("1.5G", int(1.5 * 2**30)),
+        ("512k", 512 * 1024),
+        ("256mb", 256 * 2**20),
+        ("1GiB", 2**30),
+        (4096, 4096),
+        ("2048", 2048),
+    ],
+)
 def test_sizes_accept_bytes_and_binary_suffixes(text: object, size: int) -> None:
     assert parse_size(text) == size
 
@@ -54,7 +62,8 @@ def test_bad_marker_value_names_marker_test_value_and_fix() -> None:
         _resolve(((), {"memory": "1X"}))
     assert str(info.value) == (
         "isolated(memory='1X') in t.py::test_x: invalid size '1X'; use bytes or a K/M/G "
-        "suffix, e.g. '256M'")
+        "suffix, e.g. '256M'"
+    )
 
 
 def test_unknown_option_lists_the_valid_ones() -> None:

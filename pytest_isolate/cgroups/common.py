@@ -552,7 +552,8 @@ def session_lock(base: str, timeout: float = 60.0) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise TimeoutError(
-                        f"another pytest holds {path} for over {timeout:g} s") from None
+                        f"another pytest holds {path} for over {timeout:g} s"
+                    ) from None
                 time.sleep(0.01)
         yield
     finally:
