@@ -10,7 +10,7 @@
 #   vm-root       in a VM with only cgroup v2 (../shared/tools/cg2vm), as root
 #   vm-rootless   same VM, as `isotest` in a delegated cgroup (systemd-style)
 #                 (both VM parts need root and cg2vm beside the checkout)
-#   lint          ruff check
+#   lint          ruff check and ruff format --check
 #   types         mypy --strict (configured in pyproject.toml)
 #
 # The last line sums every part, e.g. "312 passed, 0 failed, 20 skipped"; the
@@ -214,8 +214,9 @@ for part in "${parts[@]}"; do
       fi
       ;;
     lint)
-      header "lint: ruff check"
-      run_check lint "$python" -m ruff check pytest_isolate tests examples benchmarks
+      header "lint: ruff check, ruff format --check"
+      run_check lint bash -c '"$0" -m ruff check "$@" && "$0" -m ruff format --check "$@"' \
+        "$python" pytest_isolate tests examples benchmarks
       ;;
     types)
       header "types: mypy --strict"
