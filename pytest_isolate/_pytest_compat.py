@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from _pytest.nodes import Node
 from _pytest.runner import CallInfo, call_and_report, show_test_item
 
 __all__ = [
@@ -32,6 +33,12 @@ __all__ = [
     "shared_snapshot",
     "teardown_shared",
 ]
+
+
+#: pytest's no-op Node.setup and Node.teardown: collectors that do not
+#: override them run no code entering or leaving.
+_NODE_SETUP = Node.setup
+_NODE_TEARDOWN = Node.teardown
 
 
 def init_request(item: pytest.Item) -> None:
@@ -94,7 +101,43 @@ def shared_snapshot(item: pytest.Item) -> tuple[int, ...] | None:
     and each wider fixture's cached value. None when a fixture is not cached
     yet (its setup would change pytest's process, so no sandbox can be
     prepared in advance)."""
-    ids = [id(node) for node in item.session._setupstate.stack]
+    return _snapshot(item, list(item.session._setupstate.stack))
+
+
+def predicted_snapshot(item: pytest.Item, nextitem: pytest.Item) -> tuple[int, ...] | None:
+    """While ``item`` runs: the snapshot pytest's process will have when
+    ``nextitem``'s turn comes, if getting there runs no code in it. In the
+    same parent that is the current one. Across a module (or class, or
+    directory) boundary, only when every collector left behind has no
+    finalizer and no error (its teardown does nothing), every collector
+    entered has pytest's no-op ``setup`` (not a package, whose ``setup`` may
+    run ``setup_module`` of ``__init__.py``), and every wider fixture
+    ``nextitem`` uses is cached already. None otherwise: the sandbox is then
+    made when ``nextitem``'s turn comes, after that code ran."""
+    if nextitem.parent is item.parent:
+        return shared_snapshot(nextitem)
+    stack = item.session._setupstate.stack
+    chain = nextitem.listchain()[:-1]
+    for node, (finalizers, exc) in stack.items():
+        if node not in chain and (exc is not None or not _no_op_finalizers(node, finalizers)):
+            return None
+    for node in chain:
+        if node not in stack and type(node).setup is not _NODE_SETUP:
+            return None
+    return _snapshot(nextitem, chain)
+
+
+def _no_op_finalizers(node: Any, finalizers: list[Any]) -> bool:
+    """SetupState registers each collector's own ``teardown`` first: pytest's
+    no-op unless the collector overrides it. Anything else is real work."""
+    return all(
+        getattr(fin, "__self__", None) is node and getattr(fin, "__func__", None) is _NODE_TEARDOWN
+        for fin in finalizers
+    )
+
+
+def _snapshot(item: pytest.Item, stack: list[Any]) -> tuple[int, ...] | None:
+    ids = [id(node) for node in stack]
     params = getattr(getattr(item, "callspec", None), "params", {})
     for name, fixturedef in _wider_fixtures(item):
         cached = fixturedef.cached_result
@@ -108,6 +151,17 @@ def shared_snapshot(item: pytest.Item) -> tuple[int, ...] | None:
                 return None
         ids.append(id(cached))
     return tuple(ids)
+
+
+def leave_other_collectors(item: pytest.Item) -> None:
+    """In the sandbox, after release_parent_finalizers: a sandbox prepared
+    across a collector boundary inherited the previous item's collectors on
+    the setup stack; pop them (their finalizers were released, so nothing
+    runs) so that pytest's setup of ``item`` finds its own chain."""
+    state = item.session._setupstate
+    chain = item.listchain()
+    if any(node not in chain for node in state.stack):
+        state.teardown_exact(item)
 
 
 def shared_ready(item: pytest.Item) -> bool:

@@ -106,6 +106,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
     FORWARD_FD = ctx.result_fd
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
     compat.release_parent_finalizers(item)
+    compat.leave_other_collectors(item)
     nextitem = decode_nextitem(item, ctx.go_data)
 
     def send(report: pytest.TestReport) -> None:

@@ -444,9 +444,11 @@ class Engine:
 
     def _prepare_next(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
         """Fork the next item's sandbox now, while this test runs, when pytest's
-        state for it is already final: same parent (nothing to tear down) and
-        every wider fixture it needs already cached (nothing to set up)."""
-        if nextitem is None or nextitem.parent is not item.parent:
+        state for it is already known: getting to the next item runs no code
+        in pytest's process (same parent, or collectors without finalizers or
+        setup code between them) and every wider fixture it needs is cached.
+        The state is checked again before the sandbox is used."""
+        if nextitem is None:
             return
         if self.config.getoption("usepdb", False):
             return
@@ -456,7 +458,7 @@ class Engine:
             return
         if not spec.enabled or compat.evaluate_skip(nextitem):
             return
-        snapshot = compat.shared_snapshot(nextitem)
+        snapshot = compat.predicted_snapshot(item, nextitem)
         if snapshot is None:
             return
         try:

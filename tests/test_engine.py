@@ -645,3 +645,61 @@ def test_coverage_measured_inside_sandboxes_is_combined(pytester: pytest.Pyteste
     result = run(pytester, "--cov=mod", "--cov-report=term-missing")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["mod.py * 4 * 0 * 100%*"])
+
+
+_AGE = """
+import os
+
+def process_age():
+    # seconds since this process started (host clock ticks since boot)
+    with open("/proc/self/stat") as f:
+        start = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0]) - start
+"""
+
+
+def test_the_next_modules_first_sandbox_is_prepared_when_getting_there_runs_nothing(
+    pytester: pytest.Pytester,
+) -> None:
+    """Module b has no module-scoped state: its first test's sandbox is forked
+    while a's last test still runs (the process is older than that test's
+    0.4 s). Module d has a module-scoped fixture: no sandbox is prepared for
+    its first test (young process), and c's module teardown, which runs in
+    pytest's process, has happened before d's sandbox exists."""
+    pytester.makepyfile(helper=_AGE)
+    pytester.makepyfile(
+        test_a="""
+            import time
+            def test_slow():
+                time.sleep(0.4)
+        """,
+        test_b="""
+            from helper import process_age
+            def test_prepared_during_a():
+                assert process_age() > 0.25
+        """,
+        test_c="""
+            import os, time, pytest
+            @pytest.fixture(scope="module", autouse=True)
+            def flag():
+                os.environ["C_MODULE"] = "up"
+                yield
+                del os.environ["C_MODULE"]
+            def test_slow():
+                assert os.environ["C_MODULE"] == "up"
+                time.sleep(0.4)
+        """,
+        test_d="""
+            import os
+            from helper import process_age
+            def setup_module():
+                os.environ["D_MODULE"] = "up"
+            def test_made_after_c_was_torn_down_and_d_set_up():
+                assert "C_MODULE" not in os.environ
+                assert os.environ["D_MODULE"] == "up"
+                assert process_age() < 0.25
+        """,
+    )
+    result = run(pytester, "-p", "no:randomly")
+    result.assert_outcomes(passed=4)
