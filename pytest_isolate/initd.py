@@ -30,6 +30,7 @@ import pytest or anything outside the standard library.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -66,6 +67,7 @@ class InitFactory:
         self._jail: str | None = None
         self._pending: int | None = None  # the setup id of the init being made
         self._ids: dict[Hashable, int] = {}
+        self._by_identity: dict[int, tuple[InitSetup, int]] = {}
         self._starting = False
 
     def start(self, wait: bool = True) -> None:
@@ -134,14 +136,21 @@ class InitFactory:
             raise InitFactoryError(f"the init factory is gone: {exc}") from exc
 
     def _id_of(self, setup: InitSetup | None) -> int:
+        """The factory's number for ``setup``, registered on first use. A setup
+        object seen before is known by identity (no encoding per test); an
+        equal one by its encoding."""
         if setup is None:
             return 0
+        known = self._by_identity.get(id(setup))
+        if known is not None and known[0] is setup:
+            return known[1]
         key = _encode_setup(setup)
         ident = self._ids.get(key)
         if ident is None:
             ident = len(self._ids) + 1
             self._send(_REGISTER + _ID.pack(ident) + key)
             self._ids[key] = ident
+        self._by_identity[id(setup)] = (setup, ident)
         return ident
 
     def _request(self, ident: int) -> None:
@@ -201,8 +210,7 @@ def _encode_setup(setup: InitSetup) -> bytes:
     rootfs, hostname, new_net = setup
     plan = None
     if rootfs is not None:
-        plan = {name: getattr(rootfs, name) for name in _ROOTFS_FIELDS}
-        plan["ops"] = [{name: getattr(op, name) for name in _OP_FIELDS} for op in rootfs.ops]
+        plan = dataclasses.asdict(rootfs)  # Op entries become dicts too
     return json.dumps([plan, hostname, new_net], sort_keys=True).encode()
 
 
@@ -212,25 +220,12 @@ def _decode_setup(data: bytes) -> InitSetup:  # pragma: no cover - runs in the f
     plan, hostname, new_net = json.loads(data)
     rootfs = None
     if plan is not None:
-        ops = tuple(Op(**{name: op[name] for name in _OP_FIELDS}) for op in plan["ops"])
-        fields = {name: plan[name] for name in _ROOTFS_FIELDS if name != "ops"}
-        rootfs = RootfsPlan(ops=ops, **fields)
+        # Exactly the dataclasses' fields: a missing or unknown key is an error.
+        plan["ops"] = tuple(Op(**op) for op in plan["ops"])
+        rootfs = RootfsPlan(**plan)
     if not isinstance(hostname, str) or not isinstance(new_net, bool):
         raise TypeError("bad setup")
     return (rootfs, hostname, new_net)
-
-
-_ROOTFS_FIELDS = (
-    "staging",
-    "ops",
-    "cwd",
-    "rootless",
-    "cgroup2",
-    "overlay",
-    "image_root",
-    "scratch_size",
-)
-_OP_FIELDS = ("kind", "target", "source", "writable", "size")
 
 
 def _kill_and_close(pidfd: int) -> None:

@@ -434,7 +434,9 @@ def spawn(
 def _init_setup(plan: SandboxPlan) -> InitSetup | None:
     """What the factory's init can make for this plan (root, a new root, no
     pod): the namespaces, the root (its cgroup2 view excepted: that mount must
-    be made from the test's own cgroup namespace), the hostname, the loopback."""
+    be made from the test's own cgroup namespace), the hostname, the loopback.
+    Computed once per plan (the engine keeps one plan per spec): the factory
+    knows a setup by the identity of its root's plan."""
     if (
         not plan.namespaces
         or plan.rootless
@@ -446,10 +448,19 @@ def _init_setup(plan: SandboxPlan) -> InitSetup | None:
         # root (the host's, even if pytest runs chrooted) ours: the test
         # process unshares its namespaces itself, keeping root and directory.
         return None
+    known = _INIT_SETUPS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
     rootfs = plan.rootfs
-    if rootfs is not None and rootfs.cgroup2:
+    if rootfs.cgroup2:
         rootfs = dataclasses.replace(rootfs, cgroup2=False)
-    return (rootfs, plan.hostname, plan.new_net)
+    setup = (rootfs, plan.hostname, plan.new_net)
+    _INIT_SETUPS[id(plan)] = (plan, setup)
+    return setup
+
+
+#: id(plan) -> (plan, its setup); the plan is kept so that its id stays its own.
+_INIT_SETUPS: dict[int, tuple[SandboxPlan, InitSetup]] = {}
 
 
 def _kill_pidfd(pidfd: int) -> None:
