@@ -172,6 +172,23 @@ def _rss_mib() -> float:
 # --------------------------------------------------------------------------- the steps
 
 
+def _plan(staging: str, *, rootless: bool, cgroup2: bool) -> Any:
+    """The default root's plan for the benchmark's working directory."""
+    from pytest_isolate.rootfs import plan_rootfs, project_paths
+
+    return plan_rootfs(
+        staging=staging,
+        cwd=os.getcwd(),
+        home=os.environ.get("HOME"),
+        project=project_paths([os.getcwd()]),
+        binds=(),
+        writable_paths=(),
+        tmpfs_size=512 << 20,
+        rootless=rootless,
+        cgroup2=cgroup2,
+    )
+
+
 def measure_steps(reps: int, heavy: str | None, ballast: bool) -> list[Step]:
     """Every step of an isolated test, in the order the sandbox takes them."""
     rootless = os.geteuid() != 0
@@ -294,7 +311,7 @@ def _hostname_and_loopback() -> None:
 
 
 def _rootfs_steps(reps: int, base_total: float) -> list[Step]:
-    from pytest_isolate.rootfs import apply_rootfs, plan_rootfs, project_paths
+    from pytest_isolate.rootfs import apply_rootfs
 
     staging_parent = tempfile.mkdtemp(prefix="pytest-isolate-bench-")
     staging = os.path.join(staging_parent, "root")
@@ -304,17 +321,7 @@ def _rootfs_steps(reps: int, base_total: float) -> list[Step]:
         timings = []
         for _ in range(max(3, reps // 5)):
             begin = time.perf_counter()
-            plan = plan_rootfs(
-                staging=staging,
-                cwd=os.getcwd(),
-                home=os.environ.get("HOME"),
-                project=project_paths([os.getcwd()]),
-                binds=(),
-                writable_paths=(),
-                tmpfs_size=512 << 20,
-                rootless=False,
-                cgroup2=False,
-            )
+            plan = _plan(staging, rootless=False, cgroup2=False)
             timings.append((time.perf_counter() - begin) * 1000)
             plans.append(plan)
         plan = plans[-1]
@@ -451,7 +458,6 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
     sandbox's cost without pytest (setup, an empty test, its 'done' frame)."""
     from pytest_isolate.capabilities import resolve_caps
     from pytest_isolate.cgroups import CgroupUnavailable, Limits, open_cgroups
-    from pytest_isolate.rootfs import plan_rootfs, project_paths
     from pytest_isolate.sandbox import SandboxPlan, spawn
     from pytest_isolate.seccomp import build_filter, seccomp_available
 
@@ -464,17 +470,7 @@ def _sandbox_steps(reps: int, rootless: bool) -> list[Step]:
         manager = None
     factory = _init_factory(spawn, rootless)
     try:
-        rootfs = plan_rootfs(
-            staging=staging,
-            cwd=os.getcwd(),
-            home=os.environ.get("HOME"),
-            project=project_paths([os.getcwd()]),
-            binds=(),
-            writable_paths=(),
-            tmpfs_size=512 << 20,
-            rootless=rootless,
-            cgroup2=getattr(manager, "version", 0) == 2,
-        )
+        rootfs = _plan(staging, rootless=rootless, cgroup2=getattr(manager, "version", 0) == 2)
         caps = resolve_caps((), (), rootless=rootless)
         program = build_filter(caps) if seccomp_available() is None else None
         plans: list[tuple[str, SandboxPlan, bool]] = [

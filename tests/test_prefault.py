@@ -4,10 +4,12 @@ copy-on-write without changing a byte, and it stops when told to."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
 import signal
+from collections.abc import Iterable, Iterator
 
 import pytest
 from conftest import requires
@@ -34,46 +36,40 @@ def _written_in(ranges: tuple[tuple[int, int], ...], start: int, pages: int) -> 
     return found
 
 
-def test_the_pages_a_fork_wrote_are_found_and_no_others() -> None:
-    buf, start = _buffer(64)
+@contextlib.contextmanager
+def _fork_that_wrote(start: int, pages: Iterable[int]) -> Iterator[int]:
+    """A fork that wrote one byte of each of ``pages`` (counted from
+    ``start``) and waits, alive, until the block ends."""
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
-        for page in (3, 4, 5, 40):
+        for page in pages:
             ctypes.memset(start + page * PAGE, 9, 1)
         os.write(ready_w, b"x")
         signal.pause()
         os._exit(0)
     try:
         os.read(ready_r, 1)
-        ranges = written_ranges(pid, private_writable_mappings())
+        yield pid
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(ready_r)
         os.close(ready_w)
+
+
+def test_the_pages_a_fork_wrote_are_found_and_no_others() -> None:
+    buf, start = _buffer(64)
+    with _fork_that_wrote(start, (3, 4, 5, 40)) as pid:
+        ranges = written_ranges(pid, private_writable_mappings())
     assert _written_in(ranges, start, 64) == {3, 4, 5, 40}
     del buf
 
 
 def test_the_learned_set_is_capped() -> None:
     buf, start = _buffer(256)
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        for page in range(256):
-            ctypes.memset(start + page * PAGE, 9, 1)
-        os.write(ready_w, b"x")
-        signal.pause()
-        os._exit(0)
-    try:
-        os.read(ready_r, 1)
+    with _fork_that_wrote(start, range(256)) as pid:
         ranges = written_ranges(pid, [(start, start + 256 * PAGE)], max_pages=100)
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(ready_r)
-        os.close(ready_w)
     assert sum(length for _, length in ranges) // PAGE == 100
     del buf
 
