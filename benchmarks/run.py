@@ -130,6 +130,13 @@ def run_once(
     callbacks). The machine's busy time catches both, and everything else
     running on the machine: it is only meaningful on an otherwise idle host.
     """
+    # Each run gets its own temp root (pytest's basetemp parent): pytest
+    # keeps numbered directories whose lock files a forked child never
+    # removes (pytest-forked leaves one per test using tmp_path), and every
+    # later run that creates a basetemp scans them all at its end.
+    env = dict(os.environ if env is None else env)
+    temproot = tempfile.mkdtemp(prefix="bench-temproot-")
+    env["PYTEST_DEBUG_TEMPROOT"] = temproot
     with tempfile.TemporaryFile() as out:
         busy = machine_busy()
         begin = time.perf_counter()
@@ -149,6 +156,7 @@ def run_once(
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read().decode(errors="replace")
+    shutil.rmtree(temproot, ignore_errors=True)
     if expect is not None:
         passed = re.search(r"(\d+) passed", text)
         if proc.returncode != 0 or not passed or int(passed.group(1)) != expect:
@@ -168,6 +176,9 @@ def clean_env(**extra: str) -> dict[str, str]:
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("PYTEST_", "COV_", "PYTHONBREAKPOINT"))
+        # Bytecode caches as a user has them: without, every run compiles
+        # the plugin (and the rewritten tests) again.
+        and k != "PYTHONDONTWRITEBYTECODE"
     }
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     env.update(extra)
@@ -246,6 +257,12 @@ def run_suite(
     results = {r.name: Result(r) for r in configs}
     # Warm-up: the first run writes the assertion-rewrite caches of each pytest.
     for python in dict.fromkeys(r.python for r in configs):
+        subprocess.run(
+            [python, "-m", "compileall", "-q", os.path.join(REPO, "pytest_isolate")],
+            stdout=subprocess.DEVNULL,
+            env=clean_env(),
+            check=False,
+        )
         run_once([python, "-m", "pytest", *COMMON, "-p", "no:isolate"], suite.path, clean_env())
     for round_ in range(repeat):
         for runner in configs:
