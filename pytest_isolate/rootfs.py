@@ -22,7 +22,7 @@ import glob
 import os
 import stat
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -140,10 +140,20 @@ def project_paths(extra: Iterable[str], shown: Sequence[str] = SYSTEM_DIRS) -> l
         if entry and os.path.isabs(entry) and os.path.exists(entry):
             candidates.add(os.path.abspath(entry))
             candidates.add(os.path.realpath(entry))
+    # Hundreds of modules live in a few dozen directories: resolve each
+    # directory once, and a module file only when it is itself a link.
+    resolved: dict[str, str] = {}
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
-        if isinstance(path, str) and os.path.isabs(path):
+        if not (isinstance(path, str) and os.path.isabs(path)):
+            continue
+        if os.path.islink(path):
             candidates.add(os.path.dirname(os.path.realpath(path)))
+            continue
+        directory = os.path.dirname(path)
+        if directory not in resolved:
+            resolved[directory] = os.path.realpath(directory)
+        candidates.add(resolved[directory])
     with contextlib.suppress(OSError):
         candidates.add(os.path.realpath(sys.executable))
     kept: list[str] = []
@@ -218,6 +228,52 @@ def _var_sockets(limit: int = 20000) -> list[str]:
     return sorted(found)
 
 
+def start_var_scan() -> Callable[[], list[str]]:
+    """Run the /var socket scan (tens of milliseconds on a host with a big
+    package cache) in a forked process, on another core while pytest
+    collects. Returns the function that gives its result, which scans here
+    instead if the helper failed."""
+    import warnings
+
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # xdist's thread: see spawn()
+            pid = os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        return _var_sockets
+    if pid == 0:  # pragma: no cover - the helper process
+        code = 1
+        try:
+            os.close(read_end)
+            data = memoryview("\0".join(_var_sockets()).encode("utf-8", "surrogateescape"))
+            while data:
+                data = data[os.write(write_end, data) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    found: list[list[str]] = []
+
+    def result() -> list[str]:
+        if not found:
+            chunks = []
+            try:
+                while chunk := os.read(read_end, 1 << 16):
+                    chunks.append(chunk)
+            finally:
+                os.close(read_end)
+                _, status = os.waitpid(pid, 0)
+            text = b"".join(chunks).decode("utf-8", "surrogateescape")
+            ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+            found.append((text.split("\0") if text else []) if ok else _var_sockets())
+        return found[0]
+
+    return result
+
+
 def plan_rootfs(
     *,
     staging: str,
@@ -232,6 +288,7 @@ def plan_rootfs(
     overlay: bool = False,
     image_root: str | None = None,
     strict: bool = False,
+    var_sockets: Callable[[], list[str]] | None = None,
 ) -> RootfsPlan:
     """Build the ordered list of operations for the sandbox's root.
 
@@ -261,7 +318,7 @@ def plan_rootfs(
         for path in (*MASKED_DIRS, *VAR_HIDDEN_DIRS):
             if os.path.isdir(path):
                 ops.append(Op("mask_dir", path))
-        ops.extend(Op("mask_file", p) for p in _var_sockets())
+        ops.extend(Op("mask_file", p) for p in (var_sockets or _var_sockets)())
     else:
         ops.append(Op("tmpfs", "/tmp", writable=True, size=tmpfs_size))
     if (
