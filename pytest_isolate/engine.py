@@ -14,6 +14,7 @@ For each isolated item the engine
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -39,8 +40,9 @@ from .initd import InitFactory, InitFactoryError
 from .prefault import Ranges, private_writable_mappings, written_ranges
 from .protocol import Message
 from .rootfs import STRICT_SYSTEM_DIRS, SYSTEM_DIRS, plan_rootfs, project_paths
-from .sandbox import SETUP_FAILED_EXIT, Sandbox, SandboxOutcome, SandboxPlan, spawn
+from .sandbox import SETUP_FAILED_EXIT, Sandbox, SandboxOutcome, SandboxPlan, fork_sandbox, spawn
 from .spec import IsolationSpec, SpecError, format_size
+from .zygote import Zygote, ZygoteError
 
 __all__ = ["Engine", "IsolationUnavailable"]
 
@@ -52,6 +54,17 @@ _RELEARN_EVERY = 16
 _PREFAULT_MAX_PAGES = 4096
 #: ... and only while a test that ran at least this long (seconds) runs.
 _PREFAULT_MIN_RUN = 0.010
+#: A request to the zygote: the plan's id, the item's index, copy pages ahead.
+_REQUEST = struct.Struct("<Qi?")
+
+
+def _zygote_unavailable() -> str | None:
+    """Why sandboxes are not forked by a zygote here (None: they are)."""
+    if os.environ.get("PYTEST_ISOLATE_ZYGOTE", "1") == "0":
+        return "PYTEST_ISOLATE_ZYGOTE=0"
+    from .syscalls import sibling_fork_unavailable
+
+    return sibling_fork_unavailable()
 
 
 class IsolationUnavailable(Exception):
@@ -95,6 +108,16 @@ class Engine:
         #: A test called pytest.exit(): (message, returncode), raised after its reports.
         self.pending_exit: tuple[str, int] | None = None
         self._deferred_teardown: tuple[pytest.Item, pytest.Item | None] | None = None
+        self._var_scan: Callable[[], list[str]] | None = None
+        #: Bumped whenever pytest's process runs setup or teardown code, or a
+        #: test of its own: a zygote forked before then no longer matches it.
+        self.generation = 0
+        #: For -vv's summary: sandboxes, by_zygote, zygotes, prepared.
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._zygote: Zygote | None = None
+        self._old_zygotes: list[Zygote] = []
+        self._zygote_refused = 0
+        self.zygote_unavailable: str | None = _zygote_unavailable()
 
     # ------------------------------------------------------------------ resources
 
@@ -128,9 +151,20 @@ class Engine:
         """At session start when every test is isolated: start what the first
         sandbox needs while the tests are being collected."""
         self.init_factory(wait=False)
+        if self._var_scan is None:
+            from .rootfs import start_var_scan
+
+            self._var_scan = start_var_scan()
 
     def close(self) -> None:
+        if self._var_scan is not None:
+            with contextlib.suppress(OSError):
+                self._var_scan()  # reaps the helper when no plan asked for it
         self.finish_item()
+        self._retire_zygote()
+        for zygote in self._old_zygotes:
+            zygote.reap(block=True)
+        self._old_zygotes.clear()
         self._bury(block=True)
         self._discard_prepared()
         for sandbox in list(self._live):
@@ -208,6 +242,7 @@ class Engine:
                 overlay=spec.fs == "overlay",
                 image_root=image_root,
                 strict=spec.strict,
+                var_sockets=self._var_scan,
             )
         caps = None
         granted: frozenset[str] = frozenset()
@@ -257,10 +292,16 @@ class Engine:
         return fds
 
     def _spawn(
-        self, item: pytest.Item, spec: IsolationSpec, ahead: bool = False
+        self,
+        item: pytest.Item,
+        spec: IsolationSpec,
+        ahead: bool = False,
+        prepared_from: pytest.Item | None = None,
     ) -> tuple[Sandbox, Any]:
         """A sandbox for ``item``. ``ahead``: it has the current test's run
-        time to get ready, enough to copy ahead the pages it will write."""
+        time to get ready, enough to copy ahead the pages it will write.
+        ``prepared_from``: the item running now, when this one is prepared
+        during its run (a new zygote may be started then)."""
         plan = self.plan_for(spec)
         if spec.pod is not None:
             from .pods import PodError, lookup_pod
@@ -293,6 +334,7 @@ class Engine:
         # unfreeze right after so pytest's own cycles are still collected.
         gc.freeze()
         try:
+            forker = self._forker(item, plan, cgroup, ahead, prepared_from)
             sandbox = spawn(
                 plan,
                 cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
@@ -302,6 +344,7 @@ class Engine:
                 init_factory=self.init_factory() if plan.namespaces else None,
                 cleanup=cgroup.remove if cgroup else None,
                 prefault=self._hot_pages if ahead else (),
+                forker=forker,
             )
         except BaseException:
             if cgroup is not None:
@@ -310,9 +353,94 @@ class Engine:
         finally:
             gc.unfreeze()
         self._live.append(sandbox)
+        self.counts["sandboxes"] += 1
         if cgroup is not None:
             self._cgroup_of[id(sandbox)] = cgroup
         return sandbox, cgroup
+
+    # ------------------------------------------------------------------ the zygote
+
+    def _forker(
+        self,
+        item: pytest.Item,
+        plan: SandboxPlan,
+        cgroup: Any,
+        ahead: bool,
+        prepared_from: pytest.Item | None,
+    ) -> Callable[[list[int]], int] | None:
+        """The zygote that forks ``item``'s sandbox, if pytest's state is
+        still the one it was forked in (zygote.py), or a new one when the
+        sandbox is prepared for a sibling of the running test (the state
+        then holds for the rest of their parent). None: pytest forks."""
+        if self.zygote_unavailable is not None:
+            return None
+        key = (self.generation, id(item.parent))
+        zygote = self._zygote
+        if zygote is not None and (not zygote.alive or zygote.key != key):
+            self._retire_zygote()
+            zygote = None
+        if zygote is None:
+            if prepared_from is None or prepared_from.parent is not item.parent:
+                return None
+            zygote = Zygote(key)
+            plans = {id(p): p for p in self._plans.values()}
+            try:
+                zygote.start(partial(self._serve, plans, item.session), self._foreign_fds())
+            except OSError:
+                return None
+            self._zygote = zygote
+            self.counts["zygotes"] += 1
+        procs = tuple(cgroup.procs_files) if cgroup is not None else ()
+        payload = _REQUEST.pack(id(plan), self._index_of(item), ahead) + "\0".join(procs).encode()
+        return partial(self._zygote_fork, zygote, payload)
+
+    def _zygote_fork(self, zygote: Zygote, payload: bytes, fds: list[int]) -> int:
+        try:
+            pid = zygote.fork(payload, fds)
+        except ZygoteError:
+            self._zygote_refused += 1
+            if self._zygote_refused >= 3:
+                self.zygote_unavailable = "the zygote failed three times"
+            self._retire_zygote()
+            raise
+        self.counts["by_zygote"] += 1
+        return pid
+
+    def _serve(
+        self,
+        plans: dict[int, SandboxPlan],
+        session: pytest.Session,
+        request: bytes,
+        fds: list[int],
+        own_socket: int,
+    ) -> int:  # pragma: no cover - runs in the zygote
+        """In the zygote: fork the sandbox a request describes."""
+        plan_id, index, ahead = _REQUEST.unpack_from(request)
+        procs = request[_REQUEST.size :].decode()
+        plan = plans[plan_id]
+        item = session.items[index]
+        sandbox_fds = fds[:5]
+        init_pidfd = fds[5] if len(fds) > 5 else -1
+        from .syscalls import fork_sibling
+
+        return fork_sandbox(
+            plan,
+            sandbox_fds,
+            init_pidfd,
+            cgroup_procs=tuple(procs.split("\0")) if procs else (),
+            run_test=partial(run_in_sandbox, item),
+            own=lambda: {*sandbox_fds, *compat.capture_fds(self.config)},
+            foreign=lambda: {own_socket},
+            prefault=self._hot_pages if ahead else (),
+            fork=fork_sibling,
+        )
+
+    def _retire_zygote(self) -> None:
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            zygote.close()
+            self._old_zygotes.append(zygote)
+        self._old_zygotes = [z for z in self._old_zygotes if not z.reap(block=False)]
 
     def _learning_due(self, sandbox: Sandbox) -> bool:
         """Every so often, a finished test process stays until pytest's process
@@ -358,6 +486,7 @@ class Engine:
         """runtestprotocol for one isolated item; returns its reports in order."""
         compat.init_request(item)
         if not compat.shared_ready(item):
+            self.generation += 1
             setup = compat.call_in_phase(item, "setup", lambda: compat.setup_shared(item))
             if not setup.passed:
                 self._discard_prepared()
@@ -394,6 +523,7 @@ class Engine:
         deferred, self._deferred_teardown = self._deferred_teardown, None
         if deferred is None or deferred[0] is not item:
             return None
+        self.generation += 1
         report = compat.call_in_phase(
             item, "teardown", lambda: compat.teardown_shared(item, deferred[1]), hooks=False
         )
@@ -438,6 +568,7 @@ class Engine:
                 and compat.shared_snapshot(item) == prepared.snapshot
                 and prepared.sandbox.pid > 0
             ):
+                self.counts["prepared"] += 1
                 return prepared.sandbox, prepared.cgroup
             self._release(prepared.sandbox)
         return self._spawn(item, spec)
@@ -466,7 +597,7 @@ class Engine:
             # test leaves time for it (the last one did), not in a burst of
             # tiny tests where every core is busy anyway.
             ahead = self._last_run >= _PREFAULT_MIN_RUN
-            sandbox, cgroup = self._spawn(nextitem, spec, ahead=ahead)
+            sandbox, cgroup = self._spawn(nextitem, spec, ahead=ahead, prepared_from=item)
         except Exception:
             return  # it fails again, with a report, when its turn comes
         self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup)
@@ -491,6 +622,7 @@ class Engine:
             return compat.call_in_phase(item, "teardown", lambda: None, hooks=hooks)
         if child is not None and nextitem is not None and nextitem.parent is item.parent:
             return child  # pytest's process has nothing to tear down before a sibling
+        self.generation += 1
         parent = compat.call_in_phase(
             item, "teardown", lambda: compat.teardown_shared(item, nextitem), hooks=hooks
         )

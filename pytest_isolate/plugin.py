@@ -235,6 +235,7 @@ def runtestprotocol(
         ]
     else:
         if not spec.enabled or compat.evaluate_skip(item):
+            engine.generation += 1  # pytest's process runs this one: its state moves on
             return _plain_runtestprotocol(item, log=log, nextitem=nextitem)
         if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
             reports = [
@@ -322,6 +323,17 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     return [header_line(config.stash[_engine_key])]
 
 
+def _forks_line(engine: Any) -> str:
+    """-vv: how the sandboxes were made (docs/performance.md explains each)."""
+    counts = engine.counts
+    line = (
+        f"isolate: {counts['sandboxes']} sandboxes, {counts['prepared']} prepared during "
+        f"the previous test, {counts['by_zygote']} forked by {counts['zygotes']} zygotes"
+    )
+    reason = engine.zygote_unavailable
+    return line + (f" (zygote off: {reason})" if reason else "")
+
+
 def _peak_memory_count(config: pytest.Config) -> int | None:
     """--isolate-peak-memory / ini isolate_peak_memory, or None when not asked."""
     count: int | None = config.getoption("isolate_peak_memory_n")
@@ -339,6 +351,9 @@ def _peak_memory_count(config: pytest.Config) -> int | None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    engine = config.stash.get(_engine_key, None)
+    if engine is not None and engine.counts["sandboxes"] and config.get_verbosity() >= 2:
+        terminalreporter.write_line(_forks_line(engine))
     count = _peak_memory_count(config)
     if count is None:
         return

@@ -353,6 +353,7 @@ def spawn(
     cleanup: Callable[[], None] | None = None,
     init_factory: InitFactory | None = None,
     prefault: Ranges = (),
+    forker: Callable[[list[int]], int] | None = None,
 ) -> Sandbox:
     """Fork a sandbox that sets itself up and waits for ``go()``.
 
@@ -360,22 +361,86 @@ def spawn(
     the test straight into a pid namespace whose init the factory made (one
     fork of pytest); as root without it, the forked process is the init and
     forks the test (two); rootless, the forked process makes the user
-    namespace, forks the init, which forks the test (three)."""
+    namespace, forks the init, which forks the test (three).
+
+    ``forker``: a zygote (zygote.py) forks instead of pytest's process. It
+    gets the sandbox's descriptors (result, go, stdout, stderr, stack, and
+    the init's pidfd or -1) and returns the pid of a process that is
+    pytest's own child, as one forked here would be; it decides the rest
+    (run_test, prefault...) from its own copy of pytest's state. When it
+    fails (OSError), the fork happens here."""
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     out_fd = os.memfd_create("isolate-stdout", os.MFD_CLOEXEC)
     err_fd = os.memfd_create("isolate-stderr", os.MFD_CLOEXEC)
     stack_fd = os.memfd_create("isolate-stack", os.MFD_CLOEXEC)
-    ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
-    own = {result_w, go_r, out_fd, err_fd, stack_fd}
-    # ``keep_fds`` and ``foreign_fds`` are evaluated in the child, after the fork.
-    as_pid1 = plan.namespaces and not plan.rootless
-    own_pidns = -1
     init_pidfd = -1
     setup = _init_setup(plan)
-    if as_pid1 and init_factory is not None:
+    if plan.namespaces and not plan.rootless and init_factory is not None:
         with contextlib.suppress(InitFactoryError):
             init_pidfd = init_factory.new_init(setup)
+    fds = [result_w, go_r, out_fd, err_fd, stack_fd]
+    pid = -1
+    try:
+        if forker is not None:
+            with contextlib.suppress(OSError):
+                pid = forker([*fds, init_pidfd])
+        for attempt in range(2) if pid < 0 else ():
+            try:
+                pid = fork_sandbox(
+                    plan,
+                    fds,
+                    init_pidfd,
+                    cgroup_procs=cgroup_procs,
+                    run_test=run_test,
+                    own=lambda: {*fds, *keep_fds()},
+                    foreign=foreign_fds,
+                    prefault=prefault,
+                )
+                break
+            except OSError:
+                if attempt or init_pidfd < 0:
+                    raise
+                # Kernels before 5.8 cannot setns() with a pidfd: without the
+                # factory's init, the sandbox makes its own.
+                _kill_pidfd(init_pidfd)
+                init_pidfd = -1
+    except BaseException:
+        for fd in (result_r, result_w, go_r, go_w, out_fd, err_fd, stack_fd):
+            os.close(fd)
+        if init_pidfd >= 0:
+            _kill_pidfd(init_pidfd)
+        raise
+    os.close(result_w)
+    os.close(go_r)
+    sandbox = Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
+    if init_pidfd >= 0:
+        sandbox.attach_init(init_pidfd)
+    return sandbox
+
+
+def fork_sandbox(
+    plan: SandboxPlan,
+    fds: list[int],
+    init_pidfd: int,
+    *,
+    cgroup_procs: tuple[str, ...],
+    run_test: Callable[[TestContext], None],
+    own: Callable[[], set[int]],
+    foreign: Callable[[], set[int]],
+    prefault: Ranges = (),
+    fork: Callable[[], int] = os.fork,
+) -> int:
+    """Fork the sandbox's first process; the child never returns. ``fds``:
+    result (write end), go (read end), stdout, stderr, stack. ``init_pidfd``
+    (or -1): the factory's init, whose pid namespace the child is born in.
+    ``own`` and ``foreign`` are evaluated in the child. ``fork``: os.fork,
+    or in a zygote syscalls.fork_sibling (the child is pytest's)."""
+    result_w, go_r, out_fd, err_fd, stack_fd = fds
+    ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
+    setup = _init_setup(plan)
+    as_pid1 = plan.namespaces and not plan.rootless
+    own_pidns = -1
     if as_pid1:
         # Root: P sets the pid namespace of its next child only, and returns to
         # its own right after the fork. With an init from the factory, the
@@ -385,9 +450,9 @@ def spawn(
             try:
                 sc.setns(init_pidfd, sc.CLONE_NEWPID)
             except OSError:  # kernels before 5.8 cannot setns() with a pidfd
-                _kill_pidfd(init_pidfd)
-                init_pidfd = -1
-        if init_pidfd < 0:
+                os.close(own_pidns)
+                raise
+        else:
             sc.unshare(sc.CLONE_NEWPID)
     pid = -1
     try:
@@ -395,13 +460,7 @@ def spawn(
             # Python 3.12+ warns when a multi-threaded process forks (xdist's
             # execnet thread); the child never touches locks other threads held.
             warnings.simplefilter("ignore", DeprecationWarning)
-            pid = os.fork()
-    except BaseException:
-        for fd in (result_r, result_w, go_r, go_w, out_fd, err_fd, stack_fd):
-            os.close(fd)
-        if init_pidfd >= 0:
-            _kill_pidfd(init_pidfd)
-        raise
+            pid = fork()
     finally:
         # Only P gets here with pid != 0 or an error; the child is already in
         # the new namespace and must not (cannot) go back.
@@ -409,26 +468,25 @@ def spawn(
             sc.setns(own_pidns, sc.CLONE_NEWPID)
             os.close(own_pidns)
     if pid == 0:  # pragma: no cover - runs in the sandbox
-        if own_pidns >= 0:
-            os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
-        _sandbox_main(
-            plan,
-            cgroup_procs,
-            ctx,
-            go_r,
-            own | keep_fds(),
-            foreign_fds(),
-            run_test,
-            init_pidfd=init_pidfd,
-            joined=init_pidfd >= 0 and setup is not None,
-            prefault=prefault,
-        )
-    os.close(result_w)
-    os.close(go_r)
-    sandbox = Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
-    if init_pidfd >= 0:
-        sandbox.attach_init(init_pidfd)
-    return sandbox
+        try:
+            if own_pidns >= 0:
+                os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
+            _sandbox_main(
+                plan,
+                cgroup_procs,
+                ctx,
+                go_r,
+                own(),
+                foreign(),
+                run_test,
+                init_pidfd=init_pidfd,
+                joined=init_pidfd >= 0 and setup is not None,
+                prefault=prefault,
+            )
+        finally:
+            # Never back into the caller's code (in a zygote: its loop).
+            os._exit(SETUP_FAILED_EXIT)
+    return pid
 
 
 def _init_setup(plan: SandboxPlan) -> InitSetup | None:

@@ -304,3 +304,73 @@ PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
+
+
+# clone(2) with CLONE_PARENT: a "fork" whose child is the caller's sibling,
+# a child of the caller's parent (the zygote of zygote.py forks test
+# processes that are pytest's own children).
+_CLONE_PARENT = 0x00008000
+_CLONE_CHILD_SETTID = 0x01000000
+_SIGCHLD = 17
+_SYS_CLONE = {"x86_64": 56}.get(_MACHINE)
+#: glibc caches each thread's kernel tid in its thread descriptor (struct
+#: pthread, at pthread_self()): glibc's own fork() refreshes it in the child
+#: with CLONE_CHILD_SETTID. The offset is glibc's x86_64 layout, checked at
+#: run time against gettid() before it is trusted.
+_GLIBC_TID_OFFSET = {"x86_64": 0x2D0}.get(_MACHINE)
+
+
+def _tid_address() -> int | None:
+    if _GLIBC_TID_OFFSET is None:
+        return None
+    try:
+        _libc.pthread_self.restype = ctypes.c_ulong
+        address = int(_libc.pthread_self()) + _GLIBC_TID_OFFSET
+        cached = ctypes.c_int.from_address(address).value
+    except (AttributeError, OSError, ValueError):
+        return None
+    return address if cached == threading_native_id() else None
+
+
+def threading_native_id() -> int:
+    import threading
+
+    return threading.get_native_id()
+
+
+def sibling_fork_unavailable() -> str | None:
+    """Why fork_sibling() cannot work here (None: it can)."""
+    if _SYS_CLONE is None:
+        return f"clone(CLONE_PARENT) is only wired for x86_64, this is {_MACHINE}"
+    if _tid_address() is None:
+        return "the C library's thread descriptor is not the glibc layout this was checked on"
+    return None
+
+
+def fork_sibling() -> int:
+    """os.fork(), except that the child's parent is the caller's parent.
+
+    clone() is called directly (libc has no wrapper for this flag), between
+    Python's own before/after-fork steps, as os.fork() does: at-fork
+    handlers run, the interpreter's locks and thread state are reset in the
+    child. The GIL stays held across the call (PyDLL). Only for a process
+    with a single thread: no other thread may hold a lock at that moment.
+    """
+    tid = _tid_address()
+    if _SYS_CLONE is None or tid is None:
+        raise OSError(errno.ENOSYS, "fork_sibling: " + str(sibling_fork_unavailable()))
+    api = ctypes.pythonapi
+    raw = ctypes.PyDLL(None, use_errno=True).syscall
+    raw.restype = ctypes.c_long
+    raw.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p]
+    raw.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
+    api.PyOS_BeforeFork()
+    pid = raw(_SYS_CLONE, _CLONE_PARENT | _CLONE_CHILD_SETTID | _SIGCHLD, None, None, tid, None)
+    if pid == 0:
+        api.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    api.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone(CLONE_PARENT): {os.strerror(err)}")
+    return int(pid)

@@ -1,0 +1,156 @@
+"""The zygote: a copy of pytest's process that forks the test processes.
+
+Every fork write-protects the parent's memory: while a test process lives,
+each page the parent writes is copied first (a page fault and 4 KiB copied).
+pytest's process writes hundreds of pages between two tests (reference
+counts, reports, the terminal), so forking it once per test makes it pay
+those copies once per test, and with a sandbox prepared during the current
+test (engine.py) there is nearly always a live child.
+
+Instead, while pytest's state stays what the next tests need (same parent
+collector, no fixture set up or torn down in pytest's process since), one
+fork of pytest's process, the zygote, does the forking. It only waits for
+requests, so its pages stay shared with its children, and pytest's process
+copies each page it writes at most once per zygote instead of once per
+test. A request carries the sandbox's descriptors (SCM_RIGHTS) and which
+plan, item and cgroup; the zygote forks with clone(CLONE_PARENT)
+(syscalls.fork_sibling), so the test process is pytest's own child, as if
+pytest had forked it: waiting for it, its pidfd, its exit status and the
+parent-death signal are unchanged. The zygote dies with pytest, and ends
+when pytest closes its socket (the engine does whenever its state moved on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import signal
+import socket
+import struct
+from collections.abc import Callable
+
+from . import syscalls as sc
+
+__all__ = ["Zygote", "ZygoteError"]
+
+_REPLY = struct.Struct("<i")
+#: A request: up to 6 descriptors and a short payload (ids, cgroup paths).
+_MAX_FDS = 8
+_MAX_PAYLOAD = 1 << 16
+
+
+class ZygoteError(OSError):
+    """The zygote is gone or could not fork: the engine forks itself."""
+
+
+#: In the zygote: turns a request (payload, descriptors, the zygote's own
+#: socket) into a forked child's pid. Raises to refuse.
+Serve = Callable[[bytes, list[int], int], int]
+
+
+class Zygote:
+    """pytest's handle on one zygote."""
+
+    def __init__(self, key: object) -> None:
+        #: What pytest's state was when it was forked (the engine compares).
+        self.key = key
+        self.pid = -1
+        self._sock: socket.socket | None = None
+        self.forks = 0
+
+    def start(self, serve: Serve, close: set[int]) -> None:
+        """Fork the zygote; ``close``: pytest's descriptors it must not keep
+        (other sandboxes' pipes, the init factory's socket)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for end in (ours, theirs):
+            end.set_inheritable(False)
+        try:
+            pid = os.fork()
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        if pid == 0:  # pragma: no cover - the zygote
+            _main(theirs, ours, serve, close)
+        theirs.close()
+        self.pid = pid
+        self._sock = ours
+
+    def fork(self, payload: bytes, fds: list[int]) -> int:
+        """Have the zygote fork a sandbox; its pid (a child of ours)."""
+        sock = self._sock
+        if sock is None:
+            raise ZygoteError("the zygote is closed")
+        try:
+            socket.send_fds(sock, [payload], [fd for fd in fds if fd >= 0])
+            reply = sock.recv(512)
+        except OSError as exc:
+            self.close()
+            raise ZygoteError(f"the zygote did not answer: {exc}") from exc
+        if len(reply) == _REPLY.size:
+            (pid,) = _REPLY.unpack(reply)
+            if pid > 0:
+                self.forks += 1
+                return int(pid)
+        if not reply:
+            self.close()
+        raise ZygoteError(f"the zygote refused: {reply[1:].decode(errors='replace')}")
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None
+
+    def close(self) -> None:
+        """End it: on end of file it exits; reap() collects it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def reap(self, block: bool) -> bool:
+        """True once it has exited and been waited for."""
+        if self.pid <= 0:
+            return True
+        self.close()
+        try:
+            pid, _ = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            pid = self.pid
+        if pid:
+            self.pid = -1
+            return True
+        return False
+
+
+def _main(sock: socket.socket, theirs: socket.socket, serve: Serve, close: set[int]) -> None:
+    """The zygote's loop: one request, one fork, one answer."""
+    code = 0
+    try:
+        parent = os.getppid()
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(0)
+        theirs.close()
+        for fd in close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # What it holds now is what every test process inherits: never
+        # scanned by the collector (which would write to, and so copy, it).
+        gc.freeze()
+        while True:
+            message, fds, _, _ = socket.recv_fds(sock, _MAX_PAYLOAD, _MAX_FDS)
+            if not message:
+                break
+            try:
+                reply = _REPLY.pack(serve(message, fds, sock.fileno()))
+            except Exception as exc:
+                reply = b"!" + f"{type(exc).__name__}: {exc}".encode()[:400]
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            sock.send(reply)
+    except BaseException:  # KeyboardInterrupt included: pytest forks itself then
+        code = 1
+    finally:
+        os._exit(code)

@@ -1,0 +1,255 @@
+"""The zygote (zygote.py): a copy of pytest's process forks the sandboxes
+while pytest's state stays the same. Against the real kernel: the test
+processes it forks are pytest's children, see exactly the state a fork of
+pytest would, and never reach the zygote; pytest goes on without it."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import sys
+import time
+
+import pytest
+
+from pytest_isolate import syscalls as sc
+
+ISOLATE = ("--isolate", "-p", "no:randomly", "-p", "no:cacheprovider")
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(*ISOLATE, *args, timeout=120)
+
+
+def _forks(result: pytest.RunResult) -> dict[str, int]:
+    """The -vv summary line: how the sandboxes were made."""
+    text = "\n".join(result.outlines)
+    found = re.search(
+        r"isolate: (\d+) sandboxes, (\d+) prepared during the previous test, "
+        r"(\d+) forked by (\d+) zygotes",
+        text,
+    )
+    assert found, text
+    sandboxes, prepared, by_zygote, zygotes = map(int, found.groups())
+    return {
+        "sandboxes": sandboxes,
+        "prepared": prepared,
+        "by_zygote": by_zygote,
+        "zygotes": zygotes,
+    }
+
+
+needs_sibling_fork = pytest.mark.skipif(
+    sc.sibling_fork_unavailable() is not None, reason=str(sc.sibling_fork_unavailable())
+)
+
+
+@needs_sibling_fork
+def test_fork_sibling_makes_a_child_of_the_callers_parent() -> None:
+    """clone(CLONE_PARENT) from Python: the child's parent is ours, it runs
+    Python's after-fork steps (a new random state), and knows its own tid."""
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:  # pragma: no cover - the forked middle process
+        try:
+            child = sc.fork_sibling()
+            if child == 0:
+                signal.signal(signal.SIGUSR1, lambda *_: None)
+                signal.raise_signal(signal.SIGUSR1)  # to itself, not to the middle
+                os.write(write_end, f"{os.getppid()} {random.random()}\n".encode())
+                os._exit(5)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    statuses = {}
+    for _ in range(2):
+        pid, status = os.waitpid(-1, 0)  # both are ours: the middle and its sibling
+        statuses[pid] = os.waitstatus_to_exitcode(status)
+    parent, drawn = os.read(read_end, 200).decode().split()
+    os.close(read_end)
+    assert int(parent) == os.getpid()
+    assert statuses.pop(middle) == 0
+    assert list(statuses.values()) == [5]
+    assert float(drawn) != random.random()  # not our state continued
+
+
+def test_a_modules_sandboxes_are_forked_by_one_zygote(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_a="\n".join(f"def test_{i}():\n    pass\n" for i in range(6)),
+        test_b="\n".join(f"def test_{i}():\n    pass\n" for i in range(6)),
+    )
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=12)
+    forks = _forks(result)
+    if sc.sibling_fork_unavailable() is not None:
+        assert forks["by_zygote"] == 0
+        return
+    # Module a: the first sandbox is pytest's; the second is prepared during
+    # the first, by a new zygote, which forks the rest. b's first sandbox is
+    # prepared across the module boundary by pytest itself.
+    assert forks == {"sandboxes": 12, "prepared": 11, "by_zygote": 10, "zygotes": 2}
+
+
+def test_the_zygote_can_be_turned_off(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("\n".join(f"def test_{i}():\n    pass\n" for i in range(4)))
+    os.environ["PYTEST_ISOLATE_ZYGOTE"] = "0"
+    try:
+        result = run(pytester, "-vv")
+    finally:
+        del os.environ["PYTEST_ISOLATE_ZYGOTE"]
+    result.assert_outcomes(passed=4)
+    assert _forks(result)["by_zygote"] == 0
+    result.stdout.fnmatch_lines(["*zygote off: PYTEST_ISOLATE_ZYGOTE=0*"])
+
+
+def test_tests_of_one_zygote_start_from_the_same_state_each(pytester: pytest.Pytester) -> None:
+    """Each sandbox forked by the zygote starts from pytest's state, not from
+    what an earlier test of the zygote changed, and draws its own random
+    numbers (Python's after-fork steps ran)."""
+    pytester.makepyfile("""
+        import os, random
+        import pytest
+
+        SEEN = []
+
+        @pytest.fixture(scope="module")
+        def shared():
+            return {"calls": 0}
+
+        @pytest.mark.parametrize("i", range(5))
+        def test_fresh(i, shared, tmp_path_factory):
+            shared["calls"] += 1
+            SEEN.append(i)
+            assert shared["calls"] == 1 and SEEN == [i]
+            out = tmp_path_factory.getbasetemp() / "draws"
+            with open(out, "a") as f:
+                f.write(f"{random.random()}\\n")
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=5)
+    draws = (pytester.path / "runpytest-0" / "draws").read_text().split()
+    assert len(set(draws)) == 5
+
+
+def test_state_pytest_changes_between_tests_is_seen(pytester: pytest.Pytester) -> None:
+    """A zygote is a snapshot: after pytest's process changed (a test run
+    without isolation, a module fixture set up for a later test), the next
+    sandboxes come from a process that has the change."""
+    pytester.makepyfile("""
+        import pytest
+
+        STATE = {"plain": 0}
+
+        @pytest.fixture(scope="module")
+        def late():
+            return "set up for test_4"
+
+        def test_0():
+            assert STATE["plain"] == 0
+
+        def test_1():
+            assert STATE["plain"] == 0
+
+        @pytest.mark.isolated(False)
+        def test_2_in_pytest():
+            STATE["plain"] += 1
+
+        def test_3():
+            assert STATE["plain"] == 1
+
+        def test_4(late):
+            assert STATE["plain"] == 1 and late == "set up for test_4"
+
+        def test_5(late):
+            assert STATE["plain"] == 1 and late == "set up for test_4"
+
+        def test_6():
+            assert STATE["plain"] == 1
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=7)
+
+
+def test_the_zygote_is_not_reachable_from_a_test(pytester: pytest.Pytester) -> None:
+    """A test that held the zygote's socket could have it fork a copy of
+    pytest outside every sandbox: no unix seqpacket socket, no pidfd."""
+    pytester.makepyfile("""
+        import os, socket, stat
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_nothing_of_pytests_helpers(i):
+            found = {}
+            for name in os.listdir("/proc/self/fd"):
+                fd = int(name)
+                try:
+                    mode = os.fstat(fd).st_mode
+                    target = os.readlink(f"/proc/self/fd/{name}")
+                except OSError:
+                    continue
+                if target == "anon_inode:[pidfd]":
+                    found[fd] = target
+                elif stat.S_ISSOCK(mode):
+                    sock = socket.socket(fileno=os.dup(fd))
+                    if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
+                        found[fd] = target
+                    sock.close()
+            assert found == {}
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=4)
+    if sc.sibling_fork_unavailable() is None:
+        assert _forks(result)["by_zygote"] >= 2
+
+
+def test_pytest_goes_on_when_its_zygote_dies(pytester: pytest.Pytester) -> None:
+    """Killed between two tests, the zygote is replaced (or pytest forks
+    itself): every test still runs, and nothing is left behind."""
+    pytester.makeconftest("""
+        import os, signal
+        from pytest_isolate.plugin import _engine_key
+
+        def pytest_runtest_logreport(report):
+            if report.when != "call" or not report.nodeid.endswith("[2]"):
+                return
+            engine = pytest_runtest_logreport.config.stash[_engine_key]
+            zygote = engine._zygote
+            if zygote is not None and zygote.pid > 0:
+                os.kill(zygote.pid, signal.SIGKILL)
+
+        def pytest_configure(config):
+            pytest_runtest_logreport.config = config
+    """)
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.parametrize("i", range(8))
+        def test_many(i):
+            pass
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=8)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
+def test_zygotes_end_with_the_session(pytester: pytest.Pytester) -> None:
+    """No zygote outlives pytest: the session waits for each one it ended."""
+    pytester.makepyfile(
+        **{f"test_{m}": "\n".join(f"def test_{i}():\n    pass\n" for i in range(4)) for m in "abc"}
+    )
+    pytester.makeconftest("""
+        import os
+        def pytest_unconfigure(config):
+            with open("children.txt", "w") as f:
+                f.write(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read())
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=12)
+    deadline = time.monotonic() + 5
+    children = (pytester.path / "children.txt").read_text().split()
+    while children and time.monotonic() < deadline:
+        time.sleep(0.1)
+        children = [c for c in children if os.path.exists(f"/proc/{c}")]
+    assert children == []
