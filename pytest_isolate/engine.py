@@ -353,6 +353,12 @@ class Engine:
         finally:
             gc.unfreeze()
         self._live.append(sandbox)
+        if prepared_from is None:
+            try:
+                sandbox.resolve()  # needed now
+            except BaseException:
+                self._release(sandbox)
+                raise
         self.counts["sandboxes"] += 1
         if cgroup is not None:
             self._cgroup_of[id(sandbox)] = cgroup
@@ -367,7 +373,7 @@ class Engine:
         cgroup: Any,
         ahead: bool,
         prepared_from: pytest.Item | None,
-    ) -> Callable[[list[int]], int] | None:
+    ) -> Callable[[list[int]], Callable[[], int]] | None:
         """The zygote that forks ``item``'s sandbox, if pytest's state is
         still the one it was forked in (zygote.py), or a new one when the
         sandbox is prepared for a sibling of the running test (the state
@@ -394,17 +400,29 @@ class Engine:
         payload = _REQUEST.pack(id(plan), self._index_of(item), ahead) + "\0".join(procs).encode()
         return partial(self._zygote_fork, zygote, payload)
 
-    def _zygote_fork(self, zygote: Zygote, payload: bytes, fds: list[int]) -> int:
+    def _zygote_fork(self, zygote: Zygote, payload: bytes, fds: list[int]) -> Callable[[], int]:
         try:
-            pid = zygote.fork(payload, fds)
+            ticket = zygote.request(payload, fds)
         except ZygoteError:
-            self._zygote_refused += 1
-            if self._zygote_refused >= 3:
-                self.zygote_unavailable = "the zygote failed three times"
-            self._retire_zygote()
+            self._zygote_failed()
             raise
-        self.counts["by_zygote"] += 1
-        return pid
+
+        def answer() -> int:
+            try:
+                pid = ticket()
+            except ZygoteError:
+                self._zygote_failed()
+                raise
+            self.counts["by_zygote"] += 1
+            return pid
+
+        return answer
+
+    def _zygote_failed(self) -> None:
+        self._zygote_refused += 1
+        if self._zygote_refused >= 3:
+            self.zygote_unavailable = "the zygote failed three times"
+        self._retire_zygote()
 
     def _serve(
         self,
@@ -562,6 +580,8 @@ class Engine:
     def _take_or_spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
         prepared, self._prepared = self._prepared, None
         if prepared is not None:
+            with contextlib.suppress(OSError):  # not forked at all: pid -1, released below
+                prepared.sandbox.resolve()
             if (
                 prepared.item is item
                 and prepared.spec == spec

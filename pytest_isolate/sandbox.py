@@ -118,8 +118,8 @@ class Sandbox:
         err_fd: int,
         stack_fd: int,
         cleanup: Callable[[], None] | None,
+        pending: tuple[Callable[[], int], tuple[int, ...]] | None = None,
     ) -> None:
-        self.pid = pid
         self.result_fd = result_fd
         self.go_fd = go_fd
         self.out_fd = out_fd
@@ -127,10 +127,42 @@ class Sandbox:
         self.stack_fd = stack_fd
         self._cleanup = cleanup
         self._reaped: int | None = None
-        self.pidfd = os.pidfd_open(pid)
         self.init_pidfd = -1
         self.started = 0.0
-        self.fds: tuple[int, ...] = (result_fd, go_fd, out_fd, err_fd, stack_fd, self.pidfd)
+        self.fds: tuple[int, ...] = (result_fd, go_fd, out_fd, err_fd, stack_fd)
+        #: Forked by a zygote that has not answered yet: the call that gives
+        #: the pid, and the child's ends of the pipes, held until then.
+        self._pending = pending
+        self.pid = -1
+        self.pidfd = -1
+        if pending is None:
+            self._adopt(pid)
+        else:
+            self.fds = (*self.fds, *pending[1])
+
+    def _resolve_quietly(self) -> None:
+        """For the methods that must work whatever happened: a sandbox that
+        could not be forked has no process to signal or wait for (pid -1)."""
+        if self._pending is not None:
+            try:
+                self.resolve()
+            except OSError:
+                self._reaped = 0  # no process to wait for
+
+    def _adopt(self, pid: int) -> None:
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self.fds = (*self.fds, self.pidfd)
+
+    def resolve(self) -> None:
+        """Wait for the zygote's answer (the pid) if it is still due. Raises
+        OSError when the sandbox could not be forked at all."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        resolve, held = pending
+        self.fds = tuple(fd for fd in self.fds if fd not in held)
+        self._adopt(resolve())
 
     def attach_init(self, pidfd: int) -> None:
         """The sandbox's pid 1 came from the factory: killing it ends the
@@ -143,6 +175,7 @@ class Sandbox:
         (at most 8 bytes) reaches the test callback as ``ctx.go_data``. With
         ``linger``, the test process stays (stopped in pause()) after its
         "done" frame until kill(), so its memory can be looked at."""
+        self._resolve_quietly()
         self.started = time.monotonic()
         with contextlib.suppress(OSError):  # already dead: collect() reports how
             os.write(self.go_fd, b"g" + (b"l" if linger else b"-") + data[:8])
@@ -150,7 +183,8 @@ class Sandbox:
     def kill(self) -> None:
         """SIGKILL the sandbox's pid 1, which makes the kernel kill the rest of
         its pid namespace, and the process pytest forked. Idempotent."""
-        if self.init_pidfd < 0 and self._reaped is None:
+        self._resolve_quietly()
+        if self.init_pidfd < 0 and self._reaped is None and self.pid > 0:
             # Rootless, pid 1 is a child of the process pytest forked (which
             # stays outside the namespace): take it by pidfd, from the kernel's
             # own list of children, never from anything the sandbox says.
@@ -162,7 +196,7 @@ class Sandbox:
         if self.init_pidfd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-        if self._reaped is None:
+        if self._reaped is None and self.pid > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
@@ -170,6 +204,7 @@ class Sandbox:
         """Without blocking: have the process pytest forked and pid 1 exited?
         Ours is reaped as soon as it has exited: pid 1 cannot finish while it
         is an unreaped zombie of its namespace."""
+        self._resolve_quietly()
         if self._reaped is None:
             if not _readable(self.pidfd, 0):
                 return False
@@ -180,6 +215,7 @@ class Sandbox:
         """Block until pid 1 has exited, which the kernel lets happen only once
         every other process of the namespace is gone: no code of this test runs
         after this returns."""
+        self._resolve_quietly()
         self.kill()
         # Reap ours first: pid 1 cannot finish exiting while a process of its
         # namespace, the test forked by pytest, is still an unreaped zombie.
@@ -198,6 +234,7 @@ class Sandbox:
         pipe), until the sandbox is gone, the timeout passes, or the child
         breaks the protocol. The sandbox is killed on its "done" frame unless
         ``keep`` (then the caller kills it)."""
+        self._resolve_quietly()
         reader = FrameReader()
         messages: list[Message] = []
         protocol_error: str | None = None
@@ -289,7 +326,8 @@ class Sandbox:
         back to faulthandler's C-level dump if Python code does not run."""
         for sig, wait in ((DUMP_SIGNAL, 0.3), (FAULT_SIGNAL, 0.2)):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+                if self.pid > 0:
+                    os.kill(self.pid, sig)
             end = time.monotonic() + wait
             size = 0
             while time.monotonic() < end:
@@ -304,7 +342,8 @@ class Sandbox:
 
     def close(self) -> None:
         """Release everything: kill if still alive, reap, close fds, cleanup."""
-        if self._reaped is None:
+        self._resolve_quietly()
+        if self._reaped is None and self.pid > 0:
             self.wait_gone()
         for fd in self.fds:
             if fd >= 0:
@@ -353,7 +392,7 @@ def spawn(
     cleanup: Callable[[], None] | None = None,
     init_factory: InitFactory | None = None,
     prefault: Ranges = (),
-    forker: Callable[[list[int]], int] | None = None,
+    forker: Callable[[list[int]], Callable[[], int]] | None = None,
 ) -> Sandbox:
     """Fork a sandbox that sets itself up and waits for ``go()``.
 
@@ -364,11 +403,13 @@ def spawn(
     namespace, forks the init, which forks the test (three).
 
     ``forker``: a zygote (zygote.py) forks instead of pytest's process. It
-    gets the sandbox's descriptors (result, go, stdout, stderr, stack, and
-    the init's pidfd or -1) and returns the pid of a process that is
-    pytest's own child, as one forked here would be; it decides the rest
-    (run_test, prefault...) from its own copy of pytest's state. When it
-    fails (OSError), the fork happens here."""
+    is sent the sandbox's descriptors (result, go, stdout, stderr, stack,
+    and the init's pidfd or -1) and returns a call that waits for the pid
+    of a process that is pytest's own child, as one forked here would be;
+    it decides the rest (run_test, prefault...) from its own copy of
+    pytest's state. The sandbox returned then has its pid once
+    Sandbox.resolve() is called (every method that needs it does); when the
+    zygote fails (OSError), the fork happens here, then."""
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     out_fd = os.memfd_create("isolate-stdout", os.MFD_CLOEXEC)
@@ -382,10 +423,38 @@ def spawn(
     fds = [result_w, go_r, out_fd, err_fd, stack_fd]
     pid = -1
     try:
+        ticket = None
         if forker is not None:
             with contextlib.suppress(OSError):
-                pid = forker([*fds, init_pidfd])
-        for attempt in range(2) if pid < 0 else ():
+                ticket = forker([*fds, init_pidfd])
+        if ticket is not None:
+            # The zygote answers while pytest goes on; until then pytest
+            # keeps the child's ends, and forks itself if the answer is no.
+            def resolve(ticket: Callable[[], int] = ticket) -> int:
+                try:
+                    return ticket()
+                except OSError:
+                    return fork_sandbox(
+                        plan,
+                        fds,
+                        init_pidfd,
+                        cgroup_procs=cgroup_procs,
+                        run_test=run_test,
+                        own=lambda: {*fds, init_pidfd, *keep_fds()},
+                        foreign=foreign_fds,
+                        prefault=prefault,
+                    )
+                finally:
+                    os.close(result_w)
+                    os.close(go_r)
+
+            sandbox = Sandbox(
+                -1, result_r, go_w, out_fd, err_fd, stack_fd, cleanup, (resolve, (result_w, go_r))
+            )
+            if init_pidfd >= 0:
+                sandbox.attach_init(init_pidfd)
+            return sandbox
+        for attempt in range(2):
             try:
                 pid = fork_sandbox(
                     plan,
@@ -393,7 +462,7 @@ def spawn(
                     init_pidfd,
                     cgroup_procs=cgroup_procs,
                     run_test=run_test,
-                    own=lambda: {*fds, *keep_fds()},
+                    own=lambda: {*fds, init_pidfd, *keep_fds()},
                     foreign=foreign_fds,
                     prefault=prefault,
                 )

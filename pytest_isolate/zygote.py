@@ -58,6 +58,9 @@ class Zygote:
         self.pid = -1
         self._sock: socket.socket | None = None
         self.forks = 0
+        self._sent = 0
+        self._received = 0
+        self._answers: dict[int, bytes] = {}
 
     def start(self, serve: Serve, close: set[int]) -> None:
         """Fork the zygote; ``close``: pytest's descriptors it must not keep
@@ -77,32 +80,58 @@ class Zygote:
         self.pid = pid
         self._sock = ours
 
-    def fork(self, payload: bytes, fds: list[int]) -> int:
-        """Have the zygote fork a sandbox; its pid (a child of ours)."""
+    def request(self, payload: bytes, fds: list[int]) -> Callable[[], int]:
+        """Ask the zygote to fork a sandbox, without waiting: returns the call
+        that waits for its pid (a child of ours). The answers come in order."""
         sock = self._sock
         if sock is None:
             raise ZygoteError("the zygote is closed")
         try:
             socket.send_fds(sock, [payload], [fd for fd in fds if fd >= 0])
-            reply = sock.recv(512)
         except OSError as exc:
             self.close()
-            raise ZygoteError(f"the zygote did not answer: {exc}") from exc
+            raise ZygoteError(f"the zygote is gone: {exc}") from exc
+        self._sent += 1
+        number = self._sent
+        return lambda: self._answer(number)
+
+    def _answer(self, number: int) -> int:
+        while number not in self._answers:
+            self._read_answer()
+        reply = self._answers.pop(number)
         if len(reply) == _REPLY.size:
             (pid,) = _REPLY.unpack(reply)
             if pid > 0:
                 self.forks += 1
                 return int(pid)
-        if not reply:
-            self.close()
-        raise ZygoteError(f"the zygote refused: {reply[1:].decode(errors='replace')}")
+        raise ZygoteError(
+            f"the zygote refused: {reply[1:].decode(errors='replace') or 'it is gone'}"
+        )
+
+    def _read_answer(self) -> None:
+        self._received += 1
+        reply = b""
+        if self._sock is not None:
+            try:
+                reply = self._sock.recv(512)
+            except OSError:
+                reply = b""
+            if not reply:
+                self._sock.close()
+                self._sock = None
+        self._answers[self._received] = reply
 
     @property
     def alive(self) -> bool:
         return self._sock is not None
 
     def close(self) -> None:
-        """End it: on end of file it exits; reap() collects it."""
+        """End it: on end of file it exits; reap() collects it. Answers still
+        due are read first: each is a child of ours to wait for."""
+        if self._sock is not None:
+            self._sock.settimeout(10)
+            while self._received < self._sent and self._sock is not None:
+                self._read_answer()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
