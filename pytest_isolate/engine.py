@@ -388,16 +388,19 @@ class Engine:
         if zygote is None:
             if prepared_from is None or prepared_from.parent is not item.parent:
                 return None
-            zygote = Zygote(key)
             plans = {id(p): p for p in self._plans.values()}
+            zygote = Zygote(key, frozenset(plans))
             try:
                 zygote.start(partial(self._serve, plans, item.session), self._foreign_fds())
             except OSError:
                 return None
             self._zygote = zygote
             self.counts["zygotes"] += 1
+        index = self._index_of(item)
+        if id(plan) not in zygote.plans or index < 0:
+            return None  # a plan made since (a pod's, another spec's): not in its copy
         procs = tuple(cgroup.procs_files) if cgroup is not None else ()
-        payload = _REQUEST.pack(id(plan), self._index_of(item), ahead) + "\0".join(procs).encode()
+        payload = _REQUEST.pack(id(plan), index, ahead) + "\0".join(procs).encode()
         return partial(self._zygote_fork, zygote, payload)
 
     def _zygote_fork(self, zygote: Zygote, payload: bytes, fds: list[int]) -> Callable[[], int]:

@@ -42,6 +42,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 from . import syscalls as sc
@@ -440,7 +441,7 @@ def spawn(
                         init_pidfd,
                         cgroup_procs=cgroup_procs,
                         run_test=run_test,
-                        own=lambda: {*fds, init_pidfd, *keep_fds()},
+                        own=partial(_own_fds, fds, init_pidfd, keep_fds),
                         foreign=foreign_fds,
                         prefault=prefault,
                     )
@@ -462,7 +463,7 @@ def spawn(
                     init_pidfd,
                     cgroup_procs=cgroup_procs,
                     run_test=run_test,
-                    own=lambda: {*fds, init_pidfd, *keep_fds()},
+                    own=partial(_own_fds, fds, init_pidfd, keep_fds),
                     foreign=foreign_fds,
                     prefault=prefault,
                 )
@@ -486,6 +487,11 @@ def spawn(
     if init_pidfd >= 0:
         sandbox.attach_init(init_pidfd)
     return sandbox
+
+
+def _own_fds(fds: list[int], init_pidfd: int, keep: Callable[[], set[int]]) -> set[int]:
+    """In the child: the descriptors that are its own (never closed as foreign)."""
+    return {*fds, init_pidfd, *keep()}
 
 
 def fork_sandbox(

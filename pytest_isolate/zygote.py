@@ -52,9 +52,11 @@ Serve = Callable[[bytes, list[int], int], int]
 class Zygote:
     """pytest's handle on one zygote."""
 
-    def __init__(self, key: object) -> None:
+    def __init__(self, key: object, plans: frozenset[int] = frozenset()) -> None:
         #: What pytest's state was when it was forked (the engine compares).
         self.key = key
+        #: Identities of the sandbox plans its copy of pytest's state holds.
+        self.plans = plans
         self.pid = -1
         self._sock: socket.socket | None = None
         self.forks = 0

@@ -253,3 +253,38 @@ def test_zygotes_end_with_the_session(pytester: pytest.Pytester) -> None:
         time.sleep(0.1)
         children = [c for c in children if os.path.exists(f"/proc/{c}")]
     assert children == []
+
+
+def test_a_spec_the_zygote_does_not_know_is_forked_by_pytest(pytester: pytest.Pytester) -> None:
+    """A plan made after the zygote was forked (another spec, a pod's) is not
+    in its copy of pytest's state: pytest forks that sandbox itself, and the
+    zygote goes on serving the others."""
+    pytester.makepyfile("""
+        import pytest
+
+        def test_0():
+            pass
+
+        def test_1():
+            pass
+
+        def test_2():
+            pass
+
+        @pytest.mark.isolated(memory="64M", hostname="other")
+        def test_3_other_spec():
+            import socket
+            assert socket.gethostname() == "other"
+
+        def test_4():
+            import socket
+            assert socket.gethostname() == "isolated"
+
+        def test_5():
+            pass
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=6)
+    assert "zygote off" not in result.stdout.str()
+    if sc.sibling_fork_unavailable() is None:
+        assert _forks(result)["by_zygote"] >= 3
