@@ -619,7 +619,8 @@ class Engine:
             # Copying pages ahead takes CPU time: worth it when the current
             # test leaves time for it (the last one did), not in a burst of
             # tiny tests where every core is busy anyway.
-            ahead = self._last_run >= _PREFAULT_MIN_RUN
+            # Not under a memory limit: the copies count against it.
+            ahead = self._last_run >= _PREFAULT_MIN_RUN and spec.memory is None
             sandbox, cgroup = self._spawn(nextitem, spec, ahead=ahead, prepared_from=item)
         except Exception:
             return  # it fails again, with a report, when its turn comes

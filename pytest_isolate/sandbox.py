@@ -646,13 +646,9 @@ def _sandbox_main(
         for fd in foreign - own:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if prefault and direct:
-            # The pages tests usually write, copied now rather than one fault
-            # at a time after "go" (prefault.py); only until "go" comes. Before
-            # the cgroup placement: they are copies of pytest's memory, charged
-            # to pytest's cgroup, never counted against the test's limit.
-            step = "copy the pages the test will write"
-            populate(prefault, stop=lambda: _readable(go_r, 0))
+        # The cgroup first: on v1 a move can wait 10 ms or more for the
+        # kernel (docs/performance.md), which a prepared sandbox spends while
+        # the previous test runs, never after "go".
         step = "place the sandbox in its cgroup"
         for path in cgroup_procs:
             with SetupStepErrorContext(f"write 0 to {path}"):
@@ -661,6 +657,14 @@ def _sandbox_main(
                     os.write(fd, b"0")
                 finally:
                     os.close(fd)
+        if prefault and direct:
+            # The pages tests usually write, copied now rather than one fault
+            # at a time after "go" (prefault.py); only until "go" comes. The
+            # engine asks for it only for tests without a memory limit: the
+            # copies are charged to the test's cgroup, as the ones it makes
+            # itself are.
+            step = "copy the pages the test will write"
+            populate(prefault, stop=lambda: _readable(go_r, 0))
         if joined:
             # The factory's init made the namespaces and the root: join them
             # (the mount namespace's root and our working directory become

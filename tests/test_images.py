@@ -603,9 +603,17 @@ def test_demo_layered_image_from_the_recipe_applies_whiteouts(
 
 _WORKER = """
 import logging, os, sys, time
+from pytest_isolate import images
 from pytest_isolate.images import prepare_image
 image, cache, go, log = sys.argv[1:5]
 logging.basicConfig(filename=log, level=logging.INFO, format="%(process)d %(message)s")
+# Hold the lock a while, so the others always find it taken, however fast
+# this machine unpacks (0.03 s) and however late the scheduler starts them.
+_remove_stale = images._remove_stale
+def slow_remove_stale(*args):
+    time.sleep(0.5)
+    return _remove_stale(*args)
+images._remove_stale = slow_remove_stale
 open(f"{go}.ready.{os.getpid()}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.001)

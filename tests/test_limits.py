@@ -214,9 +214,10 @@ def test_pages_copied_ahead_never_count_against_a_tests_memory_limit(
 ) -> None:
     """The first two tests write every page of a 12 MiB buffer pytest's
     process holds, so the engine learns those pages as ones tests write and
-    the next prepared sandboxes copy them ahead (prefault.py). Those copies
-    are charged to pytest's cgroup: tests limited to 8 MiB that never touch
-    the buffer pass (charged to theirs, they were killed by the OOM killer)."""
+    the next prepared sandboxes would copy them ahead (prefault.py), and the
+    copies would count against a limit: a test limited to 8 MiB is never
+    prepared that way, so those that never touch the buffer pass (they were
+    killed by the OOM killer when the copies counted)."""
     pytester.makepyfile("""
         import time, pytest
 
