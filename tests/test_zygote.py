@@ -271,7 +271,7 @@ def test_a_spec_the_zygote_does_not_know_is_forked_by_pytest(pytester: pytest.Py
         def test_2():
             pass
 
-        @pytest.mark.isolated(memory="64M", hostname="other")
+        @pytest.mark.isolated(hostname="other")
         def test_3_other_spec():
             import socket
             assert socket.gethostname() == "other"
