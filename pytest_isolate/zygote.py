@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import struct
+import warnings
 from collections.abc import Callable
 
 from . import syscalls as sc
@@ -71,7 +72,11 @@ class Zygote:
         for end in (ours, theirs):
             end.set_inheritable(False)
         try:
-            pid = os.fork()
+            with warnings.catch_warnings():
+                # Python 3.12+ warns when a multi-threaded process forks (xdist's
+                # execnet thread); the zygote never touches locks other threads held.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
         except BaseException:
             ours.close()
             theirs.close()

@@ -10,6 +10,8 @@
 #   vm-root       in a VM with only cgroup v2 (../shared/tools/cg2vm), as root
 #   vm-rootless   same VM, as `isotest` in a delegated cgroup (systemd-style)
 #                 (both VM parts need root and cg2vm beside the checkout)
+#   py313         the engine's and the zygote's tests on Python 3.13, through tox
+#                 (scripts/tox.sh: pyenv's newest 3.13)
 #   lint          ruff check and ruff format --check
 #   types         mypy --strict (configured in pyproject.toml)
 #
@@ -42,7 +44,7 @@ user_copy=/tmp/pytest-isolate-ci-rootless
 pytest_args=(-p no:cacheprovider -ra)
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(main rootless vm-root vm-rootless lint types)
+[ ${#parts[@]} -eq 0 ] && parts=(main rootless vm-root vm-rootless py313 lint types)
 
 start=$(date +%s)
 passed=0 failed=0 skipped=0 errors=0 xfailed=0 xpassed=0
@@ -213,6 +215,13 @@ for part in "${parts[@]}"; do
         cd "$root"
       fi
       ;;
+    py313)
+      # The newest Python: 3.12+ changed fork (a warning when a multi-threaded
+      # process forks, which the suite treats as an error) and the
+      # interpreter's at-fork hooks the zygote calls.
+      header "py313: the engine's tests on Python 3.13 (tox)"
+      run_pytest py313 900 "$root/scripts/tox.sh" -e py313 -- tests/test_engine.py tests/test_zygote.py
+      ;;
     lint)
       header "lint: ruff check, ruff format --check"
       run_check lint bash -c '"$0" -m ruff check "$@" && "$0" -m ruff format --check "$@"' \
@@ -222,7 +231,7 @@ for part in "${parts[@]}"; do
       header "types: mypy --strict"
       run_check types "$python" -m mypy
       ;;
-    *) echo "test.sh: unknown part '$part' (main rootless vm-root vm-rootless lint types)" >&2; exit 2 ;;
+    *) echo "test.sh: unknown part '$part' (main rootless vm-root vm-rootless py313 lint types)" >&2; exit 2 ;;
   esac
 done
 
