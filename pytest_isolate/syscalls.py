@@ -164,19 +164,21 @@ def pivot_root(new_root: str, put_old: str) -> None:
         _raise(f"pivot_root({new_root!r}, {put_old!r})")
 
 
+class _MountAttr(ctypes.Structure):
+    """struct mount_attr of mount_setattr(2)."""
+
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
 def _mount_setattr_recursive(path: str, attr_set: int, shown: str) -> bool:
     if _SYS_MOUNT_SETATTR is None:
         return False
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [
-            ("attr_set", ctypes.c_uint64),
-            ("attr_clr", ctypes.c_uint64),
-            ("propagation", ctypes.c_uint64),
-            ("userns_fd", ctypes.c_uint64),
-        ]
-
-    attr = MountAttr(attr_set, 0, 0, 0)
+    attr = _MountAttr(attr_set, 0, 0, 0)
     rc = _libc.syscall(
         _SYS_MOUNT_SETATTR, -100, _b(path), _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
     )
