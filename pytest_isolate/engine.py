@@ -329,36 +329,43 @@ class Engine:
                     f"this test asks for a resource limit but no usable cgroup was found: "
                     f"{self._cgroup_error}"
                 )
-        # Freeze what pytest's process holds so the sandbox's garbage collector
-        # does not write to (copy, and be charged for) the whole inherited heap;
-        # unfreeze right after so pytest's own cycles are still collected.
-        gc.freeze()
-        try:
-            forker = self._forker(item, plan, cgroup, ahead, prepared_from)
-            sandbox = spawn(
-                plan,
-                cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
-                run_test=partial(run_in_sandbox, item),
-                foreign_fds=self._foreign_fds,
-                keep_fds=partial(compat.capture_fds, self.config),
-                init_factory=self.init_factory() if plan.namespaces else None,
-                cleanup=cgroup.remove if cgroup else None,
-                prefault=self._hot_pages if ahead else (),
-                forker=forker,
-            )
-        except BaseException:
-            if cgroup is not None:
-                cgroup.remove()
-            raise
-        finally:
-            gc.unfreeze()
-        self._live.append(sandbox)
-        if prepared_from is None:
+        forker = self._forker(item, plan, cgroup, ahead, prepared_from)
+        while True:
+            # Freeze what pytest's process holds so the sandbox's garbage
+            # collector does not write to (copy, and be charged for) the whole
+            # inherited heap; unfreeze right after so pytest's own cycles are
+            # still collected.
+            gc.freeze()
+            try:
+                sandbox = spawn(
+                    plan,
+                    cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
+                    run_test=partial(run_in_sandbox, item),
+                    foreign_fds=self._foreign_fds,
+                    keep_fds=partial(compat.capture_fds, self.config),
+                    init_factory=self.init_factory() if plan.namespaces else None,
+                    cleanup=cgroup.remove if cgroup else None,
+                    prefault=self._hot_pages if ahead else (),
+                    forker=forker,
+                )
+            except BaseException:
+                if cgroup is not None:
+                    cgroup.remove()
+                raise
+            finally:
+                gc.unfreeze()
+            self._live.append(sandbox)
+            if prepared_from is not None or forker is None:
+                break
             try:
                 sandbox.resolve()  # needed now
-            except BaseException:
+            except OSError:
+                # The zygote failed: pytest forks it, in the same cgroup.
+                sandbox.set_cleanup(None)
                 self._release(sandbox)
-                raise
+                forker = None
+                continue
+            break
         self.counts["sandboxes"] += 1
         if cgroup is not None:
             self._cgroup_of[id(sandbox)] = cgroup

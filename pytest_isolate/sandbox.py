@@ -141,6 +141,10 @@ class Sandbox:
         else:
             self.fds = (*self.fds, *pending[1])
 
+    def set_cleanup(self, cleanup: Callable[[], None] | None) -> None:
+        """What close() calls last (the cgroup's removal)."""
+        self._cleanup = cleanup
+
     def _resolve_quietly(self) -> None:
         """For the methods that must work whatever happened: a sandbox that
         could not be forked has no process to signal or wait for (pid -1)."""
@@ -346,6 +350,10 @@ class Sandbox:
         self._resolve_quietly()
         if self._reaped is None and self.pid > 0:
             self.wait_gone()
+        elif self.pid <= 0 and self.init_pidfd >= 0:
+            # Never forked (the zygote failed): its init waits for nobody.
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
         for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -409,8 +417,9 @@ def spawn(
     of a process that is pytest's own child, as one forked here would be;
     it decides the rest (run_test, prefault...) from its own copy of
     pytest's state. The sandbox returned then has its pid once
-    Sandbox.resolve() is called (every method that needs it does); when the
-    zygote fails (OSError), the fork happens here, then."""
+    Sandbox.resolve() is called (every method that needs it does), which
+    raises OSError if the zygote failed; when the request cannot even be
+    sent, the fork happens here."""
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     out_fd = os.memfd_create("isolate-stdout", os.MFD_CLOEXEC)
@@ -429,22 +438,13 @@ def spawn(
             with contextlib.suppress(OSError):
                 ticket = forker([*fds, init_pidfd])
         if ticket is not None:
-            # The zygote answers while pytest goes on; until then pytest
-            # keeps the child's ends, and forks itself if the answer is no.
+            # The zygote answers while pytest goes on; until then pytest keeps
+            # the child's ends. No answer: the sandbox is unusable (the
+            # caller makes a new one, with new pipes: the zygote may have
+            # forked a child that holds these before it failed).
             def resolve(ticket: Callable[[], int] = ticket) -> int:
                 try:
                     return ticket()
-                except OSError:
-                    return fork_sandbox(
-                        plan,
-                        fds,
-                        init_pidfd,
-                        cgroup_procs=cgroup_procs,
-                        run_test=run_test,
-                        own=partial(_own_fds, fds, init_pidfd, keep_fds),
-                        foreign=foreign_fds,
-                        prefault=prefault,
-                    )
                 finally:
                     os.close(result_w)
                     os.close(go_r)

@@ -224,10 +224,10 @@ def test_pytest_goes_on_when_its_zygote_dies(pytester: pytest.Pytester) -> None:
             pytest_runtest_logreport.config = config
     """)
     pytester.makepyfile("""
-        import pytest
+        import os, pytest
         @pytest.mark.parametrize("i", range(8))
         def test_many(i):
-            pass
+            assert os.getpid() == 2  # alone in its pid namespace, after its init
     """)
     result = run(pytester, "-vv")
     result.assert_outcomes(passed=8)
