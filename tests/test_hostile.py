@@ -413,14 +413,18 @@ def test_no_descriptor_of_a_host_namespace_reaches_the_test(pytester: pytest.Pyt
 
 def test_no_channel_to_pytest_or_its_helpers_reaches_the_test(pytester: pytest.Pytester) -> None:
     """pytest's process talks to the init factory (a root process outside
-    every sandbox) over a unix seqpacket socket: a test that inherited it
-    could ask for inits of its own making. Sockets of pytest's plugins and
-    fixtures are inherited as under any forking runner; this one, and the
-    pidfds of other sandboxes, are not."""
+    every sandbox) and to the zygote (a copy of pytest that forks sandboxes)
+    over unix seqpacket sockets: a test that inherited one could ask for
+    inits, or unsandboxed forks of pytest, of its own making. Sockets of
+    pytest's plugins and fixtures are inherited as under any forking runner;
+    these, and the pidfds of other sandboxes, are not. Several tests, so
+    that the later ones come from the zygote."""
     pytester.makepyfile("""
         import os, socket, stat
+        import pytest
 
-        def test_no_factory_socket_or_pidfd_inherited():
+        @pytest.mark.parametrize("i", range(4))
+        def test_no_factory_socket_or_pidfd_inherited(i):
             found = {}
             for name in os.listdir("/proc/self/fd"):
                 fd = int(name)
@@ -438,4 +442,4 @@ def test_no_channel_to_pytest_or_its_helpers_reaches_the_test(pytester: pytest.P
                     sock.close()
             assert found == {}
     """)
-    run_isolated(pytester).assert_outcomes(passed=1)
+    run_isolated(pytester).assert_outcomes(passed=4)

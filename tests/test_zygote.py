@@ -173,38 +173,6 @@ def test_state_pytest_changes_between_tests_is_seen(pytester: pytest.Pytester) -
     result.assert_outcomes(passed=7)
 
 
-def test_the_zygote_is_not_reachable_from_a_test(pytester: pytest.Pytester) -> None:
-    """A test that held the zygote's socket could have it fork a copy of
-    pytest outside every sandbox: no unix seqpacket socket, no pidfd."""
-    pytester.makepyfile("""
-        import os, socket, stat
-        import pytest
-
-        @pytest.mark.parametrize("i", range(4))
-        def test_nothing_of_pytests_helpers(i):
-            found = {}
-            for name in os.listdir("/proc/self/fd"):
-                fd = int(name)
-                try:
-                    mode = os.fstat(fd).st_mode
-                    target = os.readlink(f"/proc/self/fd/{name}")
-                except OSError:
-                    continue
-                if target == "anon_inode:[pidfd]":
-                    found[fd] = target
-                elif stat.S_ISSOCK(mode):
-                    sock = socket.socket(fileno=os.dup(fd))
-                    if sock.family == socket.AF_UNIX and sock.type == socket.SOCK_SEQPACKET:
-                        found[fd] = target
-                    sock.close()
-            assert found == {}
-    """)
-    result = run(pytester, "-vv")
-    result.assert_outcomes(passed=4)
-    if sc.sibling_fork_unavailable() is None:
-        assert _forks(result)["by_zygote"] >= 2
-
-
 def test_pytest_goes_on_when_its_zygote_dies(pytester: pytest.Pytester) -> None:
     """Killed between two tests, the zygote is replaced (or pytest forks
     itself): every test still runs, and nothing is left behind."""
