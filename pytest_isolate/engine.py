@@ -330,46 +330,52 @@ class Engine:
                     f"{self._cgroup_error}"
                 )
         forker = self._forker(item, plan, cgroup, ahead, prepared_from)
-        while True:
-            # Freeze what pytest's process holds so the sandbox's garbage
-            # collector does not write to (copy, and be charged for) the whole
-            # inherited heap; unfreeze right after so pytest's own cycles are
-            # still collected.
-            gc.freeze()
-            try:
-                sandbox = spawn(
-                    plan,
-                    cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
-                    run_test=partial(run_in_sandbox, item),
-                    foreign_fds=self._foreign_fds,
-                    keep_fds=partial(compat.capture_fds, self.config),
-                    init_factory=self.init_factory() if plan.namespaces else None,
-                    cleanup=cgroup.remove if cgroup else None,
-                    prefault=self._hot_pages if ahead else (),
-                    forker=forker,
-                )
-            except BaseException:
-                if cgroup is not None:
-                    cgroup.remove()
-                raise
-            finally:
-                gc.unfreeze()
-            self._live.append(sandbox)
-            if prepared_from is not None or forker is None:
-                break
+        sandbox = self._fork(item, plan, cgroup, ahead, forker)
+        if forker is not None and prepared_from is None:
             try:
                 sandbox.resolve()  # needed now
             except OSError:
                 # The zygote failed: pytest forks it, in the same cgroup.
                 sandbox.set_cleanup(None)
                 self._release(sandbox)
-                forker = None
-                continue
-            break
+                sandbox = self._fork(item, plan, cgroup, ahead, None)
         self.counts["sandboxes"] += 1
         if cgroup is not None:
             self._cgroup_of[id(sandbox)] = cgroup
         return sandbox, cgroup
+
+    def _fork(
+        self,
+        item: pytest.Item,
+        plan: SandboxPlan,
+        cgroup: Any,
+        ahead: bool,
+        forker: Callable[[list[int]], Callable[[], int]] | None,
+    ) -> Sandbox:
+        # Freeze what pytest's process holds so the sandbox's garbage collector
+        # does not write to (copy, and be charged for) the whole inherited heap;
+        # unfreeze right after so pytest's own cycles are still collected.
+        gc.freeze()
+        try:
+            sandbox = spawn(
+                plan,
+                cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
+                run_test=partial(run_in_sandbox, item),
+                foreign_fds=self._foreign_fds,
+                keep_fds=partial(compat.capture_fds, self.config),
+                init_factory=self.init_factory() if plan.namespaces else None,
+                cleanup=cgroup.remove if cgroup else None,
+                prefault=self._hot_pages if ahead else (),
+                forker=forker,
+            )
+        except BaseException:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        finally:
+            gc.unfreeze()
+        self._live.append(sandbox)
+        return sandbox
 
     # ------------------------------------------------------------------ the zygote
 
@@ -396,7 +402,7 @@ class Engine:
             if prepared_from is None or prepared_from.parent is not item.parent:
                 return None
             plans = {id(p): p for p in self._plans.values()}
-            zygote = Zygote(key, frozenset(plans))
+            zygote = Zygote(key, plans)
             try:
                 zygote.start(partial(self._serve, plans, item.session), self._foreign_fds())
             except OSError:
@@ -457,7 +463,7 @@ class Engine:
             init_pidfd,
             cgroup_procs=tuple(procs.split("\0")) if procs else (),
             run_test=partial(run_in_sandbox, item),
-            own=lambda: {*sandbox_fds, *compat.capture_fds(self.config)},
+            keep_fds=partial(compat.capture_fds, self.config),
             foreign=lambda: {own_socket},
             prefault=self._hot_pages if ahead else (),
             fork=fork_sibling,

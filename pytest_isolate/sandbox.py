@@ -42,7 +42,6 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 from . import syscalls as sc
@@ -463,7 +462,7 @@ def spawn(
                     init_pidfd,
                     cgroup_procs=cgroup_procs,
                     run_test=run_test,
-                    own=partial(_own_fds, fds, init_pidfd, keep_fds),
+                    keep_fds=keep_fds,
                     foreign=foreign_fds,
                     prefault=prefault,
                 )
@@ -489,11 +488,6 @@ def spawn(
     return sandbox
 
 
-def _own_fds(fds: list[int], init_pidfd: int, keep: Callable[[], set[int]]) -> set[int]:
-    """In the child: the descriptors that are its own (never closed as foreign)."""
-    return {*fds, init_pidfd, *keep()}
-
-
 def fork_sandbox(
     plan: SandboxPlan,
     fds: list[int],
@@ -501,7 +495,7 @@ def fork_sandbox(
     *,
     cgroup_procs: tuple[str, ...],
     run_test: Callable[[TestContext], None],
-    own: Callable[[], set[int]],
+    keep_fds: Callable[[], set[int]],
     foreign: Callable[[], set[int]],
     prefault: Ranges = (),
     fork: Callable[[], int] = os.fork,
@@ -509,7 +503,8 @@ def fork_sandbox(
     """Fork the sandbox's first process; the child never returns. ``fds``:
     result (write end), go (read end), stdout, stderr, stack. ``init_pidfd``
     (or -1): the factory's init, whose pid namespace the child is born in.
-    ``own`` and ``foreign`` are evaluated in the child. ``fork``: os.fork,
+    ``keep_fds`` (pytest's capture descriptors) and ``foreign`` (what it
+    must close) are evaluated in the child. ``fork``: os.fork,
     or in a zygote syscalls.fork_sibling (the child is pytest's)."""
     result_w, go_r, out_fd, err_fd, stack_fd = fds
     ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
@@ -551,7 +546,7 @@ def fork_sandbox(
                 cgroup_procs,
                 ctx,
                 go_r,
-                own(),
+                {*fds, *keep_fds()},
                 foreign(),
                 run_test,
                 init_pidfd=init_pidfd,

@@ -29,7 +29,7 @@ import signal
 import socket
 import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from . import syscalls as sc
 
@@ -53,14 +53,13 @@ Serve = Callable[[bytes, list[int], int], int]
 class Zygote:
     """pytest's handle on one zygote."""
 
-    def __init__(self, key: object, plans: frozenset[int] = frozenset()) -> None:
+    def __init__(self, key: object, plans: Container[int] = ()) -> None:
         #: What pytest's state was when it was forked (the engine compares).
         self.key = key
         #: Identities of the sandbox plans its copy of pytest's state holds.
         self.plans = plans
         self.pid = -1
         self._sock: socket.socket | None = None
-        self.forks = 0
         self._sent = 0
         self._received = 0
         self._answers: dict[int, bytes] = {}
@@ -69,8 +68,6 @@ class Zygote:
         """Fork the zygote; ``close``: pytest's descriptors it must not keep
         (other sandboxes' pipes, the init factory's socket)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        for end in (ours, theirs):
-            end.set_inheritable(False)
         try:
             with warnings.catch_warnings():
                 # Python 3.12+ warns when a multi-threaded process forks (xdist's
@@ -109,7 +106,6 @@ class Zygote:
         if len(reply) == _REPLY.size:
             (pid,) = _REPLY.unpack(reply)
             if pid > 0:
-                self.forks += 1
                 return int(pid)
         raise ZygoteError(
             f"the zygote refused: {reply[1:].decode(errors='replace') or 'it is gone'}"
