@@ -361,27 +361,7 @@ def test_doctor_on_cgroup_v2_reports_v2_controllers_and_clone3_into_cgroup(
     "where tools/cg2vm is installed",
 )
 def test_doctor_in_the_cg2vm_vm_reports_cgroup_v2_and_clone3() -> None:
-    vm = _cg2vm()
-    assert vm is not None
-    result = subprocess.run(
-        [
-            vm,
-            "--timeout",
-            "600",
-            "--",
-            "env",
-            f"PYTHONPATH={REPO}",
-            sys.executable,
-            "-m",
-            "pytest_isolate",
-            "doctor",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=700,
-        check=False,
-    )
+    result = _doctor_in_vm([], [sys.executable])
     pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines(
         [
             "pytest-isolate doctor: root*",
@@ -392,6 +372,24 @@ def test_doctor_in_the_cg2vm_vm_reports_cgroup_v2_and_clone3() -> None:
         ]
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+_DOCTOR = ("-m", "pytest_isolate", "doctor")
+
+
+def _doctor_in_vm(vm_args: list[str], command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m pytest_isolate doctor`` in the cgroup-v2 VM; ``command``
+    ends with the interpreter (after any environment settings)."""
+    vm = _cg2vm()
+    assert vm is not None
+    return subprocess.run(
+        [vm, "--timeout", "600", *vm_args, "--", "env", f"PYTHONPATH={REPO}", *command, *_DOCTOR],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=700,
+        check=False,
+    )
 
 
 def _readable_by_others(path: str) -> bool:
@@ -416,30 +414,8 @@ def test_doctor_in_the_cg2vm_vm_as_a_delegated_user_finds_every_controller() -> 
     package = os.path.join(REPO, "pytest_isolate")
     if not os.access(python, os.X_OK) or not _readable_by_others(package):
         pytest.skip(f"needs {USER_VENV} and a repository readable by {TEST_USER}")
-    vm = _cg2vm()
-    assert vm is not None
-    result = subprocess.run(
-        [
-            vm,
-            "--timeout",
-            "600",
-            "--user",
-            TEST_USER,
-            "--",
-            "env",
-            f"PYTHONPATH={REPO}",
-            "PYTHONDONTWRITEBYTECODE=1",
-            "HOME=/tmp",
-            python,
-            "-m",
-            "pytest_isolate",
-            "doctor",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=700,
-        check=False,
+    result = _doctor_in_vm(
+        ["--user", TEST_USER], ["PYTHONDONTWRITEBYTECODE=1", "HOME=/tmp", python]
     )
     pytest.LineMatcher(result.stdout.splitlines()).fnmatch_lines(
         [
