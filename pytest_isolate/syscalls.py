@@ -322,22 +322,25 @@ _SYS_CLONE = {"x86_64": 56}.get(_MACHINE)
 _GLIBC_TID_OFFSET = {"x86_64": 0x2D0}.get(_MACHINE)
 
 
+_libc.pthread_self.restype = ctypes.c_ulong
+#: syscall() through PyDLL: the GIL stays held across the call, as os.fork()
+#: holds it across fork().
+_syscall_holding_gil = ctypes.PyDLL(None, use_errno=True).syscall
+_syscall_holding_gil.restype = ctypes.c_long
+_syscall_holding_gil.argtypes = [ctypes.c_long, ctypes.c_ulong] + [ctypes.c_void_p] * 4
+
+
 def _tid_address() -> int | None:
+    """Where glibc keeps the calling thread's tid, if its layout is the one
+    expected (the value there is the thread's tid)."""
     if _GLIBC_TID_OFFSET is None:
         return None
-    try:
-        _libc.pthread_self.restype = ctypes.c_ulong
-        address = int(_libc.pthread_self()) + _GLIBC_TID_OFFSET
-        cached = ctypes.c_int.from_address(address).value
-    except (AttributeError, OSError, ValueError):
-        return None
-    return address if cached == threading_native_id() else None
-
-
-def threading_native_id() -> int:
     import threading
 
-    return threading.get_native_id()
+    address = int(_libc.pthread_self()) + _GLIBC_TID_OFFSET
+    if ctypes.c_int.from_address(address).value != threading.get_native_id():
+        return None
+    return address
 
 
 def sibling_fork_unavailable() -> str | None:
@@ -362,12 +365,9 @@ def fork_sibling() -> int:
     if _SYS_CLONE is None or tid is None:
         raise OSError(errno.ENOSYS, "fork_sibling: " + str(sibling_fork_unavailable()))
     api = ctypes.pythonapi
-    raw = ctypes.PyDLL(None, use_errno=True).syscall
-    raw.restype = ctypes.c_long
-    raw.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_void_p]
-    raw.argtypes += [ctypes.c_void_p, ctypes.c_void_p]
     api.PyOS_BeforeFork()
-    pid = raw(_SYS_CLONE, _CLONE_PARENT | _CLONE_CHILD_SETTID | _SIGCHLD, None, None, tid, None)
+    flags = _CLONE_PARENT | _CLONE_CHILD_SETTID | _SIGCHLD
+    pid = _syscall_holding_gil(_SYS_CLONE, flags, None, None, tid, None)
     if pid == 0:
         api.PyOS_AfterFork_Child()
         return 0
