@@ -53,8 +53,9 @@ _REGISTER = b"p"
 _REQUEST = b"n"
 _ID = struct.Struct("<I")
 #: A setup registered with the factory: (root file system plan or None,
-#: hostname, whether to make a network namespace). Id 0 is the bare init.
-InitSetup = tuple[Any, str, bool]
+#: hostname, whether to make a network namespace, whether its inits may copy
+#: a template mount namespace). Id 0 is the bare init.
+InitSetup = tuple[Any, str, bool, bool]
 
 
 class InitFactoryError(Exception):
@@ -214,25 +215,25 @@ class InitFactory:
 def _encode_setup(setup: InitSetup) -> bytes:
     """JSON, not pickle: the factory runs as root outside every sandbox and
     must never run code it is sent."""
-    rootfs, hostname, new_net = setup
+    rootfs, hostname, new_net, template = setup
     plan = None
     if rootfs is not None:
         plan = dataclasses.asdict(rootfs)  # Op entries become dicts too
-    return json.dumps([plan, hostname, new_net], sort_keys=True).encode()
+    return json.dumps([plan, hostname, new_net, template], sort_keys=True).encode()
 
 
 def _decode_setup(data: bytes) -> InitSetup:  # pragma: no cover - runs in the factory
     from .rootfs import Op, RootfsPlan
 
-    plan, hostname, new_net = json.loads(data)
+    plan, hostname, new_net, template = json.loads(data)
     rootfs = None
     if plan is not None:
         # Exactly the dataclasses' fields: a missing or unknown key is an error.
         plan["ops"] = tuple(Op(**op) for op in plan["ops"])
         rootfs = RootfsPlan(**plan)
-    if not isinstance(hostname, str) or not isinstance(new_net, bool):
+    if not isinstance(hostname, str) or not all(isinstance(b, bool) for b in (new_net, template)):
         raise TypeError("bad setup")
-    return (rootfs, hostname, new_net)
+    return (rootfs, hostname, new_net, template)
 
 
 def _kill_and_close(pidfd: int) -> None:
@@ -260,16 +261,25 @@ def _jail(path: str) -> None:
     )
 
 
-def _build(setup: InitSetup) -> None:  # pragma: no cover - runs as pid 1 of a sandbox
-    """The sandbox's namespaces and root, made by its pid 1."""
+def _build(setup: InitSetup, template: Template | None) -> None:  # pragma: no cover - pid 1
+    """The sandbox's namespaces and root, made by its pid 1: from scratch, or
+    as a copy of the setup's template mount namespace plus the sandbox's own
+    mounts."""
     from . import syscalls as sc
-    from .rootfs import apply_rootfs
+    from .rootfs import apply_own, apply_rootfs, close_detached, detach_sources
 
-    rootfs, hostname, new_net = setup
+    rootfs, hostname, new_net, _ = setup
+    detached = {}
+    if template is not None:
+        detached = detach_sources(template.own)
+        sc.setns(template.fd, sc.CLONE_NEWNS)  # unshared below: the template stays as it is
     sc.unshare(
         sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | (sc.CLONE_NEWNET if new_net else 0)
     )
-    if rootfs is not None:
+    if template is not None:
+        apply_own(rootfs, template.own, detached)
+        close_detached(detached)
+    elif rootfs is not None:
         apply_rootfs(rootfs)
     sc.sethostname(hostname)
     if new_net:
@@ -284,8 +294,69 @@ def _init_loop() -> None:  # pragma: no cover - runs as pid 1 of a sandbox
         signal.pause()
 
 
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """A mount namespace holding the shared part of a setup's root
+    (rootfs.build_template), kept by its descriptor; ``own``: what each
+    init adds in its copy."""
+
+    fd: int
+    own: tuple[Any, ...]
+
+
+def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - in the factory
+    """Build the setup's template in a child (which only holds the namespace
+    until the factory has a descriptor of it); None where the setup cannot
+    have one or building it failed (its inits then build the whole root)."""
+    from . import syscalls as sc
+    from .rootfs import build_template, split_template
+
+    rootfs, _, _, allowed = setup
+    split = split_template(rootfs) if allowed and rootfs is not None else None
+    if split is None:
+        return None
+    shared, own = split
+    try:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(status_r)
+        os.close(status_w)
+        return None
+    if pid == 0:
+        try:
+            os.close(status_r)
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            sc.unshare(sc.CLONE_NEWNS)
+            build_template(rootfs, shared, own)
+            os.write(status_w, b"ok")
+        finally:
+            # Ends only when the factory kills it (by pid: it cannot have been
+            # reaped before, whatever happened here).
+            os.close(status_w)
+            while True:
+                signal.pause()
+    os.close(status_w)
+    try:
+        if os.read(status_r, 2) != b"ok":
+            return None
+        return Template(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC), own)
+    except OSError:
+        return None
+    finally:
+        os.close(status_r)
+        os.kill(pid, signal.SIGKILL)
+
+
 def _make_init(
-    sock: socket.socket, own_pidns: int, jail: str, setup: InitSetup | None
+    sock: socket.socket,
+    own_pidns: int,
+    jail: str,
+    setup: InitSetup | None,
+    template: Template | None = None,
 ) -> int:  # pragma: no cover - runs in the factory
     """Fork pid 1 of a new pid namespace; return it once it is ready."""
     from . import syscalls as sc
@@ -305,7 +376,7 @@ def _make_init(
                 if setup is None:
                     _jail(jail)
                 else:
-                    _build(setup)
+                    _build(setup, template)
                 # A test granted CAP_SYS_PTRACE still cannot read our memory
                 # or descriptors; none of the factory's stays open anyway.
                 sc.prctl(sc.PR_SET_DUMPABLE, 0)
@@ -360,6 +431,7 @@ def main() -> None:  # pragma: no cover - runs in the factory process
             sock.send(f"error: {exc}".encode()[:4000])
         os._exit(1)
     setups: dict[int, InitSetup] = {}
+    templates: dict[int, Template | None] = {}
     while True:
         try:
             request = sock.recv(1 << 20)
@@ -375,9 +447,18 @@ def main() -> None:  # pragma: no cover - runs in the factory process
             except (ValueError, TypeError, KeyError):
                 os._exit(0)  # spoke nonsense: done
             continue
+        setup = setups.get(number) if number else None
+        if setup is not None and number not in templates:
+            templates[number] = _make_template(setup)
+        template = templates.get(number)
         try:
-            pidfd = _make_init(sock, own_pidns, jail, setups.get(number) if number else None)
+            pidfd = _make_init(sock, own_pidns, jail, setup, template)
         except OSError as exc:
+            if template is not None:
+                # This setup's inits build the whole root from now on; pytest
+                # makes this sandbox itself (and reports what fails there).
+                os.close(template.fd)
+                templates[number] = None
             with contextlib.suppress(OSError):
                 sock.send(f"error: {exc.strerror or exc}".encode()[:4000])
             continue

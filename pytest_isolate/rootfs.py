@@ -402,14 +402,26 @@ def _make_readonly(dest: str) -> None:
         sc.mount(None, dest, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_REC)
 
 
-def _bind(op: Op, root: str) -> None:
+def _bind(op: Op, root: str, detached: Detached | None = None) -> None:
     dest = root + op.target
-    if not os.path.lexists(op.source):
-        raise SetupStepError(
-            f"bind {op.source} -> {op.target}", FileNotFoundError(2, "the host path does not exist")
-        )
-    _mountpoint(dest, os.path.isdir(op.source))
-    sc.mount(op.source, dest, None, sc.MS_BIND | sc.MS_REC)
+    if detached is not None:
+        # In a template's copy: the host path was taken before it was joined.
+        if op.target not in detached:
+            raise SetupStepError(
+                f"bind {op.source} -> {op.target}",
+                FileNotFoundError(2, "the host path does not exist"),
+            )
+        fd, is_dir = detached[op.target]
+        _mountpoint(dest, is_dir)
+        sc.move_mount_to(fd, dest)
+    else:
+        if not os.path.lexists(op.source):
+            raise SetupStepError(
+                f"bind {op.source} -> {op.target}",
+                FileNotFoundError(2, "the host path does not exist"),
+            )
+        _mountpoint(dest, os.path.isdir(op.source))
+        sc.mount(op.source, dest, None, sc.MS_BIND | sc.MS_REC)
     if op.writable:
         # Writable grants never carry devices or setuid programs (CAP_MKNOD + a
         # writable mount with devices = the host's disk).
@@ -479,13 +491,46 @@ def _setup_proc(root: str) -> None:
             _make_readonly(root + path)
 
 
-def _setup_dev(root: str, size: int, rootless: bool) -> None:
+#: Target in the sandbox -> (detached mount of its host source, is a directory).
+Detached = dict[str, tuple[int, bool]]
+
+
+def detach_sources(own: Sequence[Op]) -> Detached:
+    """The host paths the ``own`` operations bind (and the host's device
+    nodes, for /dev), as detached bind mounts taken before joining a
+    template's copy, where the host is out of reach. A missing host path is
+    left out: binding it fails as it would without a template."""
+    detached: Detached = {}
+    sources = [(op.target, op.source) for op in own if op.kind == "bind"]
+    if any(op.kind == "dev" for op in own):
+        sources += [("/dev/" + name, "/dev/" + name) for name in DEVICES]
+    try:
+        for target, source in sources:
+            if os.path.lexists(source):
+                detached[target] = (sc.open_tree_clone(source), os.path.isdir(source))
+    except OSError:
+        close_detached(detached)
+        raise
+    return detached
+
+
+def close_detached(detached: Detached) -> None:
+    for fd, _ in detached.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _setup_dev(root: str, size: int, rootless: bool, detached: Detached | None) -> None:
     dest = root + "/dev"
     # nodev on the tmpfs itself: a node made with mknod here cannot be opened;
     # the bound host nodes below are mounts of their own and keep working.
     _tmpfs(dest, 1024 * 1024, mode="0755")
     for name in DEVICES:
-        if os.path.exists("/dev/" + name):
+        if detached is not None:
+            if "/dev/" + name in detached:
+                _mountpoint(f"{dest}/{name}", False)
+                sc.move_mount_to(detached["/dev/" + name][0], f"{dest}/{name}")
+        elif os.path.exists("/dev/" + name):
             _mountpoint(f"{dest}/{name}", False)
             sc.mount("/dev/" + name, f"{dest}/{name}", None, sc.MS_BIND)
     _mkdirs(dest + "/pts")
@@ -539,6 +584,72 @@ def apply_rootfs(plan: RootfsPlan) -> None:
     before the capability drop. Every failure raises SetupStepError naming the
     step, the syscall, the path and the errno.
     """
+    root = _prepare_staging(plan)
+    _run_ops(plan, plan.ops, root)
+    _pivot(plan)
+    with _step(f"chdir {plan.cwd}"):
+        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")
+
+
+#: What each sandbox must mount for itself: a writable file system of its own,
+#: or a view of its own pid (/proc) or network (/sys) namespace.
+_OWN_KINDS = frozenset({"tmpfs", "proc", "dev", "sys", "overlay"})
+
+
+def split_template(plan: RootfsPlan) -> tuple[tuple[Op, ...], tuple[Op, ...]] | None:
+    """(shared, own): the operations a template mount namespace can hold for
+    every sandbox of this plan (read-only binds, masks, directories), and
+    those each sandbox makes in its copy of it (every writable tmpfs, /proc,
+    /dev, /sys, and whatever lies beneath them). None when nothing can be
+    shared: an overlay or an image root is writable as a whole."""
+    if plan.overlay or plan.image_root is not None:
+        return None
+    shared: list[Op] = []
+    own: list[Op] = []
+    own_targets: list[str] = []
+    for op in plan.ops:
+        if op.kind in _OWN_KINDS or any(_under(op.target, t) for t in own_targets):
+            own.append(op)
+            own_targets.append(op.target)
+        else:
+            shared.append(op)
+    # /dev first: in the copy, the host's /dev/null that masks files in /proc
+    # is only reachable through the sandbox's own /dev.
+    own.sort(key=lambda op: op.kind != "dev")
+    return tuple(shared), tuple(own)
+
+
+def build_template(plan: RootfsPlan, shared: Sequence[Op], own: Sequence[Op]) -> None:
+    """In a new mount namespace: the root with only the ``shared``
+    operations applied, read-only, pivoted into, every mount private (a copy
+    made for a sandbox neither receives nor sends mount events). The mount
+    points of the ``own`` operations that lie in the shared part are made
+    here, since the copies cannot write there."""
+    root = _prepare_staging(plan)
+    _run_ops(plan, shared, root)
+    outer = [op for op in own if not any(_under(op.target, o.target) for o in own if o is not op)]
+    for op in outer:
+        with _step(f"make the mount point {op.target}"):
+            is_dir = op.kind != "bind" or os.path.isdir(op.source)
+            with contextlib.suppress(OSError):
+                # A mount point that cannot be made here fails in the sandbox,
+                # with the sandbox's own error message.
+                _mountpoint(root + op.target, is_dir)
+    _pivot(plan)
+    with _step("make the template's mounts private"):
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+
+
+def apply_own(plan: RootfsPlan, own: Sequence[Op], detached: Detached) -> None:
+    """In a copy of the template's mount namespace (build_template): this
+    sandbox's own mounts, then its working directory. ``detached``: from
+    detach_sources(), taken before the copy was joined."""
+    _run_ops(plan, own, "", detached)
+    with _step(f"chdir {plan.cwd}"):
+        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")
+
+
+def _prepare_staging(plan: RootfsPlan) -> str:
     root = plan.staging
     scratch = os.path.dirname(root)
     with _step("make / a recursive slave mount"):
@@ -563,14 +674,21 @@ def apply_rootfs(plan: RootfsPlan) -> None:
     else:
         with _step(f"mount tmpfs on {root}"):
             sc.mount("tmpfs", root, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755,size=1m")
-    for index, op in enumerate(plan.ops):
+    return root
+
+
+def _run_ops(
+    plan: RootfsPlan, ops: Sequence[Op], root: str, detached: Detached | None = None
+) -> None:
+    scratch = os.path.dirname(plan.staging)
+    for index, op in enumerate(ops):
         with _step(f"{op.kind} {op.target}"):
             if op.kind == "dir":
                 _mkdirs(root + op.target)
             elif op.kind == "symlink":
                 os.symlink(op.source, root + op.target)
             elif op.kind == "bind":
-                _bind(op, root)
+                _bind(op, root, detached)
             elif op.kind == "overlay":
                 _mountpoint(root + op.target, True)
                 _overlay(op.source, root + op.target, scratch, str(index), plan.rootless)
@@ -584,16 +702,19 @@ def apply_rootfs(plan: RootfsPlan) -> None:
             elif op.kind == "proc":
                 _setup_proc(root)
             elif op.kind == "dev":
-                _setup_dev(root, op.size, plan.rootless)
+                _setup_dev(root, op.size, plan.rootless, detached)
             elif op.kind == "sys":
                 _setup_sys(root, plan.cgroup2)
             else:  # pragma: no cover - plans are built by plan_rootfs only
                 raise SetupStepError(op.kind, OSError(22, "unknown operation"))
+
+
+def _pivot(plan: RootfsPlan) -> None:
     with _step("pivot_root into the new root"):
         # runc's way: no directory for the old root is needed, and the old root
         # ends up stacked on "." where it is made a slave and detached, so no
         # path leads back to the host (a bare chroot is escapable).
-        os.chdir(root)
+        os.chdir(plan.staging)
         sc.pivot_root(".", ".")
         sc.mount(None, ".", None, sc.MS_REC | sc.MS_SLAVE)
         sc.umount2(".", sc.MNT_DETACH)
@@ -601,8 +722,6 @@ def apply_rootfs(plan: RootfsPlan) -> None:
     if not plan.overlay:
         with _step("remount the new root read-only"):
             sc.mount(None, "/", None, sc.MS_REMOUNT | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
-    with _step(f"chdir {plan.cwd}"):
-        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")
 
 
 def finish_joined_rootfs(plan: RootfsPlan) -> None:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import syscalls as sc
+from .capabilities import DEFAULT_ROOT_CAPS
 from .initd import InitFactory, InitFactoryError, InitSetup
 from .prefault import Ranges, populate
 from .protocol import FrameReader, Message, ProtocolError, send_message
@@ -582,7 +583,11 @@ def _init_setup(plan: SandboxPlan) -> InitSetup | None:
     rootfs = plan.rootfs
     if rootfs.cgroup2:
         rootfs = dataclasses.replace(rootfs, cgroup2=False)
-    setup = (rootfs, plan.hostname, plan.new_net)
+    # The template's read-only mounts are shared by every sandbox of the
+    # plan: only where no test can make them writable again or reach pid 1
+    # (which can) to do it (docs/security.md).
+    template = plan.caps is not None and plan.caps <= DEFAULT_ROOT_CAPS
+    setup = (rootfs, plan.hostname, plan.new_net, template)
     _INIT_SETUPS[id(plan)] = (plan, setup)
     return setup
 

@@ -38,6 +38,8 @@ __all__ = [
     "mount",
     "mount_setattr_nosuid_nodev",
     "mount_setattr_rdonly",
+    "move_mount_to",
+    "open_tree_clone",
     "pivot_root",
     "prctl",
     "sethostname",
@@ -103,6 +105,13 @@ _MOUNT_ATTR_RDONLY = 0x1
 _MOUNT_ATTR_NOSUID = 0x2
 _MOUNT_ATTR_NODEV = 0x4
 
+# open_tree(2) and move_mount(2), Linux 5.2+: a bind mount taken in one mount
+# namespace and attached in another.
+_SYS_OPEN_TREE = {"x86_64": 428, "aarch64": 428}.get(_MACHINE)
+_SYS_MOVE_MOUNT = {"x86_64": 429, "aarch64": 429}.get(_MACHINE)
+_OPEN_TREE_CLONE = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [
     ctypes.c_char_p,
@@ -162,6 +171,25 @@ def pivot_root(new_root: str, put_old: str) -> None:
     nr = {"x86_64": 155, "aarch64": 41}[_MACHINE]
     if _libc.syscall(nr, _b(new_root), _b(put_old)) != 0:
         _raise(f"pivot_root({new_root!r}, {put_old!r})")
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached bind mount of ``path`` (close-on-exec descriptor), to be
+    attached with move_mount_to() in this or another mount namespace."""
+    if _SYS_OPEN_TREE is None:
+        raise SyscallError(errno.ENOSYS, f"open_tree({path!r}): not on {_MACHINE}")
+    fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    if fd < 0:
+        _raise(f"open_tree({path!r}, OPEN_TREE_CLONE)")
+    return int(fd)
+
+
+def move_mount_to(fd: int, target: str) -> None:
+    """Attach the detached mount ``fd`` (open_tree_clone) at ``target``."""
+    if _SYS_MOVE_MOUNT is None:
+        raise SyscallError(errno.ENOSYS, f"move_mount(-> {target!r}): not on {_MACHINE}")
+    if _libc.syscall(_SYS_MOVE_MOUNT, fd, b"", -100, _b(target), _MOVE_MOUNT_F_EMPTY_PATH) != 0:
+        _raise(f"move_mount(<detached mount>, {target!r}, MOVE_MOUNT_F_EMPTY_PATH)")
 
 
 class _MountAttr(ctypes.Structure):

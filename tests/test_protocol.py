@@ -89,12 +89,12 @@ def test_the_init_factory_is_sent_json_that_names_every_plan_field() -> None:
         cgroup2=True,
         ops=(Op("bind", "/usr", "/usr"), Op("tmpfs", "/tmp", writable=True, size=1 << 20)),
     )
-    encoded = json.loads(initd._encode_setup((plan, "box", True)))[0]
+    encoded = json.loads(initd._encode_setup((plan, "box", True, True)))[0]
     assert set(encoded) == {f.name for f in dataclasses.fields(RootfsPlan)}
     assert all(set(op) == {f.name for f in dataclasses.fields(Op)} for op in encoded["ops"])
-    for setup in ((plan, "box", True), (None, "isolated", False)):
+    for setup in ((plan, "box", True, False), (None, "isolated", False, True)):
         data = initd._encode_setup(setup)
         assert data.startswith(b"[")  # JSON
         assert initd._decode_setup(data) == setup
     with pytest.raises((TypeError, ValueError, KeyError)):
-        initd._decode_setup(b'[{"ops": [], "evil": 1}, "h", true]')
+        initd._decode_setup(b'[{"ops": [], "evil": 1}, "h", true, true]')

@@ -1,0 +1,193 @@
+"""The template mount namespace (rootfs.split_template, initd): as root, the
+init factory builds the read-only part of a spec's root once and each init
+copies it, adding only its own mounts (every writable tmpfs, /proc, /dev,
+/sys). Proved against the real kernel: a copy has the mounts a whole build
+has, with the same options; what one sandbox writes no other sees; the shared
+part cannot be written; and only tests with the default capabilities (which
+cannot remount or reach pid 1) share one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import requires
+
+from pytest_isolate.capabilities import DEFAULT_ROOT_CAPS
+from pytest_isolate.initd import InitFactory
+from pytest_isolate.rootfs import Op, RootfsPlan, plan_rootfs, project_paths, split_template
+from pytest_isolate.sandbox import SandboxPlan, _init_setup
+
+# These tests look at sandboxes from the host: never inside one themselves.
+pytestmark = pytest.mark.isolated(False)
+
+
+def _plan(staging: Path, project: Path, **kwargs: object) -> RootfsPlan:
+    return plan_rootfs(
+        staging=str(staging),
+        cwd=str(project),
+        home=os.environ.get("HOME"),
+        project=project_paths([str(project)]),
+        binds=(),
+        writable_paths=(),
+        tmpfs_size=8 << 20,
+        rootless=False,
+        cgroup2=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def test_the_split_shares_read_only_views_and_keeps_writable_mounts_per_sandbox() -> None:
+    plan = RootfsPlan(
+        staging="/s/root",
+        cwd="/w",
+        rootless=False,
+        ops=(
+            Op("bind", "/usr", "/usr"),
+            Op("symlink", "/bin", "usr/bin"),
+            Op("dir", "/home"),
+            Op("tmpfs", "/tmp", writable=True, size=1),
+            Op("proc", "/proc"),
+            Op("dev", "/dev", size=1),
+            Op("sys", "/sys"),
+            Op("mask_file", "/etc/shadow"),
+            Op("bind", "/w", "/w"),
+            Op("bind", "/tmp/project", "/tmp/project"),
+            Op("bind", "/tmp/project/data", "/tmp/project/data", writable=True),
+        ),
+    )
+    split = split_template(plan)
+    assert split is not None
+    shared, own = split
+    assert [op.target for op in shared] == ["/usr", "/bin", "/home", "/etc/shadow", "/w"]
+    # /dev first (the copy reaches the host's /dev/null only through it), then
+    # the plan's order, which puts a mount before what is mounted inside it.
+    assert [op.target for op in own] == [
+        "/dev",
+        "/tmp",
+        "/proc",
+        "/sys",
+        "/tmp/project",
+        "/tmp/project/data",
+    ]
+    assert sorted(shared + own, key=plan.ops.index) == list(plan.ops)
+
+
+def test_no_template_for_an_overlay_or_an_image_root(tmp_path: Path) -> None:
+    for kwargs in ({"overlay": True}, {"image_root": str(tmp_path)}):
+        assert split_template(_plan(tmp_path / "root", tmp_path, **kwargs)) is None
+
+
+def test_only_tests_with_the_default_capabilities_share_a_template(tmp_path: Path) -> None:
+    rootfs = _plan(tmp_path / "root", tmp_path)
+
+    def shares(caps: frozenset[str] | None) -> bool:
+        setup = _init_setup(SandboxPlan(rootfs=rootfs, caps=caps))
+        assert setup is not None
+        return setup[3]
+
+    assert shares(DEFAULT_ROOT_CAPS)
+    assert shares(DEFAULT_ROOT_CAPS - {"CHOWN"})
+    # A test that can remount (SYS_ADMIN), or reach pid 1, which can (SYS_PTRACE),
+    # or that keeps every capability, builds its whole root as before.
+    assert not shares(DEFAULT_ROOT_CAPS | {"SYS_ADMIN"})
+    assert not shares(DEFAULT_ROOT_CAPS | {"SYS_PTRACE"})
+    assert not shares(None)
+
+
+# --------------------------------------------------------------------------- real inits
+
+
+@pytest.fixture
+def factory() -> Iterator[InitFactory]:
+    made = InitFactory()
+    made.start()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def staging() -> Iterator[Path]:
+    # Not under tmp_path: /tmp is the sandbox's own tmpfs, and the staging
+    # directory only needs to exist on the host.
+    parent = Path(os.environ.get("TMPDIR", "/tmp")) / f"pytest-isolate-template-{os.getpid()}"
+    (parent / "root").mkdir(parents=True)
+    try:
+        yield parent / "root"
+    finally:
+        shutil.rmtree(parent)
+
+
+@contextlib.contextmanager
+def init(factory: InitFactory, setup: tuple[RootfsPlan, str, bool, bool]) -> Iterator[int]:
+    """A ready init of ``setup``; its pid on the host. Killed afterwards."""
+    pidfd = factory.new_init(setup)
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}") as f:
+            pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+        yield pid
+    finally:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+
+
+def mounts(pid: int) -> list[tuple[str, str, str, str]]:
+    """(mount point, file system, per-mount options, source) of each mount,
+    sorted: what must not differ between a copy and a whole build."""
+    table = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1 :]
+            table.append((fields[4], rest[0], fields[5], rest[1]))
+    return sorted(table)
+
+
+@requires("root")
+def test_a_copy_of_the_template_has_the_mounts_of_a_whole_build(
+    factory: InitFactory, staging: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "project").mkdir()
+    rootfs = _plan(staging, tmp_path / "project")
+    with init(factory, (rootfs, "box", True, False)) as whole:
+        expected = mounts(whole)
+    with init(factory, (rootfs, "box", True, True)) as copy:
+        got = mounts(copy)
+        # The template's mounts are copied first, then the sandbox's own are
+        # made: the mount ids tell which way this root was built.
+        with open(f"/proc/{copy}/mountinfo") as f:
+            ids = {line.split()[4]: int(line.split()[0]) for line in f}
+    assert got == expected
+    assert ids["/usr"] < ids["/dev"] < ids["/tmp"] < ids["/proc"]
+
+
+@requires("root")
+def test_sandboxes_of_one_template_share_nothing_writable(
+    factory: InitFactory, staging: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "project").mkdir()
+    setup = (_plan(staging, tmp_path / "project"), "box", True, True)
+    with init(factory, setup) as first, init(factory, setup) as second:
+        one, two = Path(f"/proc/{first}/root"), Path(f"/proc/{second}/root")
+        for writable in ("tmp", "var/tmp", "dev/shm", "dev"):
+            (one / writable / "left-by-first").write_text("x")
+            assert not (two / writable / "left-by-first").exists(), writable
+        # The shared part is read-only for everyone, root included.
+        for shared in ("", "usr", "etc"):
+            with pytest.raises(OSError) as excinfo:
+                (one / shared / "written-into-the-template").write_text("x")
+            assert excinfo.value.errno == errno.EROFS, shared
+        # Each has its own /proc, showing its own pid namespace.
+        assert os.stat(one / "proc").st_dev != os.stat(two / "proc").st_dev
