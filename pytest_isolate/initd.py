@@ -349,6 +349,10 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
     finally:
         os.close(status_r)
         os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            # The factory ignores SIGCHLD (the kernel reaps, this only waits
+            # for the end); any other caller reaps it here.
+            os.waitpid(pid, 0)
 
 
 def _make_init(
