@@ -533,6 +533,9 @@ class Engine:
         learn = self._learning_due(sandbox)
         sandbox.go(struct.pack("<i", self._index_of(nextitem)), linger=learn)
         self._prepare_next(item, nextitem)
+        # While the test runs: reap the sandboxes killed before it and remove
+        # their cgroups (on v1 each rmdir can wait for the kernel).
+        self._bury(block=False)
         try:
             outcome = sandbox.collect(spec.timeout, keep=learn)
         except KeyboardInterrupt:
@@ -581,7 +584,6 @@ class Engine:
                 self._release(sandbox)  # cannot list its members: wait instead
             else:
                 self._graveyard.append(sandbox)
-        self._bury(block=False)
 
     def _bury(self, block: bool) -> None:
         """Reap killed sandboxes and remove their cgroups once the kernel is done."""
