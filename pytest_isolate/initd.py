@@ -302,6 +302,8 @@ class Template:
 
     fd: int
     own: tuple[Any, ...]
+    #: (path, device, inode) of the host paths it binds (rootfs.template_sources).
+    sources: tuple[tuple[str, int, int], ...]
 
 
 def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - in the factory
@@ -309,7 +311,7 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
     until the factory has a descriptor of it); None where the setup cannot
     have one or building it failed (its inits then build the whole root)."""
     from . import syscalls as sc
-    from .rootfs import build_template, split_template
+    from .rootfs import build_template, split_template, template_sources
 
     rootfs, _, _, allowed = setup
     split = split_template(rootfs) if allowed and rootfs is not None else None
@@ -317,6 +319,8 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
         return None
     shared, own = split
     try:
+        # Before the build: a source replaced in between shows as stale later.
+        sources = template_sources(shared)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
     except OSError:
         return None
@@ -343,7 +347,7 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
     try:
         if os.read(status_r, 2) != b"ok":
             return None
-        return Template(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC), own)
+        return Template(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC), own, sources)
     except OSError:
         return None
     finally:
@@ -424,7 +428,7 @@ def main() -> None:  # pragma: no cover - runs in the factory process
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
         # Inits are reaped by the kernel: the factory never waits for them.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-        from .rootfs import apply_rootfs  # noqa: F401  (imported once, not in each init)
+        from .rootfs import apply_rootfs, template_current  # noqa: F401  (imported once)
 
         # Every init is a fork of this process: what it holds now is never
         # scanned by an init's garbage collector (which would copy the pages).
@@ -452,6 +456,10 @@ def main() -> None:  # pragma: no cover - runs in the factory process
                 os._exit(0)  # spoke nonsense: done
             continue
         setup = setups.get(number) if number else None
+        template = templates.get(number)
+        if template is not None and not template_current(template.sources):
+            os.close(template.fd)  # the host replaced a path it binds: made again
+            del templates[number]
         if setup is not None and number not in templates:
             templates[number] = _make_template(setup)
         template = templates.get(number)

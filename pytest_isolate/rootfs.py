@@ -592,16 +592,23 @@ def apply_rootfs(plan: RootfsPlan) -> None:
 
 
 #: What each sandbox must mount for itself: a writable file system of its own,
-#: or a view of its own pid (/proc) or network (/sys) namespace.
-_OWN_KINDS = frozenset({"tmpfs", "proc", "dev", "sys", "overlay"})
+#: a view of its own pid (/proc) or network (/sys) namespace, and the masks. A
+#: mount stays on the file it was made on: when the host replaces a masked
+#: file (a daemon's new socket, a new /etc/shadow), a mask in the template
+#: would be left on the old one, and the new file shown.
+_OWN_KINDS = frozenset({"tmpfs", "proc", "dev", "sys", "overlay", "mask_file", "mask_dir"})
+#: Own operations that need a mount point made in the template (a mask goes
+#: on a file or directory that is there already, or is skipped).
+_NEEDS_MOUNT_POINT = frozenset({"tmpfs", "proc", "dev", "sys", "overlay", "bind"})
 
 
 def split_template(plan: RootfsPlan) -> tuple[tuple[Op, ...], tuple[Op, ...]] | None:
     """(shared, own): the operations a template mount namespace can hold for
-    every sandbox of this plan (read-only binds, masks, directories), and
-    those each sandbox makes in its copy of it (every writable tmpfs, /proc,
-    /dev, /sys, and whatever lies beneath them). None when nothing can be
-    shared: an overlay or an image root is writable as a whole."""
+    every sandbox of this plan (the binds of host paths, directories,
+    symlinks), and those each sandbox makes in its copy of it (every writable
+    tmpfs, /proc, /dev, /sys, the masks, and whatever lies beneath them). None
+    when nothing can be shared: an overlay or an image root is writable as a
+    whole."""
     if plan.overlay or plan.image_root is not None:
         return None
     shared: list[Op] = []
@@ -619,6 +626,29 @@ def split_template(plan: RootfsPlan) -> tuple[tuple[Op, ...], tuple[Op, ...]] | 
     return tuple(shared), tuple(own)
 
 
+def template_sources(shared: Sequence[Op]) -> tuple[tuple[str, int, int], ...]:
+    """(path, device, inode) of each host path the shared part binds: a
+    template whose sources no longer match was made from files the host has
+    replaced since (its mounts stay on the old ones) and is made again."""
+    found = []
+    for op in shared:
+        if op.kind == "bind":
+            st = os.stat(op.source)
+            found.append((op.source, st.st_dev, st.st_ino))
+    return tuple(found)
+
+
+def template_current(sources: Sequence[tuple[str, int, int]]) -> bool:
+    for path, dev, ino in sources:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino) != (dev, ino):
+            return False
+    return True
+
+
 def build_template(plan: RootfsPlan, shared: Sequence[Op], own: Sequence[Op]) -> None:
     """In a new mount namespace: the root with only the ``shared``
     operations applied, read-only, pivoted into, every mount private (a copy
@@ -627,7 +657,12 @@ def build_template(plan: RootfsPlan, shared: Sequence[Op], own: Sequence[Op]) ->
     here, since the copies cannot write there."""
     root = _prepare_staging(plan)
     _run_ops(plan, shared, root)
-    outer = [op for op in own if not any(_under(op.target, o.target) for o in own if o is not op)]
+    outer = [
+        op
+        for op in own
+        if op.kind in _NEEDS_MOUNT_POINT
+        and not any(_under(op.target, o.target) for o in own if o is not op)
+    ]
     for op in outer:
         with _step(f"make the mount point {op.target}"):
             is_dir = op.kind != "bind" or os.path.isdir(op.source)

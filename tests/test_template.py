@@ -10,6 +10,7 @@ cannot remount or reach pid 1) share one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shutil
@@ -21,7 +22,7 @@ import pytest
 from conftest import requires
 
 from pytest_isolate.capabilities import DEFAULT_ROOT_CAPS
-from pytest_isolate.initd import InitFactory
+from pytest_isolate.initd import AHEAD, InitFactory
 from pytest_isolate.rootfs import Op, RootfsPlan, plan_rootfs, project_paths, split_template
 from pytest_isolate.sandbox import SandboxPlan, _init_setup
 
@@ -69,14 +70,16 @@ def test_the_split_shares_read_only_views_and_keeps_writable_mounts_per_sandbox(
     split = split_template(plan)
     assert split is not None
     shared, own = split
-    assert [op.target for op in shared] == ["/usr", "/bin", "/home", "/etc/shadow", "/w"]
+    assert [op.target for op in shared] == ["/usr", "/bin", "/home", "/w"]
     # /dev first (the copy reaches the host's /dev/null only through it), then
     # the plan's order, which puts a mount before what is mounted inside it.
+    # Masks are each sandbox's own: a mount stays on the file it was made on.
     assert [op.target for op in own] == [
         "/dev",
         "/tmp",
         "/proc",
         "/sys",
+        "/etc/shadow",
         "/tmp/project",
         "/tmp/project/data",
     ]
@@ -191,3 +194,48 @@ def test_sandboxes_of_one_template_share_nothing_writable(
             assert excinfo.value.errno == errno.EROFS, shared
         # Each has its own /proc, showing its own pid namespace.
         assert os.stat(one / "proc").st_dev != os.stat(two / "proc").st_dev
+
+
+@requires("root")
+def test_host_files_replaced_during_the_session_are_seen_and_stay_masked(
+    factory: InitFactory, staging: Path, tmp_path: Path
+) -> None:
+    """A mount stays on the file or directory it was made on, and one in another
+    mount namespace is dropped when the host removes or renames over it. A
+    mask in the template would then uncover a replaced secret (a daemon's new
+    socket, a new /etc/shadow), and a bind of a replaced directory would show
+    the old one: masks are made in each copy, and a template whose bound host
+    paths changed is made again."""
+    (tmp_path / "project").mkdir()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "secret").write_text("old secret")
+    (data / "plain").write_text("first")
+    base = _plan(staging, tmp_path / "project")
+    extra = (Op("bind", "/data", str(data)), Op("mask_file", "/data/secret"))
+    ops = sorted((*base.ops, *extra), key=lambda op: op.target.rstrip("/").count("/"))
+    setup = (dataclasses.replace(base, ops=tuple(ops)), "box", True, True)
+
+    def seen(pid: int) -> tuple[str, str]:
+        root = Path(f"/proc/{pid}/root/data")
+        return (root / "secret").read_text(), (root / "plain").read_text()
+
+    def fresh() -> tuple[str, str]:
+        """What an init made after now sees (AHEAD of them were made already)."""
+        for _ in range(AHEAD):
+            with init(factory, setup):
+                pass
+        with init(factory, setup) as pid:
+            return seen(pid)
+
+    assert fresh() == ("", "first")
+    # The host replaces the secret (write a new file, rename it over the old).
+    (data / "secret.new").write_text("new secret")
+    os.rename(data / "secret.new", data / "secret")
+    assert fresh() == ("", "first")
+    # The host replaces the whole directory.
+    os.rename(data, tmp_path / "data.old")
+    data.mkdir()
+    (data / "secret").write_text("newer secret")
+    (data / "plain").write_text("second")
+    assert fresh() == ("", "second")
