@@ -376,10 +376,10 @@ def _template_steps(reps: int, base_total: float, plan: Any) -> list[Step]:
 
         took, totals, _ = _repeat(reps, copy, lambda: sc.unshare(SANDBOX_FLAGS))
         extra = statistics.median(totals) - base_total - statistics.median(took)
-        own = sum(op.kind in ("bind", "tmpfs") for op in template.own)
+        own = sum(op.kind in ("bind", "tmpfs", "mask_file", "mask_dir") for op in template.own)
         return [
             _step(
-                f"or copy the spec's template: {own} own mounts, /proc, /dev, /sys",
+                f"or copy the spec's template, then {own} mounts, /proc, /dev, /sys",
                 took,
                 "sandbox",
                 f"+{max(extra, 0):.2f} ms at exit; as root, default capabilities",

@@ -324,6 +324,7 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
     except OSError:
         return None
+    factory = os.getpid()
     try:
         pid = os.fork()
     except OSError:
@@ -334,6 +335,8 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
         try:
             os.close(status_r)
             sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != factory:
+                os._exit(1)  # the factory died before the signal was armed
             sc.unshare(sc.CLONE_NEWNS)
             build_template(rootfs, shared, own)
             os.write(status_w, b"ok")
