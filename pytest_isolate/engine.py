@@ -132,6 +132,12 @@ class Engine:
                 self._cgroup_error = str(exc)
         return self._cgroups
 
+    @property
+    def roots_copied(self) -> int:
+        """Sandboxes whose root was copied from their spec's template (initd)."""
+        live = self._init_factory.copied if self._init_factory is not None else 0
+        return self.counts["roots_copied"] + live
+
     def init_factory(self, wait: bool = True) -> InitFactory | None:
         """As root, started once: it makes each sandbox's pid 1, namespaces and
         root, so pytest forks a test once (see initd.py). ``wait=False``
@@ -171,6 +177,7 @@ class Engine:
             sandbox.close()
         self._live.clear()
         if self._init_factory is not None:
+            self.counts["roots_copied"] += self._init_factory.copied
             self._init_factory.close()
             self._init_factory = None
             self._init_factory_tried = False

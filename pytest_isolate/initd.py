@@ -51,6 +51,9 @@ __all__ = ["InitFactory", "InitFactoryError", "InitSetup", "main"]
 AHEAD = 2
 _REGISTER = b"p"
 _REQUEST = b"n"
+#: The factory's answers with an init's pidfd: its root built whole, or copied.
+_MADE = b"init"
+_MADE_FROM_TEMPLATE = b"init from template"
 _ID = struct.Struct("<I")
 #: A setup registered with the factory: (root file system plan or None,
 #: hostname, whether to make a network namespace, whether its inits may copy
@@ -75,6 +78,8 @@ class InitFactory:
         self._ids: dict[Hashable, int] = {}
         self._by_identity: dict[int, tuple[InitSetup, int]] = {}
         self._starting = False
+        #: Inits handed out whose root is a copy of their setup's template.
+        self.copied = 0
 
     def start(self, wait: bool = True) -> None:
         """Start the factory; without ``wait``, return while the interpreter
@@ -163,16 +168,17 @@ class InitFactory:
         self._send(_REQUEST + _ID.pack(ident))
         self._pending.append(ident)
 
-    def _take(self) -> int:
+    def _take(self) -> tuple[int, bool]:
+        """The next init's pidfd, and whether its root was copied from a template."""
         self._pending.popleft()
         data, fds = self._recv()
-        if data != b"init" or len(fds) != 1:
+        if data not in (_MADE, _MADE_FROM_TEMPLATE) or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise InitFactoryError(
                 f"the init factory could not make an init: {data.decode(errors='replace')}"
             )
-        return fds[0]
+        return fds[0], data == _MADE_FROM_TEMPLATE
 
     def new_init(self, setup: InitSetup | None = None) -> int:
         """A pidfd of a fresh init in a fresh pid namespace, owned by the caller.
@@ -189,11 +195,13 @@ class InitFactory:
         while self._pending and self._pending[0] != ident:
             # Made for another setup: not usable for this one.
             with contextlib.suppress(InitFactoryError):
-                _kill_and_close(self._take())
+                _kill_and_close(self._take()[0])
         if not self._pending:
             self._request(ident)
         try:
-            return self._take()
+            pidfd, copied = self._take()
+            self.copied += copied
+            return pidfd
         finally:
             while len(self._pending) < AHEAD:
                 self._request(ident)
@@ -478,6 +486,6 @@ def main() -> None:  # pragma: no cover - runs in the factory process
                 sock.send(f"error: {exc.strerror or exc}".encode()[:4000])
             continue
         try:
-            socket.send_fds(sock, [b"init"], [pidfd])
+            socket.send_fds(sock, [_MADE if template is None else _MADE_FROM_TEMPLATE], [pidfd])
         finally:
             os.close(pidfd)

@@ -331,7 +331,8 @@ def _forks_line(engine: Any) -> str:
         f"the previous test, {counts['by_zygote']} forked by {counts['zygotes']} zygotes"
     )
     reason = engine.zygote_unavailable
-    return line + (f" (zygote off: {reason})" if reason else "")
+    line += f" (zygote off: {reason})" if reason else ""
+    return line + f", {engine.roots_copied} roots copied from their spec's template"
 
 
 def _peak_memory_count(config: pytest.Config) -> int | None:

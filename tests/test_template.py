@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires
+from rootless_util import run_isolated
 
 from pytest_isolate.capabilities import DEFAULT_ROOT_CAPS
 from pytest_isolate.initd import AHEAD, InitFactory
@@ -239,3 +240,27 @@ def test_host_files_replaced_during_the_session_are_seen_and_stay_masked(
     (data / "secret").write_text("newer secret")
     (data / "plain").write_text("second")
     assert fresh() == ("", "second")
+
+
+@requires("root")
+def test_the_run_says_how_many_roots_were_copied(pytester: pytest.Pytester) -> None:
+    """-vv ends with how the sandboxes were made, the template included; a
+    test granted CAP_SYS_ADMIN gets a root built whole."""
+    pytester.makepyfile("""
+        import pytest
+
+        def test_a():
+            pass
+
+        def test_b():
+            pass
+
+        @pytest.mark.isolated(caps_add=["sys_admin"])
+        def test_admin():
+            pass
+    """)
+    result = run_isolated(pytester, "-vv")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        ["isolate: 3 sandboxes, *, 2 roots copied from their spec's template"]
+    )
