@@ -384,7 +384,15 @@ class _Step:
 
 
 def _mkdirs(path: str) -> None:
-    os.makedirs(path, mode=0o755, exist_ok=True)
+    # Nearly always the parent exists: one mkdir, not os.makedirs' walk (an
+    # init made 19 of them, 0.4 ms of its CPU).
+    try:
+        os.mkdir(path, 0o755)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+    except FileNotFoundError:
+        os.makedirs(path, mode=0o755, exist_ok=True)
 
 
 def _mountpoint(dest: str, source_is_dir: bool) -> None:
