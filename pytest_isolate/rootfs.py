@@ -509,13 +509,15 @@ def detach_sources(own: Sequence[Op]) -> Detached:
     template's copy, where the host is out of reach. A missing host path is
     left out: binding it fails as it would without a template."""
     detached: Detached = {}
-    sources = [(op.target, op.source) for op in own if op.kind == "bind"]
+    # Binds with their submounts (MS_BIND|MS_REC), device nodes alone (MS_BIND).
+    sources = [(op.target, op.source, True) for op in own if op.kind == "bind"]
     if any(op.kind == "dev" for op in own):
-        sources += [("/dev/" + name, "/dev/" + name) for name in DEVICES]
+        sources += [("/dev/" + name, "/dev/" + name, False) for name in DEVICES]
     try:
-        for target, source in sources:
+        for target, source, recursive in sources:
             if os.path.lexists(source):
-                detached[target] = (sc.open_tree_clone(source), os.path.isdir(source))
+                fd = sc.open_tree_clone(source, recursive=recursive)
+                detached[target] = (fd, os.path.isdir(source))
     except OSError:
         close_detached(detached)
         raise

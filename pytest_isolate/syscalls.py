@@ -173,14 +173,17 @@ def pivot_root(new_root: str, put_old: str) -> None:
         _raise(f"pivot_root({new_root!r}, {put_old!r})")
 
 
-def open_tree_clone(path: str) -> int:
+def open_tree_clone(path: str, *, recursive: bool) -> int:
     """A detached bind mount of ``path`` (close-on-exec descriptor), to be
-    attached with move_mount_to() in this or another mount namespace."""
+    attached with move_mount_to() in this or another mount namespace.
+    ``recursive``: with the mounts beneath it, as MS_BIND|MS_REC."""
     if _SYS_OPEN_TREE is None:
         raise SyscallError(errno.ENOSYS, f"open_tree({path!r}): not on {_MACHINE}")
-    fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path), _OPEN_TREE_CLONE | os.O_CLOEXEC)
+    flags = _OPEN_TREE_CLONE | os.O_CLOEXEC | (_AT_RECURSIVE if recursive else 0)
+    fd = _libc.syscall(_SYS_OPEN_TREE, -100, _b(path), flags)
     if fd < 0:
-        _raise(f"open_tree({path!r}, OPEN_TREE_CLONE)")
+        shown = "OPEN_TREE_CLONE|AT_RECURSIVE" if recursive else "OPEN_TREE_CLONE"
+        _raise(f"open_tree({path!r}, {shown})")
     return int(fd)
 
 

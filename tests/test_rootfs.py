@@ -448,6 +448,10 @@ def test_submounts_of_read_only_views_are_read_only(
         host_tmpfs(granted / "sub", "size=1m,mode=0777"),
         host_tmpfs(pytester.path / "mnt", "size=1m,mode=0777"),
     ):
+        # Seen through the view: the submounts' own files, not the empty
+        # directories beneath them.
+        (granted / "sub" / "shown").write_text("sub")
+        (pytester.path / "mnt" / "shown").write_text("mnt")
         write_hostinfo(pytester, GRANTED=str(granted))
         pytester.makepyfile("""
             import errno, os
@@ -458,15 +462,17 @@ def test_submounts_of_read_only_views_are_read_only(
 
             @pytest.mark.isolated(binds=[f"{GRANTED}:/data"])
             @pytest.mark.parametrize("directory", ["/data/sub", "mnt"])
-            def test_submount_is_read_only(directory):
-                path = os.path.join(PROJECT if directory == "mnt" else "", directory, "x")
+            def test_submount_is_shown_read_only(directory):
+                path = os.path.join(PROJECT if directory == "mnt" else "", directory)
+                with open(os.path.join(path, "shown")) as f:
+                    assert f.read() == os.path.basename(directory)
                 with pytest.raises(OSError) as info:
-                    open(path, "w")
+                    open(os.path.join(path, "x"), "w")
                 assert info.value.errno == errno.EROFS
         """)
         run_isolated(pytester).assert_outcomes(passed=2)
-        assert os.listdir(granted / "sub") == []
-        assert os.listdir(pytester.path / "mnt") == []
+        assert os.listdir(granted / "sub") == ["shown"]
+        assert os.listdir(pytester.path / "mnt") == ["shown"]
 
 
 def test_kernel_file_systems_are_read_only(pytester: pytest.Pytester) -> None:
