@@ -661,8 +661,9 @@ def template_current(sources: Sequence[tuple[str, int, int]]) -> bool:
 
 def build_template(plan: RootfsPlan, shared: Sequence[Op], own: Sequence[Op]) -> None:
     """In a new mount namespace: the root with only the ``shared``
-    operations applied, read-only, pivoted into, every mount private (a copy
-    made for a sandbox neither receives nor sends mount events). The mount
+    operations applied, read-only, pivoted into, every mount a slave or
+    private (a copy made for a sandbox receives the host's mount events as a
+    root built whole does, and sends none). The mount
     points of the ``own`` operations that lie in the shared part are made
     here, since the copies cannot write there."""
     root = _prepare_staging(plan)
@@ -681,8 +682,12 @@ def build_template(plan: RootfsPlan, shared: Sequence[Op], own: Sequence[Op]) ->
                 # with the sandbox's own error message.
                 _mountpoint(root + op.target, is_dir)
     _pivot(plan)
-    with _step("make the template's mounts private"):
-        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    with _step("make the template's mounts slaves"):
+        # As a root built whole: the host's mount events beneath a bound path
+        # come in (its binds are slaves of the host's mounts), none go out,
+        # and none cross from one copy to another (a copy of a slave is a
+        # slave of the same master, never a peer of the other copies).
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
 
 
 def apply_own(plan: RootfsPlan, own: Sequence[Op], detached: Detached) -> None:

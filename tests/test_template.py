@@ -15,6 +15,7 @@ import errno
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -261,3 +262,55 @@ def test_the_run_says_how_many_roots_were_copied(pytester: pytest.Pytester) -> N
     result.stdout.fnmatch_lines(
         ["isolate: 3 sandboxes, *, 2 roots copied from their spec's template"]
     )
+
+
+@requires("root")
+def test_host_mounts_made_during_the_session_are_seen_as_in_a_root_built_whole(
+    staging: Path, tmp_path: Path
+) -> None:
+    """Where the host's mounts are shared (systemd makes them so), a root
+    built whole receives the host's mount events beneath what it binds (its
+    binds are slaves of the host's mounts); a copy of the template does too,
+    and sends none back. Here the bound directory is made a shared mount
+    before the factory starts, as it would be under systemd."""
+    (tmp_path / "project").mkdir()
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    base = _plan(staging, tmp_path / "project")
+    ops = sorted(
+        (*base.ops, Op("bind", "/data", str(data))),
+        key=lambda op: op.target.rstrip("/").count("/"),
+    )
+    plan = dataclasses.replace(base, ops=tuple(ops))
+    subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(data)], check=True)
+        factory = InitFactory()
+        factory.start()
+        try:
+            for template in (False, True):
+                with init(factory, (plan, "box", True, template)) as pid:
+                    shown = Path(f"/proc/{pid}/root/data/sub/shown")
+                    subprocess.run(
+                        [
+                            "mount",
+                            "-t",
+                            "tmpfs",
+                            "-o",
+                            "size=1m",
+                            "isolate-test",
+                            str(data / "sub"),
+                        ],
+                        check=True,
+                    )
+                    try:
+                        (data / "sub" / "shown").write_text("mounted later")
+                        assert shown.read_text() == "mounted later", template
+                    finally:
+                        subprocess.run(["umount", str(data / "sub")], check=True)
+                    assert not shown.exists(), template
+            assert factory.copied == 1
+        finally:
+            factory.close()
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=True)
