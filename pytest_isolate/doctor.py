@@ -227,6 +227,32 @@ def _mount_setattr_probe(staging: str, rootless: bool) -> Callable[[], str]:
     return body
 
 
+def _detached_bind_probe(staging: str, rootless: bool) -> Callable[[], str]:
+    """What a template copy needs (rootfs.detach_sources, apply_own): a bind
+    taken in one mount namespace, attached in another, submounts included."""
+
+    def body() -> str:
+        _prepare(rootless, sc.CLONE_NEWNS)
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+        sc.mount("tmpfs", staging, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64k")
+        for name in ("source", "source/sub", "target"):
+            os.mkdir(f"{staging}/{name}")
+        sc.mount("tmpfs", f"{staging}/source/sub", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "size=64k")
+        with open(f"{staging}/source/sub/shown", "w") as f:
+            f.write("x")
+        fd = sc.open_tree_clone(f"{staging}/source", recursive=True)
+        try:
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.move_mount_to(fd, f"{staging}/target")
+        finally:
+            os.close(fd)
+        if not os.path.exists(f"{staging}/target/sub/shown"):
+            raise RuntimeError("the attached copy lacks its submount")
+        return "a bind taken before unshare, attached after it, with its submount"
+
+    return body
+
+
 def _overlay_probe(staging: str, rootless: bool) -> Callable[[], str]:
     def body() -> str:
         _prepare(rootless, sc.CLONE_NEWNS)
@@ -514,11 +540,24 @@ def _namespace_checks(staging: str, rootless: bool) -> list[Check]:
             "fs='overlay', rootfs= images",
             False,
         ),
+        ("open_tree + move_mount", _detached_bind_probe, "a cheaper root (template)", False),
     ):
+        if probe is _detached_bind_probe and rootless:
+            checks.append(
+                Check(
+                    "open_tree + move_mount",
+                    None,
+                    "a cheaper root (template)",
+                    "rootless: each sandbox builds its root itself",
+                )
+            )
+            continue
         ok, detail, err = _probe(probe(staging, rootless))
         fix = ""
         if not ok and probe is _mount_setattr_probe:
             fix = "Linux 5.12+ (without it the sandbox remounts each submount read-only)"
+        elif not ok and probe is _detached_bind_probe:
+            fix = "Linux 5.2+ (without it each root is built whole: same isolation, more CPU)"
         elif not ok and probe is _overlay_probe:
             fix = (
                 "modprobe overlay"

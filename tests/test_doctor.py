@@ -72,6 +72,7 @@ def test_doctor_as_root_reports_every_default_feature_working(pytester: pytest.P
             "user namespaces * yes * rootless only *",
             *CORE_ROWS,
             "overlayfs * yes *",
+            "open_tree + move_mount * yes * a cheaper root (template) *with its submount",
             "cgroups * yes *cgroup v[12] (memory, pids, cpu)*",
             "cgroup memory controller * yes *",
             "cgroup pids controller * yes *",
@@ -277,6 +278,7 @@ def test_doctor_as_unprivileged_user_uses_user_namespaces_for_every_layer(
                 for row in CORE_ROWS
             ),
             "overlayfs in a user namespace * yes *",
+            "open_tree + move_mount * n/a * rootless: each sandbox builds its root itself",
             "capabilities (python-prctl) * yes * defaults * dropped to 0 capabilities*",
             *FILTER_ROWS[1:],
         ]
