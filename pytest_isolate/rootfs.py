@@ -663,9 +663,9 @@ def build_template(plan: RootfsPlan, shared: Sequence[Op], own: Sequence[Op]) ->
     """In a new mount namespace: the root with only the ``shared``
     operations applied, read-only, pivoted into, every mount a slave or
     private (a copy made for a sandbox receives the host's mount events as a
-    root built whole does, and sends none). The mount
-    points of the ``own`` operations that lie in the shared part are made
-    here, since the copies cannot write there."""
+    root built whole does, and sends none). The mount points of the ``own``
+    operations that lie in the shared part are made here, since the copies
+    cannot write there."""
     root = _prepare_staging(plan)
     _run_ops(plan, shared, root)
     outer = [
