@@ -412,22 +412,17 @@ def _make_readonly(dest: str) -> None:
 
 def _bind(op: Op, root: str, detached: Detached | None = None) -> None:
     dest = root + op.target
-    if detached is not None:
-        # In a template's copy: the host path was taken before it was joined.
-        if op.target not in detached:
-            raise SetupStepError(
-                f"bind {op.source} -> {op.target}",
-                FileNotFoundError(2, "the host path does not exist"),
-            )
-        fd, is_dir = detached[op.target]
-        _mountpoint(dest, is_dir)
-        sc.move_mount_to(fd, dest)
+    # In a template's copy the host path was taken (detached) before the copy
+    # was joined; elsewhere it is bound by its path.
+    taken = detached.get(op.target) if detached is not None else None
+    if taken is None and (detached is not None or not os.path.lexists(op.source)):
+        raise SetupStepError(
+            f"bind {op.source} -> {op.target}", FileNotFoundError(2, "the host path does not exist")
+        )
+    if taken is not None:
+        _mountpoint(dest, taken[1])
+        sc.move_mount_to(taken[0], dest)
     else:
-        if not os.path.lexists(op.source):
-            raise SetupStepError(
-                f"bind {op.source} -> {op.target}",
-                FileNotFoundError(2, "the host path does not exist"),
-            )
         _mountpoint(dest, os.path.isdir(op.source))
         sc.mount(op.source, dest, None, sc.MS_BIND | sc.MS_REC)
     if op.writable:
