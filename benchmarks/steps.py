@@ -368,7 +368,7 @@ def _template_steps(reps: int, base_total: float, plan: Any) -> list[Step]:
     try:
 
         def copy() -> None:
-            detached = detach_sources(template.own)
+            detached = detach_sources(template.taken)
             sc.setns(template.fd, sc.CLONE_NEWNS)
             sc.unshare(sc.CLONE_NEWNS)
             apply_own(plan, template.own, detached)

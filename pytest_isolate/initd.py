@@ -279,7 +279,7 @@ def _build(setup: InitSetup, template: Template | None) -> None:  # pragma: no c
     rootfs, hostname, new_net, _ = setup
     detached = {}
     if template is not None:
-        detached = detach_sources(template.own)
+        detached = detach_sources(template.taken)
         sc.setns(template.fd, sc.CLONE_NEWNS)  # unshared below: the template stays as it is
     sc.unshare(
         sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | (sc.CLONE_NEWNET if new_net else 0)
@@ -312,6 +312,8 @@ class Template:
     own: tuple[Any, ...]
     #: (path, device, inode) of the host paths it binds (rootfs.template_sources).
     sources: tuple[tuple[str, int, int], ...]
+    #: What each init takes from the host before joining a copy (rootfs.own_sources).
+    taken: tuple[tuple[str, str, bool, bool], ...]
 
 
 def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - in the factory
@@ -319,7 +321,7 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
     until the factory has a descriptor of it); None where the setup cannot
     have one or building it failed (its inits then build the whole root)."""
     from . import syscalls as sc
-    from .rootfs import build_template, split_template, template_sources
+    from .rootfs import build_template, own_sources, split_template, template_sources
 
     rootfs, _, _, allowed = setup
     split = split_template(rootfs) if allowed and rootfs is not None else None
@@ -329,6 +331,7 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
     try:
         # Before the build: a source replaced in between shows as stale later.
         sources = template_sources(shared)
+        taken = own_sources(own)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
     except OSError:
         return None
@@ -358,7 +361,8 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
     try:
         if os.read(status_r, 2) != b"ok":
             return None
-        return Template(os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC), own, sources)
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        return Template(fd, own, sources, taken)
     except OSError:
         return None
     finally:

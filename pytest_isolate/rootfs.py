@@ -498,21 +498,37 @@ def _setup_proc(root: str) -> None:
 Detached = dict[str, tuple[int, bool]]
 
 
-def detach_sources(own: Sequence[Op]) -> Detached:
-    """The host paths the ``own`` operations bind (and the host's device
-    nodes, for /dev), as detached bind mounts taken before joining a
-    template's copy, where the host is out of reach. A missing host path is
-    left out: binding it fails as it would without a template."""
-    detached: Detached = {}
-    # Binds with their submounts (MS_BIND|MS_REC), device nodes alone (MS_BIND).
-    sources = [(op.target, op.source, True) for op in own if op.kind == "bind"]
+#: What an init takes from the host before joining a template's copy, where
+#: the host is out of reach: (target in the sandbox, host path, with its
+#: submounts as MS_BIND|MS_REC, is a directory).
+Sources = tuple[tuple[str, str, bool, bool], ...]
+
+
+def own_sources(own: Sequence[Op]) -> Sources:
+    """The host paths the ``own`` operations bind, and the host's device
+    nodes for /dev: decided once per template, with the paths present now."""
+    wanted = [(op.target, op.source, True) for op in own if op.kind == "bind"]
     if any(op.kind == "dev" for op in own):
-        sources += [("/dev/" + name, "/dev/" + name, False) for name in DEVICES]
+        wanted += [("/dev/" + name, "/dev/" + name, False) for name in DEVICES]
+    return tuple(
+        (target, source, recursive, os.path.isdir(source))
+        for target, source, recursive in wanted
+        if os.path.lexists(source)
+    )
+
+
+def detach_sources(sources: Sources) -> Detached:
+    """Per init, before it joins the template's copy: each source as a
+    detached bind mount. One gone since is left out: binding it fails as it
+    would without a template."""
+    detached: Detached = {}
     try:
-        for target, source, recursive in sources:
-            if os.path.lexists(source):
+        for target, source, recursive, is_dir in sources:
+            try:
                 fd = sc.open_tree_clone(source, recursive=recursive)
-                detached[target] = (fd, os.path.isdir(source))
+            except FileNotFoundError:
+                continue
+            detached[target] = (fd, is_dir)
     except OSError:
         close_detached(detached)
         raise
