@@ -228,9 +228,15 @@ def test_host_files_replaced_during_the_session_are_seen_and_stay_masked(
             return seen(pid)
 
     assert fresh() == ("", "first")
-    # The host replaces the secret (write a new file, rename it over the old).
-    (data / "secret.new").write_text("new secret")
-    os.rename(data / "secret.new", data / "secret")
+    with init(factory, setup) as running:
+        assert seen(running) == ("", "first")
+        # The host replaces the secret (write a new file, rename it over the old).
+        (data / "secret.new").write_text("new secret")
+        os.rename(data / "secret.new", data / "secret")
+        # The documented limit (docs/known-limitations.md): a sandbox that
+        # exists at that moment loses its mask and shows the new file...
+        assert seen(running) == ("new secret", "first")
+    # ...and every sandbox made afterwards masks it.
     assert fresh() == ("", "first")
     # The host replaces the whole directory.
     os.rename(data, tmp_path / "data.old")
