@@ -138,6 +138,12 @@ class Engine:
         live = self._init_factory.copied if self._init_factory is not None else 0
         return self.counts["roots_copied"] + live
 
+    @property
+    def sandboxes_reused(self) -> int:
+        """Sandboxes handed out again after their init reset them (initd)."""
+        live = self._init_factory.reused if self._init_factory is not None else 0
+        return self.counts["sandboxes_reused"] + live
+
     def init_factory(self, wait: bool = True) -> InitFactory | None:
         """As root, started once: it makes each sandbox's pid 1, namespaces and
         root, so pytest forks a test once (see initd.py). ``wait=False``
@@ -178,6 +184,7 @@ class Engine:
         self._live.clear()
         if self._init_factory is not None:
             self.counts["roots_copied"] += self._init_factory.copied
+            self.counts["sandboxes_reused"] += self._init_factory.reused
             self._init_factory.close()
             self._init_factory = None
             self._init_factory_tried = False
@@ -294,8 +301,8 @@ class Engine:
         fds: set[int] = set()
         for sandbox in self._live:
             fds.update(sandbox.fds)
-        if self._init_factory is not None and self._init_factory.fileno() >= 0:
-            fds.add(self._init_factory.fileno())
+        if self._init_factory is not None:
+            fds.update(self._init_factory.held_fds())
         return fds
 
     def _spawn(

@@ -35,20 +35,28 @@ import dataclasses
 import gc
 import json
 import os
+import select
 import signal
 import socket
 import struct
 import sys
-from collections.abc import Hashable
+import time
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import subprocess
 
-__all__ = ["InitFactory", "InitFactoryError", "InitSetup", "main"]
+__all__ = ["InitFactory", "InitFactoryError", "InitSetup", "Recycled", "main"]
 
 #: Inits made ahead of time for the setup last asked for.
 AHEAD = 2
+#: Inits kept for reuse after their test (Recycled), at most.
+POOL = 4
+#: How long an init waits for the processes of the last test to end.
+RESET_TIMEOUT = 5.0
+_RESET = b"r"
+_RESET_DONE = b"ok"
 _REGISTER = b"p"
 _REQUEST = b"n"
 #: The factory's answers with an init's pidfd: its root built whole, or copied.
@@ -80,6 +88,14 @@ class InitFactory:
         self._starting = False
         #: Inits handed out whose root is a copy of their setup's template.
         self.copied = 0
+        #: Inits handed out again after a reset (recycle()).
+        self.reused = 0
+        #: PYTEST_ISOLATE_REUSE=0: every test gets a new init.
+        self.reuse = os.environ.get("PYTEST_ISOLATE_REUSE", "1") != "0"
+        #: pidfd of a resettable init handed out -> (its control socket, setup id).
+        self._controls: dict[int, tuple[socket.socket, int]] = {}
+        #: Inits resetting or reset, oldest first.
+        self._pool: collections.deque[Recycled] = collections.deque()
 
     def start(self, wait: bool = True) -> None:
         """Start the factory; without ``wait``, return while the interpreter
@@ -169,15 +185,23 @@ class InitFactory:
         self._pending.append(ident)
 
     def _take(self) -> tuple[int, bool]:
-        """The next init's pidfd, and whether its root was copied from a template."""
-        self._pending.popleft()
+        """The next init's pidfd, and whether its root was copied from a
+        template (such an init comes with its control socket: it can be reset
+        for another test, see recycle())."""
+        ident = self._pending.popleft()
         data, fds = self._recv()
-        if data not in (_MADE, _MADE_FROM_TEMPLATE) or len(fds) != 1:
+        wanted = 2 if data == _MADE_FROM_TEMPLATE else 1
+        if data not in (_MADE, _MADE_FROM_TEMPLATE) or len(fds) != wanted:
             for fd in fds:
                 os.close(fd)
             raise InitFactoryError(
                 f"the init factory could not make an init: {data.decode(errors='replace')}"
             )
+        if wanted == 2:
+            # A caller that closed an init's pidfd without forget() left its
+            # socket under the same number.
+            self.forget(fds[0])
+            self._controls[fds[0]] = (socket.socket(fileno=fds[1]), ident)
         return fds[0], data == _MADE_FROM_TEMPLATE
 
     def new_init(self, setup: InitSetup | None = None) -> int:
@@ -192,6 +216,9 @@ class InitFactory:
             raise InitFactoryError("the init factory is not running")
         self._wait_ready()
         ident = self._id_of(setup)
+        reused = self._from_pool(ident)
+        if reused >= 0:
+            return reused
         while self._pending and self._pending[0] != ident:
             # Made for another setup: not usable for this one.
             with contextlib.suppress(InitFactoryError):
@@ -206,7 +233,71 @@ class InitFactory:
             while len(self._pending) < AHEAD:
                 self._request(ident)
 
+    def recycle(self, pidfd: int, test_gone: Callable[[], bool]) -> Recycled | None:
+        """Take back an init handed out by new_init() whose test has ended,
+        and ask it to reset its sandbox for another test of the same setup
+        (_reset: every process of the namespace killed, the mount table
+        checked, new uts, ipc and network namespaces, every writable file
+        system and /sys made again). None: this init cannot be reset (the
+        caller kills it). ``test_gone``: whether the test process pytest
+        forked into it has been reaped; the init is handed out again only
+        then, so that the next test is pid 2 and finds nothing of the last.
+        The returned handle says when the reset is over (settled())."""
+        control = self._controls.pop(pidfd, None)
+        if control is None:
+            return None
+        sock, ident = control
+        if not self.reuse:
+            sock.close()
+            return None
+        try:
+            sock.send(_RESET)
+        except OSError:
+            sock.close()
+            return None
+        recycled = Recycled(pidfd, sock, ident, test_gone)
+        self._pool.append(recycled)
+        while len(self._pool) > POOL:
+            self._pool.popleft().discard()
+        return recycled
+
+    def _from_pool(self, ident: int) -> int:
+        """The pidfd of a reset init of this setup, or -1."""
+        for recycled in list(self._pool):
+            state = recycled.settled()
+            if state is False:
+                self._pool.remove(recycled)
+                recycled.discard()
+            elif state and recycled.ident == ident and recycled.test_gone():
+                self._pool.remove(recycled)
+                self._controls[recycled.pidfd] = (recycled.sock, ident)
+                self.reused += 1
+                return recycled.pidfd
+        return -1
+
+    def held_fds(self) -> set[int]:
+        """Descriptors held here: never for a test process (the pidfds of
+        inits handed out belong to their sandboxes)."""
+        fds = {self.fileno()}
+        for sock, _ in self._controls.values():
+            fds.add(sock.fileno())
+        for recycled in self._pool:
+            fds.update((recycled.pidfd, recycled.sock.fileno()))
+        fds.discard(-1)
+        return fds
+
+    def forget(self, pidfd: int) -> None:
+        """An init handed out is killed by its sandbox: close its control socket."""
+        control = self._controls.pop(pidfd, None)
+        if control is not None:
+            control[0].close()
+
     def close(self) -> None:
+        while self._pool:
+            self._pool.popleft().discard()
+        for sock, _ in self._controls.values():
+            sock.close()
+        self._controls.clear()
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -218,6 +309,69 @@ class InitFactory:
             with contextlib.suppress(OSError):
                 os.rmdir(self._jail)
             self._jail = None
+
+
+class Recycled:
+    """An init taken back from its test and asked to reset its sandbox."""
+
+    def __init__(self, pidfd: int, sock: socket.socket, ident: int, test_gone: Callable[[], bool]):
+        self.pidfd = pidfd
+        self.sock = sock
+        self.ident = ident
+        self.test_gone = test_gone
+        #: None while resetting; True once reset; False if it failed.
+        self.state: bool | None = None
+        self.discarded = False
+
+    def settled(self) -> bool | None:
+        """Without blocking: None while the init resets, True when it is
+        ready for another test, False when it failed (then it is killed; the
+        kernel ends every process of its namespace)."""
+        if self.state is None and self.sock.fileno() >= 0:
+            ready = select.poll()
+            ready.register(self.sock, select.POLLIN)
+            if ready.poll(0):
+                try:
+                    reply = self.sock.recv(64)
+                except OSError:
+                    reply = b""
+                # Only this exact answer: anything else, or the end of the
+                # socket, is an init that could not make its sandbox new.
+                self.state = reply == _RESET_DONE
+                if not self.state:
+                    with contextlib.suppress(OSError):
+                        signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        return self.state
+
+    def gone(self, timeout: float = 0) -> bool:
+        """Every process of the sandbox's last test has ended: the init has
+        reset, or it failed and has exited (waiting up to ``timeout``)."""
+        if self.discarded:
+            return True
+        if self.state is None and timeout > 0:
+            _readable(self.sock.fileno(), timeout)
+        state = self.settled()
+        if state is None:
+            return False
+        return state or _readable(self.pidfd, timeout)
+
+    def discard(self) -> None:
+        """Kill the init (the kernel ends its namespace) and let go of it."""
+        if self.discarded:
+            return
+        self.discarded = True
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.close(self.pidfd)
+        self.state = False
+
+
+def _readable(fd: int, timeout: float = 0) -> bool:
+    ready = select.poll()
+    ready.register(fd, select.POLLIN)
+    return bool(ready.poll(int(timeout * 1000)))
 
 
 def _encode_setup(setup: InitSetup) -> bytes:
@@ -302,6 +456,122 @@ def _init_loop() -> None:  # pragma: no cover - runs as pid 1 of a sandbox
         signal.pause()
 
 
+def _serve_resets(
+    control: socket.socket, setup: InitSetup, template: Template
+) -> None:  # pragma: no cover - runs as pid 1 of a sandbox
+    """pid 1 of a sandbox copied from a template: between two tests, pytest
+    asks it to make its sandbox new (_reset). It answers "ok" or ends, and
+    ends when pytest closes the socket (the kernel then kills the rest of the
+    namespace)."""
+    mounts = _mount_table()
+    while True:
+        request = control.recv(16)
+        if request != _RESET:
+            return
+        _reset(setup, template, mounts)
+        mounts = _mount_table()
+        control.send(_RESET_DONE)
+
+
+def _mount_table() -> bytes:
+    """The sandbox's mount table as the next test must find it: without the
+    cgroup2 view a test process mounts for itself (under /sys, made again)."""
+    with open("/proc/self/mountinfo", "rb") as f:
+        table = f.read()
+    if b" /sys/" not in table:
+        return table
+    lines = table.splitlines(keepends=True)
+    return b"".join(line for line in lines if not line.split(b" ", 5)[4].startswith(b"/sys/"))
+
+
+def _end_every_process(timeout: float = RESET_TIMEOUT) -> None:  # pragma: no cover - pid 1
+    """SIGKILL every other process of the pid namespace and wait until each
+    has exited (the test process, pytest's child, may stay a zombie until
+    pytest reaps it: it holds nothing then). Raises TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)  # every process we may signal: all but pid 1
+        pidfds = []
+        try:
+            for name in os.listdir("/proc"):
+                if name.isdigit() and name != "1":
+                    with contextlib.suppress(ProcessLookupError):
+                        pidfds.append(os.pidfd_open(int(name)))
+            if not pidfds:
+                return
+            waiting = select.poll()
+            for fd in pidfds:
+                waiting.register(fd, select.POLLIN)
+            left = len(pidfds)
+            while left:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("processes of the last test did not end")
+                for fd, _ in waiting.poll(int(remaining * 1000) + 1):
+                    waiting.unregister(fd)
+                    left -= 1
+            # None started since the scan (a fork fails once SIGKILL is
+            # pending); checked all the same.
+            if all(_state(int(name)) in "ZX" for name in _pids()):
+                return
+        finally:
+            for fd in pidfds:
+                os.close(fd)
+
+
+def _pids() -> list[str]:
+    return [name for name in os.listdir("/proc") if name.isdigit() and name != "1"]
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return "X"
+
+
+def _reset(
+    setup: InitSetup, template: Template, mounts: bytes
+) -> None:  # pragma: no cover - pid 1
+    """Make the sandbox as new for the next test of its setup, or raise.
+
+    Nothing of the last test may be left: its processes are ended (and
+    checked gone), the mount table is checked unchanged (a test with the
+    default capabilities cannot mount, and this holds it), the uts, ipc and
+    network namespaces are new ones (SysV and POSIX IPC objects, sockets in
+    TIME_WAIT, the loopback's counters all stay behind), and every writable
+    file system is made again, with /dev and /sys (rootfs.renew_own). The
+    pid counter starts again at 2. What is kept is what no test can change:
+    the read-only root and the masks, /proc of the same pid namespace."""
+    from . import syscalls as sc
+    from .rootfs import renew_own
+
+    rootfs, hostname, new_net, _ = setup
+    _end_every_process()
+    if _mount_table() != mounts:
+        raise OSError(0, "the sandbox's mount table changed")
+    sc.unshare(sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | (sc.CLONE_NEWNET if new_net else 0))
+    renew_own(rootfs, template.own)
+    sc.sethostname(hostname)
+    if new_net:
+        sc.loopback_up()
+    with contextlib.suppress(OSError):
+        # The next process of the namespace is pid 2 again, as in a new one
+        # (/proc/sys is read-only in the sandbox: through a copy of /proc
+        # without its submounts).
+        proc = sc.open_tree_clone("/proc", recursive=False)
+        try:
+            fd = os.open("sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
+        finally:
+            os.close(proc)
+
+
 @dataclasses.dataclass(frozen=True)
 class Template:
     """A mount namespace holding the shared part of a setup's root
@@ -380,11 +650,17 @@ def _make_init(
     jail: str,
     setup: InitSetup | None,
     template: Template | None = None,
-) -> int:  # pragma: no cover - runs in the factory
-    """Fork pid 1 of a new pid namespace; return it once it is ready."""
+) -> tuple[int, socket.socket | None]:  # pragma: no cover - runs in the factory
+    """Fork pid 1 of a new pid namespace; return its pidfd once it is ready,
+    with pytest's end of its control socket when it can be reset."""
     from . import syscalls as sc
 
     status_r, status_w = os.pipe2(os.O_CLOEXEC)
+    # A sandbox copied from a template can be reset for another test of its
+    # setup (_reset): pytest asks through this socket.
+    control = ours = None
+    if template is not None and setup is not None:
+        control, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sc.unshare(sc.CLONE_NEWPID)
         pid = os.fork()
@@ -393,9 +669,14 @@ def _make_init(
                 gc.disable()  # a few hundred objects in its life: none worth a pass
                 os.close(status_r)
                 sock.close()
+                if control is not None:
+                    control.close()
                 # Dies with the factory, which dies with pytest.
                 sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
                 sc.set_process_name("isolate-init")
+                # pid 1 takes no signal from its namespace but those it
+                # handles: Python's SIGINT handler would be one.
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 if setup is None:
                     _jail(jail)
                 else:
@@ -403,26 +684,41 @@ def _make_init(
                 # A test granted CAP_SYS_PTRACE still cannot read our memory
                 # or descriptors; none of the factory's stays open anyway.
                 sc.prctl(sc.PR_SET_DUMPABLE, 0)
-                os.closerange(3, status_w)
+                _close_all_but({status_w} | ({ours.fileno()} if ours is not None else set()))
                 os.write(status_w, b"ok")
-                os.closerange(status_w, 1 << 16)
+                os.close(status_w)
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
                     os.write(status_w, f"{type(exc).__name__}: {exc}".encode()[:3000])
                 os._exit(1)
             with contextlib.suppress(BaseException):
-                _init_loop()
+                if ours is not None and setup is not None and template is not None:
+                    _serve_resets(ours, setup, template)
+                else:
+                    _init_loop()
             os._exit(0)
         sc.setns(own_pidns, sc.CLONE_NEWPID)
     finally:
         os.close(status_w)
+        if ours is not None:
+            ours.close()
     try:
         reply = os.read(status_r, 4000)
     finally:
         os.close(status_r)
     if reply != b"ok":
+        if control is not None:
+            control.close()
         raise OSError(0, reply.decode(errors="replace") or "the init died while starting")
-    return os.pidfd_open(pid)
+    return os.pidfd_open(pid), control
+
+
+def _close_all_but(keep: set[int]) -> None:  # pragma: no cover - in an init
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
 
 
 def main() -> None:  # pragma: no cover - runs in the factory process
@@ -479,7 +775,7 @@ def main() -> None:  # pragma: no cover - runs in the factory process
             templates[number] = _make_template(setup)
         template = templates.get(number)
         try:
-            pidfd = _make_init(sock, own_pidns, jail, setup, template)
+            pidfd, control = _make_init(sock, own_pidns, jail, setup, template)
         except OSError as exc:
             if template is not None:
                 # This setup's inits build the whole root from now on; pytest
@@ -490,6 +786,11 @@ def main() -> None:  # pragma: no cover - runs in the factory process
                 sock.send(f"error: {exc.strerror or exc}".encode()[:4000])
             continue
         try:
-            socket.send_fds(sock, [_MADE if template is None else _MADE_FROM_TEMPLATE], [pidfd])
+            if control is None:
+                socket.send_fds(sock, [_MADE], [pidfd])
+            else:
+                socket.send_fds(sock, [_MADE_FROM_TEMPLATE], [pidfd, control.fileno()])
         finally:
             os.close(pidfd)
+            if control is not None:
+                control.close()

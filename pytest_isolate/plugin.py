@@ -332,7 +332,10 @@ def _forks_line(engine: Any) -> str:
     )
     reason = engine.zygote_unavailable
     line += f" (zygote off: {reason})" if reason else ""
-    return line + f", {engine.roots_copied} roots copied from their spec's template"
+    return line + (
+        f", {engine.roots_copied} roots copied from their spec's template, "
+        f"{engine.sandboxes_reused} sandboxes reset and used again"
+    )
 
 
 def _peak_memory_count(config: pytest.Config) -> int | None:

@@ -710,6 +710,51 @@ def apply_own(plan: RootfsPlan, own: Sequence[Op], detached: Detached) -> None:
         os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")
 
 
+#: Own operations made again when a sandbox is reset for another test: the
+#: writable file systems, and /sys (it shows the network namespace it was
+#: mounted in).
+_RENEWED_KINDS = frozenset({"tmpfs", "dev", "sys"})
+
+
+def renewed_ops(own: Sequence[Op]) -> tuple[tuple[str, ...], tuple[Op, ...]]:
+    """(the mount points detached, the operations run again) of renew_own."""
+    tops = [op.target for op in own if op.kind in _RENEWED_KINDS]
+    tops = [t for t in tops if not any(_under(t, o) and t != o for o in tops)]
+    again = tuple(op for op in own if any(_under(op.target, t) for t in tops))
+    return tuple(tops), again
+
+
+def renew_own(plan: RootfsPlan, own: Sequence[Op]) -> None:
+    """In a sandbox copied from a template (apply_own), between two tests:
+    detach every writable file system of the sandbox (with all that is
+    mounted beneath it) and /sys, and make them again as apply_own made
+    them. The host paths bound beneath them (the device nodes of /dev, a
+    project under /tmp) are taken from the sandbox's own mounts first, where
+    they are the ones apply_own attached."""
+    tops, again = renewed_ops(own)
+    wanted = [(op.target, True) for op in again if op.kind == "bind"]
+    if any(op.kind == "dev" for op in again):
+        wanted += [("/dev/" + name, False) for name in DEVICES]
+    detached: Detached = {}
+    try:
+        for target, recursive in wanted:
+            with _step(f"take {target} before it is made again"):
+                try:
+                    fd = sc.open_tree_clone(target, recursive=recursive)
+                except FileNotFoundError:
+                    continue
+                detached[target] = (fd, os.path.isdir(target))
+        os.chdir("/")
+        for top in tops:
+            with _step(f"detach {top}"):
+                sc.umount2(top, sc.MNT_DETACH)
+        _run_ops(plan, again, "", detached)
+    finally:
+        close_detached(detached)
+    with _step(f"chdir {plan.cwd}"):
+        os.chdir(plan.cwd if os.path.isdir(plan.cwd) else "/")
+
+
 def _prepare_staging(plan: RootfsPlan) -> str:
     root = plan.staging
     scratch = os.path.dirname(root)

@@ -46,7 +46,7 @@ from typing import Literal
 
 from . import syscalls as sc
 from .capabilities import DEFAULT_ROOT_CAPS
-from .initd import InitFactory, InitFactoryError, InitSetup
+from .initd import InitFactory, InitFactoryError, InitSetup, Recycled
 from .prefault import Ranges, populate
 from .protocol import FrameReader, Message, ProtocolError, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
@@ -129,6 +129,11 @@ class Sandbox:
         self._cleanup = cleanup
         self._reaped: int | None = None
         self.init_pidfd = -1
+        #: Where the init goes after a clean end to be reset for another test.
+        self._recycler: InitFactory | None = None
+        self._recycled: Recycled | None = None
+        #: The "done" frame came, and nothing broke the protocol.
+        self._clean = False
         self.started = 0.0
         self.fds: tuple[int, ...] = (result_fd, go_fd, out_fd, err_fd, stack_fd)
         #: Forked by a zygote that has not answered yet: the call that gives
@@ -169,11 +174,13 @@ class Sandbox:
         self.fds = tuple(fd for fd in self.fds if fd not in held)
         self._adopt(resolve())
 
-    def attach_init(self, pidfd: int) -> None:
+    def attach_init(self, pidfd: int, recycler: InitFactory | None = None) -> None:
         """The sandbox's pid 1 came from the factory: killing it ends the
-        whole pid namespace."""
+        whole pid namespace. ``recycler``: the factory, which takes it back
+        after a test that ended cleanly, to be reset for another."""
         self.init_pidfd = pidfd
         self.fds = (*self.fds, pidfd)
+        self._recycler = recycler
 
     def go(self, data: bytes = b"", linger: bool = False) -> None:
         """Release the prepared test; the timeout clock starts here. ``data``
@@ -189,7 +196,20 @@ class Sandbox:
         """SIGKILL the sandbox's pid 1, which makes the kernel kill the rest of
         its pid namespace, and the process pytest forked. Idempotent."""
         self._resolve_quietly()
-        if self.init_pidfd < 0 and self._reaped is None and self.pid > 0:
+        if self._clean and self.init_pidfd >= 0 and self._recycler is not None:
+            # The init ends every process of the namespace itself, and is
+            # handed out again only once it has made the sandbox new.
+            recycled = self._recycler.recycle(self.init_pidfd, self._exited)
+            if recycled is not None:
+                self._recycled = recycled
+                self.fds = tuple(fd for fd in self.fds if fd != self.init_pidfd)
+                self.init_pidfd = -1
+        if (
+            self.init_pidfd < 0
+            and self._recycled is None
+            and self._reaped is None
+            and self.pid > 0
+        ):
             # Rootless, pid 1 is a child of the process pytest forked (which
             # stays outside the namespace): take it by pidfd, from the kernel's
             # own list of children, never from anything the sandbox says.
@@ -201,19 +221,31 @@ class Sandbox:
         if self.init_pidfd >= 0:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            if self._recycler is not None:
+                self._recycler.forget(self.init_pidfd)
         if self._reaped is None and self.pid > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
-    def is_gone(self) -> bool:
-        """Without blocking: have the process pytest forked and pid 1 exited?
-        Ours is reaped as soon as it has exited: pid 1 cannot finish while it
-        is an unreaped zombie of its namespace."""
-        self._resolve_quietly()
+    def _exited(self) -> bool:
+        """Without blocking: has the process pytest forked exited (then it
+        is reaped)?"""
         if self._reaped is None:
-            if not _readable(self.pidfd, 0):
+            if self.pid <= 0 or not _readable(self.pidfd, 0):
                 return False
             self._reap()
+        return True
+
+    def is_gone(self) -> bool:
+        """Without blocking: have the process pytest forked and pid 1 exited
+        (or pid 1 ended every other process, when it is reset for another
+        test)? Ours is reaped as soon as it has exited: pid 1 cannot finish
+        while it is an unreaped zombie of its namespace."""
+        self._resolve_quietly()
+        if not self._exited():
+            return False
+        if self._recycled is not None:
+            return self._recycled.gone()
         return self.init_pidfd < 0 or _readable(self.init_pidfd, 0)
 
     def wait_gone(self, timeout: float = 10.0) -> None:
@@ -225,7 +257,9 @@ class Sandbox:
         # Reap ours first: pid 1 cannot finish exiting while a process of its
         # namespace, the test forked by pytest, is still an unreaped zombie.
         self._reap()
-        if self.init_pidfd >= 0:
+        if self._recycled is not None:
+            self._recycled.gone(timeout)
+        elif self.init_pidfd >= 0:
             _readable(self.init_pidfd, timeout)
 
     def _reap(self) -> int:
@@ -278,6 +312,7 @@ class Sandbox:
                     if messages and messages[-1].type == "done":
                         complete = True
                         done = True
+                        self._clean = protocol_error is None
                         if not keep:
                             self.kill()
                 elif fd == self.pidfd:
@@ -354,6 +389,8 @@ class Sandbox:
             # Never forked (the zygote failed): its init waits for nobody.
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            if self._recycler is not None:
+                self._recycler.forget(self.init_pidfd)
         for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -453,7 +490,7 @@ def spawn(
                 -1, result_r, go_w, out_fd, err_fd, stack_fd, cleanup, (resolve, (result_w, go_r))
             )
             if init_pidfd >= 0:
-                sandbox.attach_init(init_pidfd)
+                sandbox.attach_init(init_pidfd, init_factory)
             return sandbox
         for attempt in range(2):
             try:
@@ -473,19 +510,23 @@ def spawn(
                     raise
                 # Kernels before 5.8 cannot setns() with a pidfd: without the
                 # factory's init, the sandbox makes its own.
+                if init_factory is not None:
+                    init_factory.forget(init_pidfd)
                 _kill_pidfd(init_pidfd)
                 init_pidfd = -1
     except BaseException:
         for fd in (result_r, result_w, go_r, go_w, out_fd, err_fd, stack_fd):
             os.close(fd)
         if init_pidfd >= 0:
+            if init_factory is not None:
+                init_factory.forget(init_pidfd)
             _kill_pidfd(init_pidfd)
         raise
     os.close(result_w)
     os.close(go_r)
     sandbox = Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
     if init_pidfd >= 0:
-        sandbox.attach_init(init_pidfd)
+        sandbox.attach_init(init_pidfd, init_factory)
     return sandbox
 
 

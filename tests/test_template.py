@@ -266,7 +266,10 @@ def test_the_run_says_how_many_roots_were_copied(pytester: pytest.Pytester) -> N
     result = run_isolated(pytester, "-vv")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(
-        ["isolate: 3 sandboxes, *, 2 roots copied from their spec's template"]
+        [
+            "isolate: 3 sandboxes, *, 2 roots copied from their spec's template, "
+            "0 sandboxes reset and used again"
+        ]
     )
 
 

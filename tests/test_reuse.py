@@ -1,0 +1,294 @@
+"""Sandboxes used again (initd.InitFactory.recycle, initd._reset): as root,
+after a test that ended cleanly its pid 1 is not killed but asked to make the
+sandbox new for the next test of the same spec. Proved against the real
+kernel: nothing the last test made reaches the next one (files in every
+writable file system, processes, SysV IPC, sockets and ports, the network's
+counters), the next test is pid 2 again, a sandbox whose mount table changed
+is never handed on, nor is one whose test timed out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import requires
+from rootless_util import run_isolated
+
+from pytest_isolate.initd import InitFactory
+from pytest_isolate.rootfs import RootfsPlan, plan_rootfs, project_paths
+
+# These tests look at sandboxes from the host: never inside one themselves.
+pytestmark = pytest.mark.isolated(False)
+
+
+@pytest.fixture
+def factory() -> Iterator[InitFactory]:
+    made = InitFactory()
+    made.start()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[RootfsPlan, str, bool, bool]]:
+    # The staging directory only needs to exist on the host, not under /tmp
+    # (the sandbox's own tmpfs when these tests run isolated).
+    parent = Path(os.environ.get("TMPDIR", "/tmp")) / f"pytest-isolate-reuse-{os.getpid()}"
+    (parent / "root").mkdir(parents=True)
+    project = tmp_path / "project"
+    project.mkdir()
+    plan = plan_rootfs(
+        staging=str(parent / "root"),
+        cwd=str(project),
+        home=os.environ.get("HOME"),
+        project=project_paths([str(project)]),
+        binds=(),
+        writable_paths=(),
+        tmpfs_size=8 << 20,
+        rootless=False,
+        cgroup2=False,
+    )
+    try:
+        yield (plan, "box", True, True)
+    finally:
+        shutil.rmtree(parent)
+
+
+def _pid_of(pidfd: int) -> int:
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+
+
+def _namespaces(pid: int) -> dict[str, int]:
+    return {ns: os.stat(f"/proc/{pid}/ns/{ns}").st_ino for ns in ("mnt", "pid", "net", "ipc", "uts")}
+
+
+def _mount_ids(pid: int) -> dict[str, str]:
+    """Mount point -> mount id, of the mounts the test looks at."""
+    with open(f"/proc/{pid}/mountinfo") as f:
+        table = {line.split()[4]: line.split()[0] for line in f}
+    wanted = ("/", "/usr", "/etc", "/proc", "/tmp", "/var/tmp", "/sys")
+    return {path: ident for path, ident in table.items() if path in wanted or path.startswith("/dev")}
+
+
+def _mounts(pid: int) -> list[tuple[str, str, str]]:
+    table = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1 :]
+            table.append((fields[4], rest[0], fields[5]))
+    return sorted(table)
+
+
+def _reset(factory: InitFactory, pidfd: int) -> bool | None:
+    recycled = factory.recycle(pidfd, lambda: True)
+    assert recycled is not None, "an init copied from a template can be reset"
+    deadline = time.monotonic() + 10
+    while recycled.settled() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return recycled.settled()
+
+
+@requires("root")
+def test_a_reset_sandbox_has_new_namespaces_file_systems_and_no_process_of_the_last_test(
+    factory: InitFactory, setup: tuple[RootfsPlan, str, bool, bool]
+) -> None:
+    pidfd = factory.new_init(setup)
+    pid = _pid_of(pidfd)
+    before, mounts = _namespaces(pid), _mounts(pid)
+    root = Path(f"/proc/{pid}/root")
+    ids = _mount_ids(pid)
+    renewed = {path for path in ids if path.startswith("/dev")} | {"/tmp", "/var/tmp", "/sys"}
+    assert {"/dev/null", "/dev/pts", "/dev/shm"} < renewed
+    (root / "tmp/marker").write_text("left by the last test")
+    (root / "dev/shm/marker").write_text("left by the last test")
+    # A process of the last test, still running in its pid namespace.
+    left = subprocess.Popen(["nsenter", "-t", str(pid), "-p", "--", "sleep", "1000"])
+    try:
+        time.sleep(0.2)
+        assert left.poll() is None
+        assert _reset(factory, pidfd) is True
+        assert left.wait(timeout=5) != 0, "the process left in the sandbox was ended"
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
+    again = factory.new_init(setup)
+    assert again == pidfd and factory.reused == 1, "the reset init is handed out again"
+    after = _namespaces(pid)
+    # The same pid and mount namespaces; new uts, ipc and network ones.
+    assert {ns for ns in before if before[ns] != after[ns]} == {"net", "ipc", "uts"}
+    # Every writable file system, /dev and /sys are new mounts, made as
+    # before; the rest of the root is the same.
+    new_ids = _mount_ids(pid)
+    assert {path for path in ids if ids[path] != new_ids.get(path)} == renewed
+    assert not (root / "tmp/marker").exists()
+    assert not (root / "dev/shm/marker").exists()
+    assert _mounts(pid) == mounts
+    hostname = subprocess.check_output(["nsenter", "-t", str(pid), "-u", "--", "hostname"])
+    assert hostname.decode().strip() == "box"
+    factory.forget(pidfd)
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    os.close(pidfd)
+
+
+@requires("root")
+def test_a_sandbox_whose_mount_table_changed_is_not_handed_on(
+    factory: InitFactory, setup: tuple[RootfsPlan, str, bool, bool]
+) -> None:
+    """A test with the default capabilities cannot mount; were a mount made
+    in its sandbox all the same, the init refuses to reset it and ends."""
+    pidfd = factory.new_init(setup)
+    pid = _pid_of(pidfd)
+    subprocess.run(
+        ["nsenter", "-t", str(pid), "-m", "--", "mount", "-t", "tmpfs", "none", "/mnt"], check=True
+    )
+    assert _reset(factory, pidfd) is False
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not os.path.exists(f"/proc/{pid}/ns"), "the init ended with its sandbox"
+    fresh = factory.new_init(setup)
+    try:
+        assert factory.reused == 0 and _pid_of(fresh) != pid
+    finally:
+        factory.forget(fresh)
+        signal.pidfd_send_signal(fresh, signal.SIGKILL)
+        os.close(fresh)
+
+
+_STATE_SUITE = """
+    import ctypes, os, signal, socket, subprocess
+    import pytest
+
+    PORT = 8123
+
+    @pytest.mark.parametrize("i", range(8))
+    def test_state(i):
+        # Nothing of the test before: no process, file, IPC object, socket...
+        assert os.getpid() == 2
+        assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, 2]
+        for path in ("/tmp", "/var/tmp", os.path.expanduser("~"), "/dev/shm"):
+            assert "marker" not in os.listdir(path), path
+        assert not os.path.exists("/dev/marker")
+        for kind in ("shm", "msg", "sem"):
+            with open(f"/proc/sysvipc/{kind}") as f:
+                assert len(f.read().splitlines()) == 1, kind
+        with open("/proc/net/tcp") as f:
+            assert len(f.read().splitlines()) == 1, "a socket of the last test"
+        with open("/sys/class/net/lo/statistics/tx_packets") as f:
+            assert f.read().strip() == "0", "the loopback's counters of the last test"
+        assert socket.gethostname() == "isolated"
+
+        # ...and this one leaves all of that behind.
+        for path in ("/tmp", "/var/tmp", os.path.expanduser("~"), "/dev/shm", "/dev"):
+            with open(os.path.join(path, "marker"), "w") as f:
+                f.write("x")
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.shmget(1234 + i, 4096, 0o1666) >= 0
+        assert libc.msgget(1234 + i, 0o1666) >= 0
+        assert libc.semget(1234 + i, 1, 0o1666) >= 0
+        # Bound without SO_REUSEADDR: a TIME_WAIT left on the port would refuse it.
+        server = socket.socket()
+        server.bind(("127.0.0.1", PORT))
+        server.listen()
+        client = socket.create_connection(("127.0.0.1", PORT))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: TIME_WAIT stays here
+        client.close()
+        server.close()
+        subprocess.Popen(["sleep", "1000"], start_new_session=True)
+        subprocess.Popen(["sh", "-c", "trap '' TERM HUP INT; sleep 1000"])
+        # pid 1 ignores what its namespace sends it, Python's SIGINT included.
+        os.kill(1, signal.SIGINT)
+        os.kill(1, signal.SIGTERM)
+"""
+
+
+@requires("root")
+def test_nothing_of_a_test_reaches_the_next_one_in_a_sandbox_used_again(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(_STATE_SUITE)
+    monkeypatch.setenv("HOME", "/root")  # a writable $HOME of its own (tmpfs)
+    result = run_isolated(pytester, "-vv")
+    result.assert_outcomes(passed=8)
+    line = result.stdout.str().split("roots copied from their spec's template, ")[1]
+    assert int(line.split()[0]) >= 3, line
+
+
+@requires("root")
+def test_with_reuse_off_every_test_gets_a_new_sandbox(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(_STATE_SUITE)
+    monkeypatch.setenv("HOME", "/root")
+    monkeypatch.setenv("PYTEST_ISOLATE_REUSE", "0")
+    result = run_isolated(pytester, "-vv")
+    result.assert_outcomes(passed=8)
+    result.stdout.fnmatch_lines(["*, 0 sandboxes reset and used again"])
+
+
+@requires("root")
+def test_a_sandbox_whose_test_timed_out_is_never_used_again(pytester: pytest.Pytester) -> None:
+    """Only a test that ended with its "done" frame hands its sandbox on; the
+    control run shows the same suite's sandboxes used again when it passes."""
+    pytester.makepyfile("""
+        import os, time
+        import pytest
+
+        @pytest.mark.parametrize("i", range(5))
+        @pytest.mark.isolated(timeout=0.3)
+        def test_slow(i):
+            time.sleep(0.25 if os.environ.get("FAST") else 10)
+    """)
+    result = run_isolated(pytester, "-vv")
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines(["*, 0 sandboxes reset and used again"])
+    os.environ["FAST"] = "1"
+    try:
+        result = run_isolated(pytester, "-vv")
+    finally:
+        del os.environ["FAST"]
+    result.assert_outcomes(passed=5)
+    line = result.stdout.str().split("roots copied from their spec's template, ")[1]
+    assert int(line.split()[0]) >= 1, line
+
+
+def test_reset_ops_cover_every_writable_file_system_and_what_lies_beneath() -> None:
+    from pytest_isolate.rootfs import Op, renewed_ops
+
+    own = (
+        Op("dev", "/dev"),
+        Op("tmpfs", "/tmp", writable=True),
+        Op("proc", "/proc"),
+        Op("mask_file", "/etc/shadow"),
+        Op("tmpfs", "/root", writable=True),
+        Op("sys", "/sys"),
+        Op("bind", "/tmp/project", "/tmp/project"),
+        Op("bind", "/root/.pyenv", "/root/.pyenv"),
+        Op("dir", "/tmp/project/sub"),
+    )
+    tops, again = renewed_ops(own)
+    assert tops == ("/dev", "/tmp", "/root", "/sys")
+    assert [op.target for op in again] == [
+        "/dev",
+        "/tmp",
+        "/root",
+        "/sys",
+        "/tmp/project",
+        "/root/.pyenv",
+        "/tmp/project/sub",
+    ]
+    assert dataclasses.replace(own[0]) == own[0]
