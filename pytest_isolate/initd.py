@@ -532,9 +532,7 @@ def _state(pid: int) -> str:
         return "X"
 
 
-def _reset(
-    setup: InitSetup, template: Template, mounts: bytes
-) -> None:  # pragma: no cover - pid 1
+def _reset(setup: InitSetup, template: Template, mounts: bytes) -> None:  # pragma: no cover - pid 1
     """Make the sandbox as new for the next test of its setup, or raise.
 
     Nothing of the last test may be left: its processes are ended (and

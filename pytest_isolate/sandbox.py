@@ -204,12 +204,7 @@ class Sandbox:
                 self._recycled = recycled
                 self.fds = tuple(fd for fd in self.fds if fd != self.init_pidfd)
                 self.init_pidfd = -1
-        if (
-            self.init_pidfd < 0
-            and self._recycled is None
-            and self._reaped is None
-            and self.pid > 0
-        ):
+        if self.init_pidfd < 0 and self._recycled is None and self._reaped is None and self.pid > 0:
             # Rootless, pid 1 is a child of the process pytest forked (which
             # stays outside the namespace): take it by pidfd, from the kernel's
             # own list of children, never from anything the sandbox says.

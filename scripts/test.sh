@@ -33,7 +33,7 @@ python=${VENV:-$root/.venv}/bin/python
 cpus=$(nproc)
 workers=${ISOLATE_TEST_WORKERS:-$(( cpus > 4 ? 4 : cpus ))}
 xdist=(); [ "$workers" -gt 1 ] && xdist=(-n "$workers")
-vm_k=${ISOLATE_VM_K-test_cgroups or test_limits or test_doctor or test_zygote or test_template or (test_engine and (memory or oom or peak or limit or cgroup))}
+vm_k=${ISOLATE_VM_K-test_cgroups or test_limits or test_doctor or test_zygote or test_template or test_reuse or (test_engine and (memory or oom or peak or limit or cgroup))}
 cg2vm=${CG2VM:-$root/../shared/tools/cg2vm}
 user=isotest
 # Not the paths tests/rootless_util.py uses: its venv must stay free of any
@@ -220,7 +220,7 @@ for part in "${parts[@]}"; do
       # process forks, which the suite treats as an error) and the
       # interpreter's at-fork hooks the zygote calls.
       header "py313: the engine's tests on Python 3.13 (tox)"
-      run_pytest py313 900 "$root/scripts/tox.sh" -e py313 -- tests/test_engine.py tests/test_zygote.py
+      run_pytest py313 900 "$root/scripts/tox.sh" -e py313 -- tests/test_engine.py tests/test_zygote.py tests/test_reuse.py
       ;;
     lint)
       header "lint: ruff check, ruff format --check"
