@@ -105,6 +105,7 @@ class Engine:
         self._last_run = 0.0
         self._sandboxes_seen = 0
         self._init_factory_tried = False
+        self._last_reset_failure = ""
         #: A test called pytest.exit(): (message, returncode), raised after its reports.
         self.pending_exit: tuple[str, int] | None = None
         self._deferred_teardown: tuple[pytest.Item, pytest.Item | None] | None = None
@@ -137,6 +138,18 @@ class Engine:
         """Sandboxes whose root was copied from their spec's template (initd)."""
         live = self._init_factory.copied if self._init_factory is not None else 0
         return self.counts["roots_copied"] + live
+
+    @property
+    def reset_failures(self) -> tuple[int, str]:
+        """Resets of sandboxes that failed (their init was killed instead),
+        and the last reason."""
+        factory = self._init_factory
+        if factory is None:
+            return self.counts["reset_failures"], self._last_reset_failure
+        return (
+            self.counts["reset_failures"] + factory.reset_failures,
+            factory.last_reset_failure or self._last_reset_failure,
+        )
 
     @property
     def sandboxes_reused(self) -> int:
@@ -185,6 +198,10 @@ class Engine:
         if self._init_factory is not None:
             self.counts["roots_copied"] += self._init_factory.copied
             self.counts["sandboxes_reused"] += self._init_factory.reused
+            self.counts["reset_failures"] += self._init_factory.reset_failures
+            self._last_reset_failure = (
+                self._init_factory.last_reset_failure or self._last_reset_failure
+            )
             self._init_factory.close()
             self._init_factory = None
             self._init_factory_tried = False

@@ -90,6 +90,9 @@ class InitFactory:
         self.copied = 0
         #: Inits handed out again after a reset (recycle()).
         self.reused = 0
+        #: Resets that failed (the init was killed instead), and the last reason.
+        self.reset_failures = 0
+        self.last_reset_failure = ""
         #: PYTEST_ISOLATE_REUSE=0: every test gets a new init.
         self.reuse = os.environ.get("PYTEST_ISOLATE_REUSE", "1") != "0"
         #: pidfd of a resettable init handed out -> (its control socket, setup id).
@@ -255,11 +258,15 @@ class InitFactory:
         except OSError:
             sock.close()
             return None
-        recycled = Recycled(pidfd, sock, ident, test_gone)
+        recycled = Recycled(pidfd, sock, ident, test_gone, self._reset_failed)
         self._pool.append(recycled)
         while len(self._pool) > POOL:
             self._pool.popleft().discard()
         return recycled
+
+    def _reset_failed(self, reason: str) -> None:
+        self.reset_failures += 1
+        self.last_reset_failure = reason
 
     def _from_pool(self, ident: int) -> int:
         """The pidfd of a reset init of this setup, or -1."""
@@ -314,8 +321,16 @@ class InitFactory:
 class Recycled:
     """An init taken back from its test and asked to reset its sandbox."""
 
-    def __init__(self, pidfd: int, sock: socket.socket, ident: int, test_gone: Callable[[], bool]):
+    def __init__(
+        self,
+        pidfd: int,
+        sock: socket.socket,
+        ident: int,
+        test_gone: Callable[[], bool],
+        failed: Callable[[str], None] = lambda reason: None,
+    ):
         self.pidfd = pidfd
+        self._failed = failed
         self.sock = sock
         self.ident = ident
         self.test_gone = test_gone
@@ -341,6 +356,8 @@ class Recycled:
                 if not self.state:
                     with contextlib.suppress(OSError):
                         signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                    reason = reply.decode("utf-8", "replace")[:300]
+                    self._failed(reason.removeprefix("error: ") or "the init ended")
         return self.state
 
     def gone(self, timeout: float = 0) -> bool:
@@ -468,8 +485,14 @@ def _serve_resets(
         request = control.recv(16)
         if request != _RESET:
             return
-        _reset(setup, template, mounts)
-        mounts = _mount_table()
+        try:
+            _reset(setup, template, mounts)
+            mounts = _mount_table()
+        except BaseException as exc:
+            # Said to pytest (-vv), then the init ends with its namespace.
+            with contextlib.suppress(OSError):
+                control.send(f"error: {type(exc).__name__}: {exc}".encode()[:300])
+            return
         control.send(_RESET_DONE)
 
 

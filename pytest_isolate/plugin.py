@@ -332,10 +332,14 @@ def _forks_line(engine: Any) -> str:
     )
     reason = engine.zygote_unavailable
     line += f" (zygote off: {reason})" if reason else ""
-    return line + (
+    line += (
         f", {engine.roots_copied} roots copied from their spec's template, "
         f"{engine.sandboxes_reused} sandboxes reset and used again"
     )
+    failures, reason = engine.reset_failures
+    if failures:
+        line += f" ({failures} resets failed, the last: {reason})"
+    return line
 
 
 def _peak_memory_count(config: pytest.Config) -> int | None:

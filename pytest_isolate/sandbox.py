@@ -325,6 +325,9 @@ class Sandbox:
             # The pid namespace is gone once its init is reaped; drain what is left.
             if result_open and protocol_error is None:
                 protocol_error = self._drain(reader, messages)
+            # The test process may have exited after its "done" frame before
+            # pytest read it (a busy or slow machine): as clean an end.
+            self._clean = protocol_error is None and bool(messages) and messages[-1].type == "done"
         test_status = None
         for msg in messages:
             if msg.type == "exit" and isinstance(msg.payload, dict):

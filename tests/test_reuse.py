@@ -157,7 +157,11 @@ def test_a_sandbox_whose_mount_table_changed_is_not_handed_on(
     subprocess.run(
         ["nsenter", "-t", str(pid), "-m", "--", "mount", "-t", "tmpfs", "none", "/mnt"], check=True
     )
-    assert _reset(factory, pidfd) is False
+    state = _reset(factory, pidfd)
+    reason = factory.last_reset_failure
+    assert state is False, "a changed mount table fails the reset"
+    assert factory.reset_failures == 1, reason
+    assert "the sandbox's mount table changed" in reason, reason
     deadline = time.monotonic() + 5
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -251,20 +255,20 @@ def test_a_sandbox_whose_test_timed_out_is_never_used_again(pytester: pytest.Pyt
         import os, time
         import pytest
 
-        @pytest.mark.parametrize("i", range(5))
-        @pytest.mark.isolated(timeout=0.3)
+        @pytest.mark.parametrize("i", range(6))
+        @pytest.mark.isolated(timeout=1)
         def test_slow(i):
-            time.sleep(0.25 if os.environ.get("FAST") else 10)
+            time.sleep(0.05 if os.environ.get("FAST") else 10)
     """)
     result = run_isolated(pytester, "-vv")
-    result.assert_outcomes(failed=5)
+    result.assert_outcomes(failed=6)
     result.stdout.fnmatch_lines(["*, 0 sandboxes reset and used again"])
     os.environ["FAST"] = "1"
     try:
         result = run_isolated(pytester, "-vv")
     finally:
         del os.environ["FAST"]
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=6)
     line = result.stdout.str().split("roots copied from their spec's template, ")[1]
     assert int(line.split()[0]) >= 1, line
 
