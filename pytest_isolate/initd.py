@@ -279,6 +279,9 @@ class InitFactory:
                 self._pool.remove(recycled)
                 self._controls[recycled.pidfd] = (recycled.sock, ident)
                 self.reused += 1
+                # It refers to the last test's sandbox, which refers to it: a
+                # cycle that only the cyclic collector would free, late.
+                recycled.test_gone = _gone
                 return recycled.pidfd
         return -1
 
@@ -363,8 +366,8 @@ class Recycled:
     def gone(self, timeout: float = 0) -> bool:
         """Every process of the sandbox's last test has ended: the init has
         reset, or it failed and has exited (waiting up to ``timeout``)."""
-        if self.discarded:
-            return True
+        if self.discarded or (self.state is None and self.sock.fileno() < 0):
+            return True  # killed, or its socket closed: the init ends with it
         if self.state is None and timeout > 0:
             _readable(self.sock.fileno(), timeout)
         state = self.settled()
@@ -377,12 +380,17 @@ class Recycled:
         if self.discarded:
             return
         self.discarded = True
+        self.test_gone = _gone
         with contextlib.suppress(OSError):
             signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         self.sock.close()
         with contextlib.suppress(OSError):
             os.close(self.pidfd)
         self.state = False
+
+
+def _gone() -> bool:
+    return True
 
 
 def _readable(fd: int, timeout: float = 0) -> bool:

@@ -394,6 +394,10 @@ class Sandbox:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.fds = ()
+        # The handle on its init, reset for another test, refers back to this
+        # sandbox until then: no cycle left for the cyclic collector.
+        self._recycled = None
+        self._recycler = None
         if self._cleanup is not None:
             cleanup, self._cleanup = self._cleanup, None
             cleanup()
