@@ -70,6 +70,7 @@ class Runner:
     args: tuple[str, ...]
     baseline: str = ""  # the plain runner whose time is subtracted
     kind: str = "isolate"  # plain | forked | isolate
+    env: tuple[tuple[str, str], ...] = ()  # set for this runner only
 
 
 @dataclass(frozen=True)
@@ -248,6 +249,17 @@ def runners(dev: str, forked: str | None) -> list[Runner]:
                 baseline="pytest (plain)",
             )
         )
+    # The same, every test in a sandbox made for it (docs/how-it-works.md,
+    # "Sandboxes used again"): what reuse saves, in the same invocation.
+    result.append(
+        Runner(
+            "--isolate, no sandbox used again",
+            dev,
+            ("--isolate",),
+            baseline="pytest (plain)",
+            env=(("PYTEST_ISOLATE_REUSE", "0"),),
+        )
+    )
     return result
 
 
@@ -268,7 +280,9 @@ def run_suite(
         for runner in configs:
             cmd = [runner.python, "-m", "pytest", *COMMON, *runner.args]
             try:
-                sample = run_once(cmd, suite.path, clean_env(), expect=suite.tests)
+                sample = run_once(
+                    cmd, suite.path, clean_env(**dict(runner.env)), expect=suite.tests
+                )
             except RuntimeError as exc:
                 results[runner.name].errors.append(str(exc))
                 log(f"  ! {runner.name}: {str(exc).splitlines()[0]}")
