@@ -482,13 +482,13 @@ def _init_loop() -> None:  # pragma: no cover - runs as pid 1 of a sandbox
 
 
 def _serve_resets(
-    control: socket.socket, setup: InitSetup, template: Template
+    control: socket.socket, setup: InitSetup, template: Template, mounts: bytes
 ) -> None:  # pragma: no cover - runs as pid 1 of a sandbox
     """pid 1 of a sandbox copied from a template: between two tests, pytest
     asks it to make its sandbox new (_reset). It answers "ok" or ends, and
     ends when pytest closes the socket (the kernel then kills the rest of the
-    namespace)."""
-    mounts = _mount_table()
+    namespace). ``mounts``: its mount table, read before it said it was
+    ready (no test could have run in it yet)."""
     while True:
         request = control.recv(16)
         if request != _RESET:
@@ -713,6 +713,7 @@ def _make_init(
                 # A test granted CAP_SYS_PTRACE still cannot read our memory
                 # or descriptors; none of the factory's stays open anyway.
                 sc.prctl(sc.PR_SET_DUMPABLE, 0)
+                mounts = _mount_table() if ours is not None else b""
                 _close_all_but({status_w} | ({ours.fileno()} if ours is not None else set()))
                 os.write(status_w, b"ok")
                 os.close(status_w)
@@ -722,7 +723,7 @@ def _make_init(
                 os._exit(1)
             with contextlib.suppress(BaseException):
                 if ours is not None and setup is not None and template is not None:
-                    _serve_resets(ours, setup, template)
+                    _serve_resets(ours, setup, template, mounts)
                 else:
                     _init_loop()
             os._exit(0)

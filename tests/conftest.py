@@ -6,9 +6,11 @@ import functools
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+
+from pytest_isolate.initd import InitFactory
 
 pytest_plugins = ["pytester"]
 
@@ -68,3 +70,15 @@ def requires(*features: str) -> pytest.MarkDecorator:
     """Skip unless every named host feature is present; the reason names it."""
     missing = [_FEATURES[f][1] for f in features if not _FEATURES[f][0]()]
     return pytest.mark.skipif(bool(missing), reason="; ".join(missing) or "ok")
+
+
+@pytest.fixture
+def factory() -> Iterator[InitFactory]:
+    """A running init factory (test_template, test_reuse), closed with every
+    init it holds afterwards."""
+    made = InitFactory()
+    made.start()
+    try:
+        yield made
+    finally:
+        made.close()

@@ -19,23 +19,14 @@ from pathlib import Path
 
 import pytest
 from conftest import requires
+from initd_util import host_plan, mounts, pid_of
 from rootless_util import run_isolated
 
 from pytest_isolate.initd import InitFactory
-from pytest_isolate.rootfs import RootfsPlan, plan_rootfs, project_paths
+from pytest_isolate.rootfs import RootfsPlan
 
 # These tests look at sandboxes from the host: never inside one themselves.
 pytestmark = pytest.mark.isolated(False)
-
-
-@pytest.fixture
-def factory() -> Iterator[InitFactory]:
-    made = InitFactory()
-    made.start()
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 @pytest.fixture
@@ -46,26 +37,11 @@ def setup(tmp_path: Path) -> Iterator[tuple[RootfsPlan, str, bool, bool]]:
     (parent / "root").mkdir(parents=True)
     project = tmp_path / "project"
     project.mkdir()
-    plan = plan_rootfs(
-        staging=str(parent / "root"),
-        cwd=str(project),
-        home=os.environ.get("HOME"),
-        project=project_paths([str(project)]),
-        binds=(),
-        writable_paths=(),
-        tmpfs_size=8 << 20,
-        rootless=False,
-        cgroup2=False,
-    )
+    plan = host_plan(parent / "root", project)
     try:
         yield (plan, "box", True, True)
     finally:
         shutil.rmtree(parent)
-
-
-def _pid_of(pidfd: int) -> int:
-    with open(f"/proc/self/fdinfo/{pidfd}") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
 
 
 def _namespaces(pid: int) -> dict[str, int]:
@@ -84,16 +60,6 @@ def _mount_ids(pid: int) -> dict[str, str]:
     }
 
 
-def _mounts(pid: int) -> list[tuple[str, str, str]]:
-    table = []
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            rest = fields[fields.index("-") + 1 :]
-            table.append((fields[4], rest[0], fields[5]))
-    return sorted(table)
-
-
 def _reset(factory: InitFactory, pidfd: int) -> bool | None:
     recycled = factory.recycle(pidfd, lambda: True)
     assert recycled is not None, "an init copied from a template can be reset"
@@ -108,8 +74,8 @@ def test_a_reset_sandbox_has_new_namespaces_file_systems_and_no_process_of_the_l
     factory: InitFactory, setup: tuple[RootfsPlan, str, bool, bool]
 ) -> None:
     pidfd = factory.new_init(setup)
-    pid = _pid_of(pidfd)
-    before, mounts = _namespaces(pid), _mounts(pid)
+    pid = pid_of(pidfd)
+    before, table = _namespaces(pid), mounts(pid)
     root = Path(f"/proc/{pid}/root")
     ids = _mount_ids(pid)
     renewed = {path for path in ids if path.startswith("/dev")} | {"/tmp", "/var/tmp", "/sys"}
@@ -138,11 +104,12 @@ def test_a_reset_sandbox_has_new_namespaces_file_systems_and_no_process_of_the_l
     assert {path for path in ids if ids[path] != new_ids.get(path)} == renewed
     assert not (root / "tmp/marker").exists()
     assert not (root / "dev/shm/marker").exists()
-    assert _mounts(pid) == mounts
+    assert mounts(pid) == table
     hostname = subprocess.check_output(["nsenter", "-t", str(pid), "-u", "--", "hostname"])
     assert hostname.decode().strip() == "box"
-    factory.forget(pidfd)
+    # Killed first: once its socket is closed, the init ends by itself.
     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    factory.forget(pidfd)
     os.close(pidfd)
 
 
@@ -153,7 +120,7 @@ def test_a_sandbox_whose_mount_table_changed_is_not_handed_on(
     """A test with the default capabilities cannot mount; were a mount made
     in its sandbox all the same, the init refuses to reset it and ends."""
     pidfd = factory.new_init(setup)
-    pid = _pid_of(pidfd)
+    pid = pid_of(pidfd)
     subprocess.run(
         ["nsenter", "-t", str(pid), "-m", "--", "mount", "-t", "tmpfs", "none", "/mnt"], check=True
     )
@@ -168,10 +135,10 @@ def test_a_sandbox_whose_mount_table_changed_is_not_handed_on(
     assert not os.path.exists(f"/proc/{pid}/ns"), "the init ended with its sandbox"
     fresh = factory.new_init(setup)
     try:
-        assert factory.reused == 0 and _pid_of(fresh) != pid
+        assert factory.reused == 0 and pid_of(fresh) != pid
     finally:
-        factory.forget(fresh)
         signal.pidfd_send_signal(fresh, signal.SIGKILL)
+        factory.forget(fresh)
         os.close(fresh)
 
 
@@ -248,7 +215,9 @@ def test_with_reuse_off_every_test_gets_a_new_sandbox(
 
 
 @requires("root")
-def test_a_sandbox_whose_test_timed_out_is_never_used_again(pytester: pytest.Pytester) -> None:
+def test_a_sandbox_whose_test_timed_out_is_never_used_again(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Only a test that ended with its "done" frame hands its sandbox on; the
     control run shows the same suite's sandboxes used again when it passes."""
     pytester.makepyfile("""
@@ -263,11 +232,8 @@ def test_a_sandbox_whose_test_timed_out_is_never_used_again(pytester: pytest.Pyt
     result = run_isolated(pytester, "-vv")
     result.assert_outcomes(failed=6)
     result.stdout.fnmatch_lines(["*, 0 sandboxes reset and used again"])
-    os.environ["FAST"] = "1"
-    try:
-        result = run_isolated(pytester, "-vv")
-    finally:
-        del os.environ["FAST"]
+    monkeypatch.setenv("FAST", "1")
+    result = run_isolated(pytester, "-vv")
     result.assert_outcomes(passed=6)
     line = result.stdout.str().split("roots copied from their spec's template, ")[1]
     assert int(line.split()[0]) >= 1, line

@@ -10,6 +10,7 @@ cannot remount or reach pid 1) share one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import os
@@ -21,30 +22,16 @@ from pathlib import Path
 
 import pytest
 from conftest import requires
+from initd_util import host_plan, mounts, pid_of
 from rootless_util import run_isolated
 
 from pytest_isolate.capabilities import DEFAULT_ROOT_CAPS
 from pytest_isolate.initd import AHEAD, InitFactory
-from pytest_isolate.rootfs import Op, RootfsPlan, plan_rootfs, project_paths, split_template
+from pytest_isolate.rootfs import Op, RootfsPlan, split_template
 from pytest_isolate.sandbox import SandboxPlan, _init_setup
 
 # These tests look at sandboxes from the host: never inside one themselves.
 pytestmark = pytest.mark.isolated(False)
-
-
-def _plan(staging: Path, project: Path, **kwargs: object) -> RootfsPlan:
-    return plan_rootfs(
-        staging=str(staging),
-        cwd=str(project),
-        home=os.environ.get("HOME"),
-        project=project_paths([str(project)]),
-        binds=(),
-        writable_paths=(),
-        tmpfs_size=8 << 20,
-        rootless=False,
-        cgroup2=False,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 # --------------------------------------------------------------------------- the split
@@ -90,11 +77,11 @@ def test_the_split_shares_read_only_views_and_keeps_writable_mounts_per_sandbox(
 
 def test_no_template_for_an_overlay_or_an_image_root(tmp_path: Path) -> None:
     for kwargs in ({"overlay": True}, {"image_root": str(tmp_path)}):
-        assert split_template(_plan(tmp_path / "root", tmp_path, **kwargs)) is None
+        assert split_template(host_plan(tmp_path / "root", tmp_path, **kwargs)) is None
 
 
 def test_only_tests_with_the_default_capabilities_share_a_template(tmp_path: Path) -> None:
-    rootfs = _plan(tmp_path / "root", tmp_path)
+    rootfs = host_plan(tmp_path / "root", tmp_path)
 
     def shares(caps: frozenset[str] | None) -> bool:
         setup = _init_setup(SandboxPlan(rootfs=rootfs, caps=caps))
@@ -114,16 +101,6 @@ def test_only_tests_with_the_default_capabilities_share_a_template(tmp_path: Pat
 
 
 @pytest.fixture
-def factory() -> Iterator[InitFactory]:
-    made = InitFactory()
-    made.start()
-    try:
-        yield made
-    finally:
-        made.close()
-
-
-@pytest.fixture
 def staging() -> Iterator[Path]:
     # Not under tmp_path: /tmp is the sandbox's own tmpfs, and the staging
     # directory only needs to exist on the host.
@@ -140,24 +117,10 @@ def init(factory: InitFactory, setup: tuple[RootfsPlan, str, bool, bool]) -> Ite
     """A ready init of ``setup``; its pid on the host. Killed afterwards."""
     pidfd = factory.new_init(setup)
     try:
-        with open(f"/proc/self/fdinfo/{pidfd}") as f:
-            pid = next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
-        yield pid
+        yield pid_of(pidfd)
     finally:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         os.close(pidfd)
-
-
-def mounts(pid: int) -> list[tuple[str, str, str, str]]:
-    """(mount point, file system, per-mount options, source) of each mount,
-    sorted: what must not differ between a copy and a whole build."""
-    table = []
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            rest = fields[fields.index("-") + 1 :]
-            table.append((fields[4], rest[0], fields[5], rest[1]))
-    return sorted(table)
 
 
 @requires("root")
@@ -165,7 +128,7 @@ def test_a_copy_of_the_template_has_the_mounts_of_a_whole_build(
     factory: InitFactory, staging: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "project").mkdir()
-    rootfs = _plan(staging, tmp_path / "project")
+    rootfs = host_plan(staging, tmp_path / "project")
     with init(factory, (rootfs, "box", True, False)) as whole:
         expected = mounts(whole)
     assert factory.copied == 0
@@ -180,7 +143,7 @@ def test_sandboxes_of_one_template_share_nothing_writable(
     factory: InitFactory, staging: Path, tmp_path: Path
 ) -> None:
     (tmp_path / "project").mkdir()
-    setup = (_plan(staging, tmp_path / "project"), "box", True, True)
+    setup = (host_plan(staging, tmp_path / "project"), "box", True, True)
     with init(factory, setup) as first, init(factory, setup) as second:
         one, two = Path(f"/proc/{first}/root"), Path(f"/proc/{second}/root")
         for writable in ("tmp", "var/tmp", "dev/shm", "dev"):
@@ -210,7 +173,7 @@ def test_host_files_replaced_during_the_session_are_seen_and_stay_masked(
     data.mkdir()
     (data / "secret").write_text("old secret")
     (data / "plain").write_text("first")
-    base = _plan(staging, tmp_path / "project")
+    base = host_plan(staging, tmp_path / "project")
     extra = (Op("bind", "/data", str(data)), Op("mask_file", "/data/secret"))
     ops = sorted((*base.ops, *extra), key=lambda op: op.target.rstrip("/").count("/"))
     setup = (dataclasses.replace(base, ops=tuple(ops)), "box", True, True)
@@ -238,12 +201,24 @@ def test_host_files_replaced_during_the_session_are_seen_and_stay_masked(
         assert seen(running) == ("new secret", "first")
     # ...and every sandbox made afterwards masks it.
     assert fresh() == ("", "first")
-    # The host replaces the whole directory.
-    os.rename(data, tmp_path / "data.old")
-    data.mkdir()
-    (data / "secret").write_text("newer secret")
-    (data / "plain").write_text("second")
+    # The host replaces the whole directory, made aside and swapped in at
+    # once: the factory makes inits ahead meanwhile, and one made between a
+    # mkdir and the files written would find no secret to mask (and fail).
+    newer = tmp_path / "data.new"
+    newer.mkdir()
+    (newer / "secret").write_text("newer secret")
+    (newer / "plain").write_text("second")
+    _exchange(newer, data)
     assert fresh() == ("", "second")
+
+
+def _exchange(one: Path, other: Path) -> None:
+    """renameat2(RENAME_EXCHANGE): both paths exist at every instant."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, bytes(one), at_fdcwd, bytes(other), rename_exchange) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 @requires("root")
@@ -285,7 +260,7 @@ def test_host_mounts_made_during_the_session_are_seen_as_in_a_root_built_whole(
     (tmp_path / "project").mkdir()
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
-    base = _plan(staging, tmp_path / "project")
+    base = host_plan(staging, tmp_path / "project")
     ops = sorted(
         (*base.ops, Op("bind", "/data", str(data))),
         key=lambda op: op.target.rstrip("/").count("/"),

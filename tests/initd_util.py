@@ -1,0 +1,44 @@
+"""Helpers for the tests that drive the init factory directly (test_template,
+test_reuse; their `factory` fixture is in conftest.py): which process an
+init's pidfd names, and its mount table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pytest_isolate.rootfs import RootfsPlan, plan_rootfs, project_paths
+
+
+def pid_of(pidfd: int) -> int:
+    """The host pid of the process a pidfd refers to."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pid:"))
+
+
+def mounts(pid: int) -> list[tuple[str, str, str, str]]:
+    """(mount point, file system, per-mount options, source) of each mount,
+    sorted: what must not differ between two builds of the same root."""
+    table = []
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            rest = fields[fields.index("-") + 1 :]
+            table.append((fields[4], rest[0], fields[5], rest[1]))
+    return sorted(table)
+
+
+def host_plan(staging: Path, project: Path, **kwargs: object) -> RootfsPlan:
+    """The default root (the host's view) of a test in ``project``, as root."""
+    return plan_rootfs(
+        staging=str(staging),
+        cwd=str(project),
+        home=os.environ.get("HOME"),
+        project=project_paths([str(project)]),
+        binds=(),
+        writable_paths=(),
+        tmpfs_size=8 << 20,
+        rootless=False,
+        cgroup2=False,
+        **kwargs,  # type: ignore[arg-type]
+    )
