@@ -50,16 +50,6 @@ def _namespaces(pid: int) -> dict[str, int]:
     }
 
 
-def _mount_ids(pid: int) -> dict[str, str]:
-    """Mount point -> mount id, of the mounts the test looks at."""
-    with open(f"/proc/{pid}/mountinfo") as f:
-        table = {line.split()[4]: line.split()[0] for line in f}
-    wanted = ("/", "/usr", "/etc", "/proc", "/tmp", "/var/tmp", "/sys")
-    return {
-        path: ident for path, ident in table.items() if path in wanted or path.startswith("/dev")
-    }
-
-
 def _reset(factory: InitFactory, pidfd: int) -> bool | None:
     recycled = factory.recycle(pidfd, lambda: True)
     assert recycled is not None, "an init copied from a template can be reset"
@@ -77,11 +67,14 @@ def test_a_reset_sandbox_has_new_namespaces_file_systems_and_no_process_of_the_l
     pid = pid_of(pidfd)
     before, table = _namespaces(pid), mounts(pid)
     root = Path(f"/proc/{pid}/root")
-    ids = _mount_ids(pid)
-    renewed = {path for path in ids if path.startswith("/dev")} | {"/tmp", "/var/tmp", "/sys"}
-    assert {"/dev/null", "/dev/pts", "/dev/shm"} < renewed
-    (root / "tmp/marker").write_text("left by the last test")
-    (root / "dev/shm/marker").write_text("left by the last test")
+    # Left by the last test in every writable file system of the sandbox.
+    writable = [op.target.lstrip("/") for op in setup[0].ops if op.kind == "tmpfs"]
+    writable += ["dev", "dev/shm"]
+    assert {"tmp", "var/tmp"} <= set(writable)
+    for path in writable:
+        (root / path / "marker").write_text("left by the last test")
+    # /sys shows the network namespace it was mounted in.
+    loopback = os.stat(root / "sys/class/net/lo").st_ino
     # A process of the last test, still running in its pid namespace.
     left = subprocess.Popen(["nsenter", "-t", str(pid), "-p", "--", "sleep", "1000"])
     try:
@@ -98,12 +91,10 @@ def test_a_reset_sandbox_has_new_namespaces_file_systems_and_no_process_of_the_l
     after = _namespaces(pid)
     # The same pid and mount namespaces; new uts, ipc and network ones.
     assert {ns for ns in before if before[ns] != after[ns]} == {"net", "ipc", "uts"}
-    # Every writable file system, /dev and /sys are new mounts, made as
-    # before; the rest of the root is the same.
-    new_ids = _mount_ids(pid)
-    assert {path for path in ids if ids[path] != new_ids.get(path)} == renewed
-    assert not (root / "tmp/marker").exists()
-    assert not (root / "dev/shm/marker").exists()
+    # Every writable file system is a new one, /sys is the new network
+    # namespace's, and the mounts are the ones made before.
+    assert [path for path in writable if (root / path / "marker").exists()] == []
+    assert os.stat(root / "sys/class/net/lo").st_ino != loopback
     assert mounts(pid) == table
     hostname = subprocess.check_output(["nsenter", "-t", str(pid), "-u", "--", "hostname"])
     assert hostname.decode().strip() == "box"
