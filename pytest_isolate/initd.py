@@ -515,6 +515,26 @@ def _mount_table() -> bytes:
     return b"".join(line for line in lines if not line.split(b" ", 5)[4].startswith(b"/sys/"))
 
 
+def _mounts_kept(before: bytes, now: bytes) -> bool:
+    """Every mount of ``before`` is still there, unchanged, and every other
+    one came from the host: a mount the host made beneath a path the
+    sandbox binds reaches it as a slave of the host's (``master:`` in its
+    optional fields), as it would reach a sandbox made now. A mount made in
+    the sandbox itself would be private."""
+    if now == before:
+        return True
+    old = set(before.splitlines())
+    lines = now.splitlines()
+    if not old.issubset(lines):
+        return False  # removed or changed (the host's unmounts fail it too)
+    for line in lines:
+        if line not in old:
+            optional = line.split(b" - ", 1)[0].split()[6:]
+            if not any(field.startswith(b"master:") for field in optional):
+                return False
+    return True
+
+
 def _end_every_process(timeout: float = RESET_TIMEOUT) -> None:  # pragma: no cover - pid 1
     """SIGKILL every other process of the pid namespace and wait until each
     has exited (the test process, pytest's child, may stay a zombie until
@@ -579,7 +599,7 @@ def _reset(setup: InitSetup, template: Template, mounts: bytes) -> None:  # prag
 
     rootfs, hostname, new_net, _ = setup
     _end_every_process()
-    if _mount_table() != mounts:
+    if not _mounts_kept(mounts, _mount_table()):
         raise OSError(0, "the sandbox's mount table changed")
     sc.unshare(sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | (sc.CLONE_NEWNET if new_net else 0))
     renew_own(rootfs, template.own)
@@ -805,7 +825,15 @@ def main() -> None:  # pragma: no cover - runs in the factory process
             templates[number] = _make_template(setup)
         template = templates.get(number)
         try:
-            pidfd, control = _make_init(sock, own_pidns, jail, setup, template)
+            try:
+                pidfd, control = _make_init(sock, own_pidns, jail, setup, template)
+            except OSError:
+                if template is None:
+                    raise
+                # Once more before giving the template up: a host file being
+                # replaced at that very moment fails the mask made on it
+                # (mount(2) on a name just renamed over: ENOENT).
+                pidfd, control = _make_init(sock, own_pidns, jail, setup, template)
         except OSError as exc:
             if template is not None:
                 # This setup's inits build the whole root from now on; pytest

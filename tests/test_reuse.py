@@ -9,6 +9,7 @@ is never handed on, nor is one whose test timed out.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -131,6 +132,56 @@ def test_a_sandbox_whose_mount_table_changed_is_not_handed_on(
         signal.pidfd_send_signal(fresh, signal.SIGKILL)
         factory.forget(fresh)
         os.close(fresh)
+
+
+@requires("root")
+def test_a_mount_the_host_makes_meanwhile_does_not_fail_the_reset(tmp_path: Path) -> None:
+    """Where the host's mounts are shared (systemd), a mount the host makes
+    beneath a path the sandbox binds reaches the sandbox (as it reaches one
+    made now): not a change the last test made. A mount made inside does
+    fail it (the test above)."""
+    from pytest_isolate.rootfs import Op
+
+    parent = Path(os.environ.get("TMPDIR", "/tmp")) / f"pytest-isolate-reuse-host-{os.getpid()}"
+    (parent / "root").mkdir(parents=True)
+    (tmp_path / "project").mkdir()
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    base = host_plan(parent / "root", tmp_path / "project")
+    ops = sorted(
+        (*base.ops, Op("bind", "/data", str(data))),
+        key=lambda op: op.target.rstrip("/").count("/"),
+    )
+    setup = (dataclasses.replace(base, ops=tuple(ops)), "box", True, True)
+    subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(data)], check=True)
+        made = InitFactory()
+        made.start()
+        try:
+            pidfd = made.new_init(setup)
+            pid = pid_of(pidfd)
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=1m", "isolate-test", str(data / "sub")],
+                check=True,
+            )
+            try:
+                (data / "sub" / "shown").write_text("mounted by the host")
+                shown = Path(f"/proc/{pid}/root/data/sub/shown")
+                assert shown.read_text() == "mounted by the host"
+                assert _reset(made, pidfd) is True, made.last_reset_failure
+                assert made.new_init(setup) == pidfd
+                assert shown.read_text() == "mounted by the host"
+            finally:
+                subprocess.run(["umount", str(data / "sub")], check=True)
+            # The host's unmount reaches it too: that one fails the reset
+            # (a mount gone is never taken for the host's).
+            assert _reset(made, pidfd) is False
+        finally:
+            made.close()
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=True)
+        shutil.rmtree(parent)
 
 
 _STATE_SUITE = """
