@@ -4,10 +4,14 @@ init's pidfd names, and its mount table."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-from pytest_isolate.rootfs import RootfsPlan, plan_rootfs, project_paths
+from pytest_isolate.rootfs import Op, RootfsPlan, plan_rootfs, project_paths
 
 
 def pid_of(pidfd: int) -> int:
@@ -42,3 +46,21 @@ def host_plan(staging: Path, project: Path, **kwargs: object) -> RootfsPlan:
         cgroup2=False,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def with_ops(plan: RootfsPlan, *ops: Op) -> RootfsPlan:
+    """``plan`` with more operations, in depth order as plan_rootfs makes it."""
+    ordered = sorted((*plan.ops, *ops), key=lambda op: op.target.rstrip("/").count("/"))
+    return dataclasses.replace(plan, ops=tuple(ordered))
+
+
+@contextlib.contextmanager
+def shared_mount(path: Path) -> Iterator[None]:
+    """``path`` made a shared mount of its own, as systemd makes the host's:
+    mounts made beneath it later reach every copy of it."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -9,7 +9,6 @@ is never handed on, nor is one whose test timed out.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires
-from initd_util import host_plan, mounts, pid_of
+from initd_util import host_plan, mounts, pid_of, shared_mount, with_ops
 from rootless_util import run_isolated
 
 from pytest_isolate.initd import InitFactory
@@ -147,40 +146,36 @@ def test_a_mount_the_host_makes_meanwhile_does_not_fail_the_reset(tmp_path: Path
     (tmp_path / "project").mkdir()
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
-    base = host_plan(parent / "root", tmp_path / "project")
-    ops = sorted(
-        (*base.ops, Op("bind", "/data", str(data))),
-        key=lambda op: op.target.rstrip("/").count("/"),
+    plan = with_ops(
+        host_plan(parent / "root", tmp_path / "project"), Op("bind", "/data", str(data))
     )
-    setup = (dataclasses.replace(base, ops=tuple(ops)), "box", True, True)
-    subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
+    setup = (plan, "box", True, True)
     try:
-        subprocess.run(["mount", "--make-shared", str(data)], check=True)
-        made = InitFactory()
-        made.start()
-        try:
-            pidfd = made.new_init(setup)
-            pid = pid_of(pidfd)
-            subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", "size=1m", "isolate-test", str(data / "sub")],
-                check=True,
-            )
+        with shared_mount(data):
+            made = InitFactory()
+            made.start()
             try:
-                (data / "sub" / "shown").write_text("mounted by the host")
-                shown = Path(f"/proc/{pid}/root/data/sub/shown")
-                assert shown.read_text() == "mounted by the host"
-                assert _reset(made, pidfd) is True, made.last_reset_failure
-                assert made.new_init(setup) == pidfd
-                assert shown.read_text() == "mounted by the host"
+                pidfd = made.new_init(setup)
+                pid = pid_of(pidfd)
+                subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", "size=1m", "isolate-test", str(data / "sub")],
+                    check=True,
+                )
+                try:
+                    (data / "sub" / "shown").write_text("mounted by the host")
+                    shown = Path(f"/proc/{pid}/root/data/sub/shown")
+                    assert shown.read_text() == "mounted by the host"
+                    assert _reset(made, pidfd) is True, made.last_reset_failure
+                    assert made.new_init(setup) == pidfd
+                    assert shown.read_text() == "mounted by the host"
+                finally:
+                    subprocess.run(["umount", str(data / "sub")], check=True)
+                # The host's unmount reaches it too: that one fails the reset
+                # (a mount gone is never taken for the host's).
+                assert _reset(made, pidfd) is False
             finally:
-                subprocess.run(["umount", str(data / "sub")], check=True)
-            # The host's unmount reaches it too: that one fails the reset
-            # (a mount gone is never taken for the host's).
-            assert _reset(made, pidfd) is False
-        finally:
-            made.close()
+                made.close()
     finally:
-        subprocess.run(["umount", "-l", str(data)], check=True)
         shutil.rmtree(parent)
 
 

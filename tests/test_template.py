@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requires
-from initd_util import host_plan, mounts, pid_of
+from initd_util import host_plan, mounts, pid_of, shared_mount, with_ops
 from rootless_util import run_isolated
 
 from pytest_isolate.capabilities import DEFAULT_ROOT_CAPS
@@ -175,8 +174,7 @@ def test_host_files_replaced_during_the_session_are_seen_and_stay_masked(
     (data / "plain").write_text("first")
     base = host_plan(staging, tmp_path / "project")
     extra = (Op("bind", "/data", str(data)), Op("mask_file", "/data/secret"))
-    ops = sorted((*base.ops, *extra), key=lambda op: op.target.rstrip("/").count("/"))
-    setup = (dataclasses.replace(base, ops=tuple(ops)), "box", True, True)
+    setup = (with_ops(base, *extra), "box", True, True)
 
     def seen(pid: int) -> tuple[str, str]:
         root = Path(f"/proc/{pid}/root/data")
@@ -261,14 +259,8 @@ def test_host_mounts_made_during_the_session_are_seen_as_in_a_root_built_whole(
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
     base = host_plan(staging, tmp_path / "project")
-    ops = sorted(
-        (*base.ops, Op("bind", "/data", str(data))),
-        key=lambda op: op.target.rstrip("/").count("/"),
-    )
-    plan = dataclasses.replace(base, ops=tuple(ops))
-    subprocess.run(["mount", "--bind", str(data), str(data)], check=True)
-    try:
-        subprocess.run(["mount", "--make-shared", str(data)], check=True)
+    plan = with_ops(base, Op("bind", "/data", str(data)))
+    with shared_mount(data):
         factory = InitFactory()
         factory.start()
         try:
@@ -296,5 +288,3 @@ def test_host_mounts_made_during_the_session_are_seen_as_in_a_root_built_whole(
             assert factory.copied == 1
         finally:
             factory.close()
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=True)
