@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import subprocess
 
+    from .rootfs import Renewal
+
 __all__ = ["InitFactory", "InitFactoryError", "InitSetup", "Recycled", "main"]
 
 #: Inits made ahead of time for the setup last asked for.
@@ -602,7 +604,7 @@ def _reset(setup: InitSetup, template: Template, mounts: bytes) -> None:  # prag
     if not _mounts_kept(mounts, _mount_table()):
         raise OSError(0, "the sandbox's mount table changed")
     sc.unshare(sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | (sc.CLONE_NEWNET if new_net else 0))
-    renew_own(rootfs, template.own)
+    renew_own(rootfs, template.renewal)
     sc.sethostname(hostname)
     if new_net:
         sc.loopback_up()
@@ -633,6 +635,8 @@ class Template:
     sources: tuple[tuple[str, int, int], ...]
     #: What each init takes from the host before joining a copy (rootfs.own_sources).
     taken: tuple[tuple[str, str, bool, bool], ...]
+    #: What a reset makes again (rootfs.plan_renewal).
+    renewal: Renewal
 
 
 def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - in the factory
@@ -640,7 +644,13 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
     until the factory has a descriptor of it); None where the setup cannot
     have one or building it failed (its inits then build the whole root)."""
     from . import syscalls as sc
-    from .rootfs import build_template, own_sources, split_template, template_sources
+    from .rootfs import (
+        build_template,
+        own_sources,
+        plan_renewal,
+        split_template,
+        template_sources,
+    )
 
     rootfs, _, _, allowed = setup
     split = split_template(rootfs) if allowed and rootfs is not None else None
@@ -681,7 +691,7 @@ def _make_template(setup: InitSetup) -> Template | None:  # pragma: no cover - i
         if os.read(status_r, 2) != b"ok":
             return None
         fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        return Template(fd, own, sources, taken)
+        return Template(fd, own, sources, taken, plan_renewal(own, taken))
     except OSError:
         return None
     finally:

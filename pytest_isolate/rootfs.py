@@ -716,34 +716,36 @@ def apply_own(plan: RootfsPlan, own: Sequence[Op], detached: Detached) -> None:
 _RENEWED_KINDS = frozenset({"tmpfs", "dev", "sys"})
 
 
-def renewed_ops(own: Sequence[Op]) -> tuple[tuple[str, ...], tuple[Op, ...]]:
-    """(the mount points detached, the operations run again) of renew_own."""
+#: What renew_own does between two tests: the mount points it detaches, the
+#: operations it runs again, and what it takes first from the sandbox's own
+#: mounts (Sources whose source is the path inside the sandbox).
+Renewal = tuple[tuple[str, ...], tuple[Op, ...], Sources]
+
+
+def plan_renewal(own: Sequence[Op], taken: Sources) -> Renewal:
+    """Decided once per template, from its ``own`` operations and what each
+    init takes from the host for them (own_sources)."""
     tops = [op.target for op in own if op.kind in _RENEWED_KINDS]
     tops = [t for t in tops if not any(_under(t, o) and t != o for o in tops)]
     again = tuple(op for op in own if any(_under(op.target, t) for t in tops))
-    return tuple(tops), again
+    sources = tuple(
+        (target, target, recursive, is_dir)
+        for target, _, recursive, is_dir in taken
+        if any(_under(target, t) for t in tops)
+    )
+    return tuple(tops), again, sources
 
 
-def renew_own(plan: RootfsPlan, own: Sequence[Op]) -> None:
+def renew_own(plan: RootfsPlan, renewal: Renewal) -> None:
     """In a sandbox copied from a template (apply_own), between two tests:
     detach every writable file system of the sandbox (with all that is
     mounted beneath it) and /sys, and make them again as apply_own made
     them. The host paths bound beneath them (the device nodes of /dev, a
     project under /tmp) are taken from the sandbox's own mounts first, where
     they are the ones apply_own attached."""
-    tops, again = renewed_ops(own)
-    wanted = [(op.target, True) for op in again if op.kind == "bind"]
-    if any(op.kind == "dev" for op in again):
-        wanted += [("/dev/" + name, False) for name in DEVICES]
-    detached: Detached = {}
+    tops, again, sources = renewal
+    detached = detach_sources(sources)
     try:
-        for target, recursive in wanted:
-            with _step(f"take {target} before it is made again"):
-                try:
-                    fd = sc.open_tree_clone(target, recursive=recursive)
-                except FileNotFoundError:
-                    continue
-                detached[target] = (fd, os.path.isdir(target))
         os.chdir("/")
         for top in tops:
             with _step(f"detach {top}"):

@@ -277,7 +277,7 @@ def test_a_sandbox_whose_test_timed_out_is_never_used_again(
 
 
 def test_reset_ops_cover_every_writable_file_system_and_what_lies_beneath() -> None:
-    from pytest_isolate.rootfs import Op, renewed_ops
+    from pytest_isolate.rootfs import Op, plan_renewal
 
     own = (
         Op("dev", "/dev"),
@@ -290,8 +290,22 @@ def test_reset_ops_cover_every_writable_file_system_and_what_lies_beneath() -> N
         Op("bind", "/root/.pyenv", "/root/.pyenv"),
         Op("dir", "/tmp/project/sub"),
     )
-    tops, again = renewed_ops(own)
+    # What each init takes from the host for them (rootfs.own_sources): a
+    # bind under a renewed file system is taken again from inside, the
+    # others (a path bound elsewhere) are left alone.
+    taken = (
+        ("/tmp/project", "/host/project", True, True),
+        ("/root/.pyenv", "/root/.pyenv", True, True),
+        ("/dev/null", "/dev/null", False, False),
+        ("/opt/tool", "/opt/tool", True, True),
+    )
+    tops, again, sources = plan_renewal(own, taken)
     assert tops == ("/dev", "/tmp", "/root", "/sys")
+    assert sources == (
+        ("/tmp/project", "/tmp/project", True, True),
+        ("/root/.pyenv", "/root/.pyenv", True, True),
+        ("/dev/null", "/dev/null", False, False),
+    )
     assert [op.target for op in again] == [
         "/dev",
         "/tmp",
