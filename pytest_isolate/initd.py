@@ -49,7 +49,15 @@ if TYPE_CHECKING:
 
     from .rootfs import Renewal
 
-__all__ = ["InitFactory", "InitFactoryError", "InitSetup", "Recycled", "main"]
+__all__ = [
+    "InitFactory",
+    "InitFactoryError",
+    "InitSetup",
+    "Recycled",
+    "kill_init",
+    "main",
+    "readable",
+]
 
 #: Inits made ahead of time for the setup last asked for.
 AHEAD = 2
@@ -227,7 +235,9 @@ class InitFactory:
         while self._pending and self._pending[0] != ident:
             # Made for another setup: not usable for this one.
             with contextlib.suppress(InitFactoryError):
-                _kill_and_close(self._take()[0])
+                pidfd = self._take()[0]
+                kill_init(pidfd, self)
+                os.close(pidfd)
         if not self._pending:
             self._request(ident)
         try:
@@ -371,11 +381,11 @@ class Recycled:
         if self.discarded or (self.state is None and self.sock.fileno() < 0):
             return True  # killed, or its socket closed: the init ends with it
         if self.state is None and timeout > 0:
-            _readable(self.sock.fileno(), timeout)
+            readable(self.sock.fileno(), timeout)
         state = self.settled()
         if state is None:
             return False
-        return state or _readable(self.pidfd, timeout)
+        return state or readable(self.pidfd, timeout)
 
     def discard(self) -> None:
         """Kill the init (the kernel ends its namespace) and let go of it."""
@@ -395,10 +405,21 @@ def _gone() -> bool:
     return True
 
 
-def _readable(fd: int, timeout: float = 0) -> bool:
+def readable(fd: int, timeout: float = 0) -> bool:
+    """Has ``fd`` something to read (a pidfd: has its process exited), within
+    ``timeout`` seconds? poll(), not select(): numbers may exceed FD_SETSIZE."""
     ready = select.poll()
     ready.register(fd, select.POLLIN)
     return bool(ready.poll(int(timeout * 1000)))
+
+
+def kill_init(pidfd: int, factory: InitFactory | None = None) -> None:
+    """SIGKILL an init (the kernel ends every process of its namespace);
+    the control socket ``factory`` holds for it, if any, is closed."""
+    with contextlib.suppress(OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    if factory is not None:
+        factory.forget(pidfd)
 
 
 def _encode_setup(setup: InitSetup) -> bytes:
@@ -423,12 +444,6 @@ def _decode_setup(data: bytes) -> InitSetup:  # pragma: no cover - runs in the f
     if not isinstance(hostname, str) or not all(isinstance(b, bool) for b in (new_net, template)):
         raise TypeError("bad setup")
     return (rootfs, hostname, new_net, template)
-
-
-def _kill_and_close(pidfd: int) -> None:
-    with contextlib.suppress(OSError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    os.close(pidfd)
 
 
 # --------------------------------------------------------------------------- the factory

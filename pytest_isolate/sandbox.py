@@ -46,7 +46,7 @@ from typing import Literal
 
 from . import syscalls as sc
 from .capabilities import DEFAULT_ROOT_CAPS
-from .initd import InitFactory, InitFactoryError, InitSetup, Recycled
+from .initd import InitFactory, InitFactoryError, InitSetup, Recycled, kill_init, readable
 from .prefault import Ranges, populate
 from .protocol import FrameReader, Message, ProtocolError, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
@@ -214,10 +214,7 @@ class Sandbox:
                     self.fds = (*self.fds, self.init_pidfd)
                     break
         if self.init_pidfd >= 0:
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-            if self._recycler is not None:
-                self._recycler.forget(self.init_pidfd)
+            kill_init(self.init_pidfd, self._recycler)
         if self._reaped is None and self.pid > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
@@ -226,7 +223,7 @@ class Sandbox:
         """Without blocking: has the process pytest forked exited (then it
         is reaped)?"""
         if self._reaped is None:
-            if self.pid <= 0 or not _readable(self.pidfd, 0):
+            if self.pid <= 0 or not readable(self.pidfd, 0):
                 return False
             self._reap()
         return True
@@ -241,7 +238,7 @@ class Sandbox:
             return False
         if self._recycled is not None:
             return self._recycled.gone()
-        return self.init_pidfd < 0 or _readable(self.init_pidfd, 0)
+        return self.init_pidfd < 0 or readable(self.init_pidfd, 0)
 
     def wait_gone(self, timeout: float = 10.0) -> None:
         """Block until pid 1 has exited, which the kernel lets happen only once
@@ -255,7 +252,7 @@ class Sandbox:
         if self._recycled is not None:
             self._recycled.gone(timeout)
         elif self.init_pidfd >= 0:
-            _readable(self.init_pidfd, timeout)
+            readable(self.init_pidfd, timeout)
 
     def _reap(self) -> int:
         if self._reaped is None:
@@ -348,7 +345,7 @@ class Sandbox:
         end = time.monotonic() + 2.0
         try:
             while time.monotonic() < end:
-                if not _readable(self.result_fd, 0.05):
+                if not readable(self.result_fd, 0.05):
                     continue
                 data = os.read(self.result_fd, 1 << 20)
                 if not data:
@@ -385,10 +382,7 @@ class Sandbox:
             self.wait_gone()
         elif self.pid <= 0 and self.init_pidfd >= 0:
             # Never forked (the zygote failed): its init waits for nobody.
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
-            if self._recycler is not None:
-                self._recycler.forget(self.init_pidfd)
+            kill_init(self.init_pidfd, self._recycler)
         for fd in self.fds:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -401,13 +395,6 @@ class Sandbox:
         if self._cleanup is not None:
             cleanup, self._cleanup = self._cleanup, None
             cleanup()
-
-
-def _readable(fd: int, timeout: float) -> bool:
-    """poll(), not select(): descriptor numbers may exceed FD_SETSIZE."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
 
 
 def _children_of(pid: int) -> list[int]:
@@ -512,17 +499,15 @@ def spawn(
                     raise
                 # Kernels before 5.8 cannot setns() with a pidfd: without the
                 # factory's init, the sandbox makes its own.
-                if init_factory is not None:
-                    init_factory.forget(init_pidfd)
-                _kill_pidfd(init_pidfd)
+                kill_init(init_pidfd, init_factory)
+                os.close(init_pidfd)
                 init_pidfd = -1
     except BaseException:
         for fd in (result_r, result_w, go_r, go_w, out_fd, err_fd, stack_fd):
             os.close(fd)
         if init_pidfd >= 0:
-            if init_factory is not None:
-                init_factory.forget(init_pidfd)
-            _kill_pidfd(init_pidfd)
+            kill_init(init_pidfd, init_factory)
+            os.close(init_pidfd)
         raise
     os.close(result_w)
     os.close(go_r)
@@ -639,12 +624,6 @@ def _init_setup(plan: SandboxPlan) -> InitSetup | None:
 _INIT_SETUPS: dict[int, tuple[SandboxPlan, InitSetup]] = {}
 
 
-def _kill_pidfd(pidfd: int) -> None:
-    with contextlib.suppress(OSError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    os.close(pidfd)
-
-
 # --------------------------------------------------------------------------- the sandbox
 
 
@@ -707,7 +686,7 @@ def _sandbox_main(
             # copies are charged to the test's cgroup, as the ones it makes
             # itself are.
             step = "copy the pages the test will write"
-            populate(prefault, stop=lambda: _readable(go_r, 0))
+            populate(prefault, stop=lambda: readable(go_r, 0))
         if joined:
             # The factory's init made the namespaces and the root: join them
             # (the mount namespace's root and our working directory become
