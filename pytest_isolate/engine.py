@@ -80,6 +80,14 @@ class _Prepared:
     cgroup: Any
 
 
+#: Engine.counts key -> the InitFactory attribute it sums over the session.
+_FACTORY_COUNTS = {
+    "roots_copied": "copied",
+    "sandboxes_reused": "reused",
+    "reset_failures": "reset_failures",
+}
+
+
 class Engine:
     """One per pytest process (each xdist worker has its own)."""
 
@@ -133,29 +141,29 @@ class Engine:
                 self._cgroup_error = str(exc)
         return self._cgroups
 
+    def _factory_count(self, key: str) -> int:
+        """One of the init factory's counts (_FACTORY_COUNTS), over the session."""
+        factory = self._init_factory
+        live = getattr(factory, _FACTORY_COUNTS[key]) if factory is not None else 0
+        return int(self.counts[key] + live)
+
     @property
     def roots_copied(self) -> int:
         """Sandboxes whose root was copied from their spec's template (initd)."""
-        live = self._init_factory.copied if self._init_factory is not None else 0
-        return self.counts["roots_copied"] + live
+        return self._factory_count("roots_copied")
+
+    @property
+    def sandboxes_reused(self) -> int:
+        """Sandboxes handed out again after their init reset them (initd)."""
+        return self._factory_count("sandboxes_reused")
 
     @property
     def reset_failures(self) -> tuple[int, str]:
         """Resets of sandboxes that failed (their init was killed instead),
         and the last reason."""
         factory = self._init_factory
-        if factory is None:
-            return self.counts["reset_failures"], self._last_reset_failure
-        return (
-            self.counts["reset_failures"] + factory.reset_failures,
-            factory.last_reset_failure or self._last_reset_failure,
-        )
-
-    @property
-    def sandboxes_reused(self) -> int:
-        """Sandboxes handed out again after their init reset them (initd)."""
-        live = self._init_factory.reused if self._init_factory is not None else 0
-        return self.counts["sandboxes_reused"] + live
+        reason = factory.last_reset_failure if factory is not None else ""
+        return self._factory_count("reset_failures"), reason or self._last_reset_failure
 
     def init_factory(self, wait: bool = True) -> InitFactory | None:
         """As root, started once: it makes each sandbox's pid 1, namespaces and
@@ -196,12 +204,9 @@ class Engine:
             sandbox.close()
         self._live.clear()
         if self._init_factory is not None:
-            self.counts["roots_copied"] += self._init_factory.copied
-            self.counts["sandboxes_reused"] += self._init_factory.reused
-            self.counts["reset_failures"] += self._init_factory.reset_failures
-            self._last_reset_failure = (
-                self._init_factory.last_reset_failure or self._last_reset_failure
-            )
+            for key, name in _FACTORY_COUNTS.items():
+                self.counts[key] += getattr(self._init_factory, name)
+            self._last_reset_failure = self.reset_failures[1]
             self._init_factory.close()
             self._init_factory = None
             self._init_factory_tried = False

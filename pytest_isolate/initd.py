@@ -342,7 +342,7 @@ class Recycled:
         sock: socket.socket,
         ident: int,
         test_gone: Callable[[], bool],
-        failed: Callable[[str], None] = lambda reason: None,
+        failed: Callable[[str], None],
     ):
         self.pidfd = pidfd
         self._failed = failed
@@ -562,10 +562,9 @@ def _end_every_process(timeout: float = RESET_TIMEOUT) -> None:  # pragma: no co
             os.kill(-1, signal.SIGKILL)  # every process we may signal: all but pid 1
         pidfds = []
         try:
-            for name in os.listdir("/proc"):
-                if name.isdigit() and name != "1":
-                    with contextlib.suppress(ProcessLookupError):
-                        pidfds.append(os.pidfd_open(int(name)))
+            for name in _pids():
+                with contextlib.suppress(ProcessLookupError):
+                    pidfds.append(os.pidfd_open(int(name)))
             if not pidfds:
                 return
             waiting = select.poll()
