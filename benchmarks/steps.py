@@ -419,13 +419,15 @@ def _reset_steps(reps: int, plan: Any) -> list[Step]:
                 return [Step("or reset a sandbox used again", math.nan, math.nan, "-", reason)]
             pidfd = factory.new_init(setup)
         cpu = (_machine_cpu() - start) * 1000 / reps  # ticks: only a sum is precise
+        tick = 1000 / os.sysconf("SC_CLK_TCK") / reps
         return [
             _step(
                 "or reset a sandbox used again (pid 1 between two tests: kill and wait, "
                 "check the mounts, new uts+ipc+net, its writable mounts, /dev, /sys again)",
                 took,
                 "sandbox",
-                f"machine CPU {cpu:.2f} ms a reset (all cores, the kernel's teardown included)",
+                f"machine CPU {cpu:.2f} ms a reset (+-{tick:.2f}: clock ticks; all cores, "
+                "the kernel's teardown included)",
             )
         ]
     finally:
