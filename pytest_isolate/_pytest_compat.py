@@ -118,13 +118,42 @@ def predicted_snapshot(item: pytest.Item, nextitem: pytest.Item) -> tuple[int, .
         return shared_snapshot(nextitem)
     stack = item.session._setupstate.stack
     chain = nextitem.listchain()[:-1]
-    for node, (finalizers, exc) in stack.items():
-        if node not in chain and (exc is not None or not _no_op_finalizers(node, finalizers)):
-            return None
-    for node in chain:
-        if node not in stack and type(node).setup is not _NODE_SETUP:
-            return None
+    if not _quiet_teardown(stack, chain) or not _quiet_setup(stack, chain):
+        return None
     return _snapshot(nextitem, chain)
+
+
+def quiet_teardown(nextitem: pytest.Item | None, session: pytest.Session) -> bool:
+    """True when teardown_shared(_, nextitem) runs nothing but pytest's no-op
+    teardown of collectors without finalizers: pytest's state then changes
+    only in its setup stack, which a sandbox forked before puts right itself
+    (leave_other_collectors)."""
+    chain = nextitem.listchain() if nextitem is not None else []
+    return _quiet_teardown(session._setupstate.stack, chain)
+
+
+def quiet_setup(item: pytest.Item) -> bool:
+    """True when setup_shared(item) runs nothing but pytest's no-op ``setup``
+    of the collectors it enters and finds every wider fixture cached, with a
+    value, for the item's parameters (as predicted_snapshot requires)."""
+    stack = item.session._setupstate.stack
+    chain = item.listchain()[:-1]
+    if any(node not in chain or exc is not None for node, (_, exc) in stack.items()):
+        return False
+    if not _quiet_setup(stack, chain) or _snapshot(item, chain) is None:
+        return False
+    return all(fixturedef.cached_result[2] is None for _, fixturedef in _wider_fixtures(item))
+
+
+def _quiet_teardown(stack: dict[Any, Any], chain: list[Any]) -> bool:
+    return all(
+        node in chain or (exc is None and _no_op_finalizers(node, finalizers))
+        for node, (finalizers, exc) in stack.items()
+    )
+
+
+def _quiet_setup(stack: dict[Any, Any], chain: list[Any]) -> bool:
+    return all(node in stack or type(node).setup is _NODE_SETUP for node in chain)
 
 
 def _no_op_finalizers(node: Any, finalizers: list[Any]) -> bool:

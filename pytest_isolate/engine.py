@@ -120,6 +120,9 @@ class Engine:
         self._var_scan: Callable[[], list[str]] | None = None
         #: Bumped whenever pytest's process runs setup or teardown code, or a
         #: test of its own: a zygote forked before then no longer matches it.
+        #: Not for pytest's no-op setup and teardown of collectors
+        #: (compat.quiet_setup, quiet_teardown): the setup stack is all they
+        #: change, and a sandbox puts that right itself.
         self.generation = 0
         #: For -vv's summary: sandboxes, by_zygote, zygotes, prepared.
         self.counts: collections.Counter[str] = collections.Counter()
@@ -425,17 +428,19 @@ class Engine:
     ) -> Callable[[list[int]], Callable[[], int]] | None:
         """The zygote that forks ``item``'s sandbox, if pytest's state is
         still the one it was forked in (zygote.py), or a new one when the
-        sandbox is prepared for a sibling of the running test (the state
-        then holds for the rest of their parent). None: pytest forks."""
+        sandbox is prepared during the test before (the state then holds
+        until pytest's process runs setup or teardown code: crossing into
+        another module whose collectors do nothing keeps it, see
+        compat.quiet_setup). None: pytest forks."""
         if self.zygote_unavailable is not None:
             return None
-        key = (self.generation, id(item.parent))
+        key = self.generation
         zygote = self._zygote
         if zygote is not None and (not zygote.alive or zygote.key != key):
             self._retire_zygote()
             zygote = None
         if zygote is None:
-            if prepared_from is None or prepared_from.parent is not item.parent:
+            if prepared_from is None:
                 return None
             plans = {id(p): p for p in self._plans.values()}
             zygote = Zygote(key, plans)
@@ -556,7 +561,8 @@ class Engine:
         """runtestprotocol for one isolated item; returns its reports in order."""
         compat.init_request(item)
         if not compat.shared_ready(item):
-            self.generation += 1
+            if not compat.quiet_setup(item):
+                self.generation += 1
             setup = compat.call_in_phase(item, "setup", lambda: compat.setup_shared(item))
             if not setup.passed:
                 self._discard_prepared()
@@ -697,7 +703,8 @@ class Engine:
             return compat.call_in_phase(item, "teardown", lambda: None, hooks=hooks)
         if child is not None and nextitem is not None and nextitem.parent is item.parent:
             return child  # pytest's process has nothing to tear down before a sibling
-        self.generation += 1
+        if not compat.quiet_teardown(nextitem, item.session):
+            self.generation += 1
         parent = compat.call_in_phase(
             item, "teardown", lambda: compat.teardown_shared(item, nextitem), hooks=hooks
         )

@@ -328,7 +328,8 @@ def _forks_line(engine: Any) -> str:
     counts = engine.counts
     line = (
         f"isolate: {counts['sandboxes']} sandboxes, {counts['prepared']} prepared during "
-        f"the previous test, {counts['by_zygote']} forked by {counts['zygotes']} zygotes"
+        f"the previous test, {counts['by_zygote']} forked by {counts['zygotes']} "
+        f"zygote{'' if counts['zygotes'] == 1 else 's'}"
     )
     reason = engine.zygote_unavailable
     line += f" (zygote off: {reason})" if reason else ""

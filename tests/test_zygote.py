@@ -28,7 +28,7 @@ def _forks(result: pytest.RunResult) -> dict[str, int]:
     text = "\n".join(result.outlines)
     found = re.search(
         r"isolate: (\d+) sandboxes, (\d+) prepared during the previous test, "
-        r"(\d+) forked by (\d+) zygotes",
+        r"(\d+) forked by (\d+) zygotes?",
         text,
     )
     assert found, text
@@ -76,7 +76,7 @@ def test_fork_sibling_makes_a_child_of_the_callers_parent() -> None:
     assert float(drawn) != random.random()  # not our state continued
 
 
-def test_a_modules_sandboxes_are_forked_by_one_zygote(pytester: pytest.Pytester) -> None:
+def test_modules_whose_collectors_do_nothing_share_one_zygote(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         test_a="\n".join(f"def test_{i}():\n    pass\n" for i in range(6)),
         test_b="\n".join(f"def test_{i}():\n    pass\n" for i in range(6)),
@@ -87,10 +87,56 @@ def test_a_modules_sandboxes_are_forked_by_one_zygote(pytester: pytest.Pytester)
     if sc.sibling_fork_unavailable() is not None:
         assert forks["by_zygote"] == 0
         return
-    # Module a: the first sandbox is pytest's; the second is prepared during
-    # the first, by a new zygote, which forks the rest. b's first sandbox is
-    # prepared across the module boundary by pytest itself.
-    assert forks == {"sandboxes": 12, "prepared": 11, "by_zygote": 10, "zygotes": 2}
+    # The first sandbox is pytest's; the second is prepared during the
+    # first, by a new zygote. Leaving module a and entering b runs no code
+    # in pytest's process (no fixture, no setup_module): the same zygote
+    # forks every other sandbox, b's first one prepared across the boundary.
+    assert forks == {"sandboxes": 12, "prepared": 11, "by_zygote": 11, "zygotes": 1}
+
+
+def test_setup_or_teardown_code_between_modules_makes_a_new_zygote(
+    pytester: pytest.Pytester,
+) -> None:
+    """A module fixture torn down, or a setup_module, runs in pytest's process:
+    the sandboxes after it come from a zygote forked after it, and see what
+    it did."""
+    pytester.makepyfile(
+        test_a="""
+            import os, pytest
+
+            @pytest.fixture(scope="module", autouse=True)
+            def leaves_a_mark():
+                yield
+                os.environ["TORN_DOWN_A"] = "1"
+
+            def test_0(): pass
+            def test_1(): pass
+            def test_2(): pass
+        """,
+        test_b="""
+            import os
+
+            def setup_module():
+                os.environ["SET_UP_B"] = "1"
+
+            def test_0(): assert os.environ.get("TORN_DOWN_A") == "1"
+            def test_1(): assert os.environ.get("TORN_DOWN_A") == "1"
+            def test_2(): assert os.environ.get("SET_UP_B") == "1"
+        """,
+        test_c="""
+            import os
+
+            def test_0(): assert os.environ.get("SET_UP_B") == "1"
+            def test_1(): assert os.environ.get("SET_UP_B") == "1"
+            def test_2(): assert os.environ.get("TORN_DOWN_A") == "1"
+        """,
+    )
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=9)
+    forks = _forks(result)
+    if sc.sibling_fork_unavailable() is None:
+        # One zygote a module: each boundary runs code in pytest's process.
+        assert forks["zygotes"] == 3
 
 
 def test_the_zygote_can_be_turned_off(pytester: pytest.Pytester) -> None:
