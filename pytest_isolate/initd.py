@@ -506,12 +506,13 @@ def _serve_resets(
     ends when pytest closes the socket (the kernel then kills the rest of the
     namespace). ``mounts``: its mount table, read before it said it was
     ready (no test could have run in it yet)."""
+    last_pid = _open_last_pid()
     while True:
         request = control.recv(16)
         if request != _RESET:
             return
         try:
-            _reset(setup, template, mounts)
+            _reset(setup, template, mounts, last_pid)
             mounts = _mount_table()
         except BaseException as exc:
             # Said to pytest (-vv), then the init ends with its namespace.
@@ -519,6 +520,25 @@ def _serve_resets(
                 control.send(f"error: {type(exc).__name__}: {exc}".encode()[:300])
             return
         control.send(_RESET_DONE)
+
+
+def _open_last_pid() -> int:  # pragma: no cover - pid 1
+    """The pid namespace's ns_last_pid, open for writing for the init's life
+    (-1 where it cannot be): /proc/sys is read-only in the sandbox, so it is
+    reached through a copy of /proc without its submounts, which the open
+    file keeps. The pid namespace, and so this file, outlive every reset."""
+    from . import syscalls as sc
+
+    try:
+        proc = sc.open_tree_clone("/proc", recursive=False)
+    except OSError:
+        return -1
+    try:
+        return os.open("sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
+    except OSError:
+        return -1
+    finally:
+        os.close(proc)
 
 
 def _mount_table() -> bytes:
@@ -561,10 +581,12 @@ def _end_every_process(timeout: float = RESET_TIMEOUT) -> None:  # pragma: no co
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)  # every process we may signal: all but pid 1
         pidfds = []
+        ended = set()
         try:
             for name in _pids():
                 with contextlib.suppress(ProcessLookupError):
                     pidfds.append(os.pidfd_open(int(name)))
+                    ended.add(name)
             if not pidfds:
                 return
             waiting = select.poll()
@@ -579,8 +601,9 @@ def _end_every_process(timeout: float = RESET_TIMEOUT) -> None:  # pragma: no co
                     waiting.unregister(fd)
                     left -= 1
             # None started since the scan (a fork fails once SIGKILL is
-            # pending); checked all the same.
-            if all(_state(int(name)) in "ZX" for name in _pids()):
+            # pending); checked all the same: every pid still listed (a
+            # zombie until its parent reaps it) is one seen to end.
+            if set(_pids()) <= ended:
                 return
         finally:
             for fd in pidfds:
@@ -591,15 +614,9 @@ def _pids() -> list[str]:
     return [name for name in os.listdir("/proc") if name.isdigit() and name != "1"]
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return "X"
-
-
-def _reset(setup: InitSetup, template: Template, mounts: bytes) -> None:  # pragma: no cover - pid 1
+def _reset(
+    setup: InitSetup, template: Template, mounts: bytes, last_pid: int
+) -> None:  # pragma: no cover - pid 1
     """Make the sandbox as new for the next test of its setup, or raise.
 
     Nothing of the last test may be left: its processes are ended (and
@@ -622,19 +639,10 @@ def _reset(setup: InitSetup, template: Template, mounts: bytes) -> None:  # prag
     sc.sethostname(hostname)
     if new_net:
         sc.loopback_up()
-    with contextlib.suppress(OSError):
-        # The next process of the namespace is pid 2 again, as in a new one
-        # (/proc/sys is read-only in the sandbox: through a copy of /proc
-        # without its submounts).
-        proc = sc.open_tree_clone("/proc", recursive=False)
-        try:
-            fd = os.open("sys/kernel/ns_last_pid", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc)
-            try:
-                os.write(fd, b"1")
-            finally:
-                os.close(fd)
-        finally:
-            os.close(proc)
+    if last_pid >= 0:
+        # The next process of the namespace is pid 2 again, as in a new one.
+        with contextlib.suppress(OSError):
+            os.pwrite(last_pid, b"1", 0)
 
 
 @dataclasses.dataclass(frozen=True)
