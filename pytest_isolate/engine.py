@@ -40,8 +40,17 @@ from .initd import InitFactory, InitFactoryError
 from .prefault import Ranges, private_writable_mappings, written_ranges
 from .protocol import Message
 from .rootfs import STRICT_SYSTEM_DIRS, SYSTEM_DIRS, plan_rootfs, project_paths
-from .sandbox import SETUP_FAILED_EXIT, Sandbox, SandboxOutcome, SandboxPlan, fork_sandbox, spawn
+from .sandbox import (
+    SETUP_FAILED_EXIT,
+    Sandbox,
+    SandboxOutcome,
+    SandboxPlan,
+    fork_into_pid_namespace,
+    spawn,
+    start_sandbox,
+)
 from .spec import IsolationSpec, SpecError, format_size
+from .syscalls import fork_sibling
 from .zygote import Zygote, ZygoteError
 
 __all__ = ["Engine", "IsolationUnavailable"]
@@ -56,6 +65,10 @@ _PREFAULT_MAX_PAGES = 4096
 _PREFAULT_MIN_RUN = 0.010
 #: A request to the zygote: the plan's id, the item's index, copy pages ahead.
 _REQUEST = struct.Struct("<Qi?")
+_PLAN_ID = struct.Struct("<Q")
+#: In a zygote: a descriptor of its own pid namespace, opened at its first
+#: request (-1 in pytest's process).
+_OWN_PIDNS = [-1]
 
 
 def _zygote_unavailable() -> str | None:
@@ -489,26 +502,30 @@ class Engine:
         fds: list[int],
         own_socket: int,
     ) -> int:  # pragma: no cover - runs in the zygote
-        """In the zygote: fork the sandbox a request describes."""
-        plan_id, index, ahead = _REQUEST.unpack_from(request)
-        procs = request[_REQUEST.size :].decode()
-        plan = plans[plan_id]
-        item = session.items[index]
-        sandbox_fds = fds[:5]
+        """In the zygote: fork the sandbox a request describes. The zygote
+        only forks (fork_into_pid_namespace); the child does the rest: each
+        page the zygote writes is copied, in it, once per test (its children
+        share its memory), and a test's own copy of that page once more."""
+        plan = plans[_PLAN_ID.unpack_from(request)[0]]
         init_pidfd = fds[5] if len(fds) > 5 else -1
-        from .syscalls import fork_sibling
-
-        return fork_sandbox(
-            plan,
-            sandbox_fds,
-            init_pidfd,
-            cgroup_procs=tuple(procs.split("\0")) if procs else (),
-            run_test=partial(run_in_sandbox, item),
-            keep_fds=partial(compat.capture_fds, self.config),
-            foreign=lambda: {own_socket},
-            prefault=self._hot_pages if ahead else (),
-            fork=fork_sibling,
-        )
+        if _OWN_PIDNS[0] < 0:  # once per zygote, kept: its own pid namespace
+            _OWN_PIDNS[0] = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        pid = fork_into_pid_namespace(plan, init_pidfd, fork_sibling, _OWN_PIDNS[0])
+        if pid == 0:
+            _, index, ahead = _REQUEST.unpack_from(request)
+            procs = request[_REQUEST.size :].decode()
+            item = session.items[index]
+            start_sandbox(
+                plan,
+                fds[:5],
+                init_pidfd,
+                cgroup_procs=tuple(procs.split("\0")) if procs else (),
+                run_test=partial(run_in_sandbox, item),
+                keep_fds=partial(compat.capture_fds, self.config),
+                foreign=lambda: {own_socket, _OWN_PIDNS[0]} - {-1},
+                prefault=self._hot_pages if ahead else (),
+            )
+        return pid
 
     def _retire_zygote(self) -> None:
         zygote, self._zygote = self._zygote, None

@@ -42,7 +42,7 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NoReturn
 
 from . import syscalls as sc
 from .capabilities import DEFAULT_ROOT_CAPS
@@ -527,65 +527,97 @@ def fork_sandbox(
     keep_fds: Callable[[], set[int]],
     foreign: Callable[[], set[int]],
     prefault: Ranges = (),
-    fork: Callable[[], int] = os.fork,
 ) -> int:
     """Fork the sandbox's first process; the child never returns. ``fds``:
     result (write end), go (read end), stdout, stderr, stack. ``init_pidfd``
     (or -1): the factory's init, whose pid namespace the child is born in.
     ``keep_fds`` (pytest's capture descriptors) and ``foreign`` (what it
-    must close) are evaluated in the child. ``fork``: os.fork,
-    or in a zygote syscalls.fork_sibling (the child is pytest's)."""
-    result_w, go_r, out_fd, err_fd, stack_fd = fds
-    ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
-    setup = _init_setup(plan)
-    as_pid1 = plan.namespaces and not plan.rootless
-    own_pidns = -1
-    if as_pid1:
-        # Root: P sets the pid namespace of its next child only, and returns to
-        # its own right after the fork. With an init from the factory, the
-        # child is born as pid 2 beside it; otherwise the child is pid 1.
+    must close) are evaluated in the child. A zygote forks with
+    fork_into_pid_namespace and calls start_sandbox in the child itself."""
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when a multi-threaded process forks (xdist's
+        # execnet thread); the child never touches locks other threads held.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = fork_into_pid_namespace(plan, init_pidfd, os.fork)
+    if pid == 0:  # pragma: no cover - runs in the sandbox
+        start_sandbox(
+            plan,
+            fds,
+            init_pidfd,
+            cgroup_procs=cgroup_procs,
+            run_test=run_test,
+            keep_fds=keep_fds,
+            foreign=foreign,
+            prefault=prefault,
+        )
+    return pid
+
+
+def fork_into_pid_namespace(
+    plan: SandboxPlan, init_pidfd: int, fork: Callable[[], int], own_pidns: int = -1
+) -> int:
+    """fork(), the child born in the sandbox's pid namespace: as root, the
+    caller sets the pid namespace of its next child only and returns to its
+    own right after the fork. With an init from the factory, the child is
+    born as pid 2 beside it; otherwise it is pid 1. ``own_pidns``: the
+    caller's own pid namespace, when it keeps a descriptor of it (a zygote:
+    nothing more is opened per fork). Only what must precede the fork is
+    done here: in a zygote, every page written is copied once per test."""
+    if not plan.namespaces or plan.rootless:
+        return fork()
+    opened = own_pidns < 0
+    if opened:
         own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        if init_pidfd >= 0:
-            try:
-                sc.setns(init_pidfd, sc.CLONE_NEWPID)
-            except OSError:  # kernels before 5.8 cannot setns() with a pidfd
-                os.close(own_pidns)
-                raise
-        else:
-            sc.unshare(sc.CLONE_NEWPID)
     pid = -1
     try:
-        with warnings.catch_warnings():
-            # Python 3.12+ warns when a multi-threaded process forks (xdist's
-            # execnet thread); the child never touches locks other threads held.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pid = fork()
+        if init_pidfd >= 0:
+            # Kernels before 5.8 cannot setns() with a pidfd: OSError.
+            sc.setns(init_pidfd, sc.CLONE_NEWPID)
+        else:
+            sc.unshare(sc.CLONE_NEWPID)
+        pid = fork()
     finally:
-        # Only P gets here with pid != 0 or an error; the child is already in
-        # the new namespace and must not (cannot) go back.
-        if as_pid1 and pid != 0:
+        # Only the parent gets here with pid != 0 or an error; the child is
+        # already in the new namespace and must not (cannot) go back.
+        if pid != 0:
             sc.setns(own_pidns, sc.CLONE_NEWPID)
-            os.close(own_pidns)
-    if pid == 0:  # pragma: no cover - runs in the sandbox
-        try:
-            if own_pidns >= 0:
-                os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
-            _sandbox_main(
-                plan,
-                cgroup_procs,
-                ctx,
-                go_r,
-                {*fds, *keep_fds()},
-                foreign(),
-                run_test,
-                init_pidfd=init_pidfd,
-                joined=init_pidfd >= 0 and setup is not None,
-                prefault=prefault,
-            )
-        finally:
-            # Never back into the caller's code (in a zygote: its loop).
-            os._exit(SETUP_FAILED_EXIT)
+            if opened:
+                os.close(own_pidns)
+        elif opened:
+            os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
     return pid
+
+
+def start_sandbox(
+    plan: SandboxPlan,
+    fds: list[int],
+    init_pidfd: int,
+    *,
+    cgroup_procs: tuple[str, ...],
+    run_test: Callable[[TestContext], None],
+    keep_fds: Callable[[], set[int]],
+    foreign: Callable[[], set[int]],
+    prefault: Ranges = (),
+) -> NoReturn:  # pragma: no cover - runs in the sandbox
+    """In the child of fork_into_pid_namespace: set the sandbox up, wait for
+    "go", run the test. Never returns (in a zygote: never back to its loop)."""
+    try:
+        result_w, go_r, out_fd, err_fd, stack_fd = fds
+        ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
+        _sandbox_main(
+            plan,
+            cgroup_procs,
+            ctx,
+            go_r,
+            {*fds, *keep_fds()},
+            foreign(),
+            run_test,
+            init_pidfd=init_pidfd,
+            joined=init_pidfd >= 0 and _init_setup(plan) is not None,
+            prefault=prefault,
+        )
+    finally:
+        os._exit(SETUP_FAILED_EXIT)
 
 
 def _init_setup(plan: SandboxPlan) -> InitSetup | None:
