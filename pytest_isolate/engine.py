@@ -57,7 +57,8 @@ __all__ = ["Engine", "IsolationUnavailable"]
 
 _PHASES = ("setup", "call", "teardown")
 #: Pages a test process writes are learned from the first two sandboxes, then
-#: from one in this many (the suite's tests change; the cost is ~1 ms each).
+#: from one in this many (the suite's tests change; the cost is ~7 ms each),
+#: and only while tests run long enough to copy them ahead.
 _RELEARN_EVERY = 16
 #: At most this many pages (16 MiB) are copied ahead into a sandbox.
 _PREFAULT_MAX_PAGES = 4096
@@ -538,8 +539,10 @@ class Engine:
         """Every so often, a finished test process stays until pytest's process
         has noted which of its pages it wrote, for the next sandboxes to copy
         ahead (prefault.py). Only where the test process is pytest's own child
-        (root, init factory)."""
-        if sandbox.init_pidfd < 0:
+        (root, init factory), and while tests run long enough for pages to
+        be copied ahead at all (_PREFAULT_MIN_RUN): reading a process's page map
+        costs pytest's process several milliseconds."""
+        if sandbox.init_pidfd < 0 or self._last_run < _PREFAULT_MIN_RUN:
             return False
         self._sandboxes_seen += 1
         return self._sandboxes_seen <= 2 or self._sandboxes_seen % _RELEARN_EVERY == 0
