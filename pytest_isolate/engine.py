@@ -641,7 +641,7 @@ class Engine:
                 self._release(sandbox)
                 continue
             try:
-                cgroup.signal_all()
+                cgroup.signal_all(sandbox.signalled_pids())
             except OSError:
                 self._release(sandbox)  # cannot list its members: wait instead
             else:

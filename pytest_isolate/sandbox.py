@@ -219,6 +219,11 @@ class Sandbox:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
 
+    def signalled_pids(self) -> tuple[int, ...]:
+        """After kill(): the process pytest forked, if it is not reaped yet (its
+        number cannot have been given to another process): it has SIGKILL."""
+        return (self.pid,) if self.pid > 0 and self._reaped is None else ()
+
     def _exited(self) -> bool:
         """Without blocking: has the process pytest forked exited (then it
         is reaped)?"""

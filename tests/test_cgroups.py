@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import struct
 import time
@@ -242,6 +243,41 @@ def test_kill_ends_a_double_forked_grandchild(manager: CgroupManager) -> None:
     assert all(read_pids(f) == [] for f in tc.procs_files)
     tc.remove()
     assert not any(os.path.exists(os.path.dirname(f)) for f in tc.procs_files)
+
+
+def test_signal_all_skips_only_the_pids_already_signalled(manager: CgroupManager) -> None:
+    """The engine passes the test process it has just sent SIGKILL (not reaped,
+    so its number is still its own): every other member is signalled all
+    the same."""
+    tc = manager.create(Limits())
+
+    def leave_a_sleeper(w: int) -> int:
+        if os.fork() == 0:
+            os.write(w, str(os.getpid()).encode())
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(60)  # the "test process": signalled by the caller
+        return 0
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        place_current_process(tc.procs_files)
+        os.close(r)
+        os._exit(leave_a_sleeper(w))
+    os.close(w)
+    try:
+        sleeper = int(os.read(r, 32))
+        os.kill(pid, signal.SIGKILL)
+        sleeper_fd = os.pidfd_open(sleeper)
+        tc.signal_all(signalled=(pid,))
+        # The sleeper is not our child: its pidfd says when it has exited.
+        assert select.select([sleeper_fd], [], [], 10)[0], "the other member was not signalled"
+        os.close(sleeper_fd)
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+        tc.remove()  # kills what is left, if the test failed
 
 
 def test_remove_leaves_no_directory_and_tolerates_a_second_call(manager: CgroupManager) -> None:

@@ -126,11 +126,13 @@ class TestCgroup(abc.ABC):
     def kill(self) -> None:
         """SIGKILL everything in the cgroup and wait (bounded) until it is empty."""
 
-    def signal_all(self) -> None:
+    def signal_all(self, signalled: Iterable[int] = ()) -> None:
         """SIGKILL everything in the cgroup without waiting for it to exit:
         when this returns, every member has SIGKILL pending and runs no more
-        user code; remove() later waits for the kernel's teardown."""
-        signal_rounds(self.procs_files, self._membership())
+        user code; remove() later waits for the kernel's teardown.
+        ``signalled``: pids the caller has already sent SIGKILL and not
+        reaped (so the number is still theirs): not signalled again."""
+        signal_rounds(self.procs_files, self._membership(), signalled=signalled)
 
     def _membership(self) -> Mapping[str, str]:
         """hierarchy key -> cgroup path, to check a pid before signalling it."""
@@ -421,12 +423,19 @@ def signal_members(procs_files: Iterable[str], where: Mapping[str, str]) -> int:
     return seen
 
 
-def signal_rounds(procs_files: Iterable[str], where: Mapping[str, str], rounds: int = 8) -> None:
+def signal_rounds(
+    procs_files: Iterable[str],
+    where: Mapping[str, str],
+    rounds: int = 8,
+    signalled: Iterable[int] = (),
+) -> None:
     """Signal until a round lists no new pid. A process with SIGKILL pending
     cannot fork, and a child forked before its parent was signalled is listed
-    by the next round, so two rounds normally suffice."""
+    by the next round, so two rounds normally suffice. ``signalled``: pids
+    that already have SIGKILL pending (a test process that ended alone
+    costs one read of cgroup.procs)."""
     files = tuple(procs_files)
-    signalled: set[int] = set()
+    signalled = set(signalled)
     for _ in range(rounds):
         listed = {pid for f in files for pid in read_pids(f)}
         if not listed - signalled:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from .common import (
     CONTROLLERS,
@@ -109,13 +109,13 @@ class V2TestCgroup(TestCgroup):
         # Wait for the cgroup to empty (or kill by pid where cgroup.kill is missing).
         drain(self.procs_files, {"": self._hierarchy.cgpath_of(self.path)})
 
-    def signal_all(self) -> None:
+    def signal_all(self, signalled: Iterable[int] = ()) -> None:
         if self._m.has_kill:
             with contextlib.suppress(FileNotFoundError):
                 # 5.14+: every member at once, forks in flight included.
                 write_file(f"{self.path}/cgroup.kill", b"1")
                 return
-        super().signal_all()
+        super().signal_all(signalled)
 
     def _membership(self) -> Mapping[str, str]:
         return {"": self._hierarchy.cgpath_of(self.path)}
