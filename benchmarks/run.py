@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import re
+import select
 import shutil
 import statistics
 import subprocess
@@ -115,6 +116,22 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def settle(window: float = 0.1, limit: float = 3.0) -> float:
+    """Wait (at most ``limit`` seconds) until the machine is idle: less than one
+    clock tick of busy time in a ``window``. The kernel finishes a run's work
+    after it has exited (namespaces torn down, cgroups freed, RCU callbacks):
+    before a run, so that it does not pay for the one before; after it, so
+    that its machine CPU includes its own. Returns machine_busy() as the
+    quiet window began."""
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    end = time.monotonic() + limit
+    while True:
+        before = machine_busy()
+        time.sleep(window)
+        if machine_busy() - before < tick or time.monotonic() > end:
+            return before
+
+
 def run_once(
     cmd: Sequence[str],
     cwd: str,
@@ -139,21 +156,20 @@ def run_once(
     temproot = tempfile.mkdtemp(prefix="bench-temproot-")
     env["PYTEST_DEBUG_TEMPROOT"] = temproot
     with tempfile.TemporaryFile() as out:
+        settle()
         busy = machine_busy()
         begin = time.perf_counter()
         proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = begin + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:  # a hung run must not hang the benchmark
-                proc.kill()
-                _, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.001)
+        # Woken by the exit itself (a pidfd): no polling beside the run.
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            if not select.select([pidfd], [], [], timeout)[0]:
+                proc.kill()  # a hung run must not hang the benchmark
+        finally:
+            os.close(pidfd)
+        _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - begin
-        busy = machine_busy() - busy
+        busy = settle() - busy
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         text = out.read().decode(errors="replace")
