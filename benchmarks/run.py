@@ -72,6 +72,10 @@ class Runner:
     baseline: str = ""  # the plain runner whose time is subtracted
     kind: str = "isolate"  # plain | forked | isolate
     env: tuple[tuple[str, str], ...] = ()  # set for this runner only
+    #: This checkout first on PYTHONPATH: not for the pytest 8.4 venv, whose
+    #: pytest-forked children would look for every module they import there
+    #: first (a cost that is not pytest-forked's).
+    repo_on_path: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def run_once(
     return Sample(wall, usage.ru_utime + usage.ru_stime, busy, text)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
+def clean_env(repo_on_path: bool = True, **extra: str) -> dict[str, str]:
     """The environment of each run: this checkout's pytest_isolate first on the
     path, so the benchmark measures the tree it lives in, even where another
     copy is installed (an editable install of a tree that is being edited)."""
@@ -197,7 +201,8 @@ def clean_env(**extra: str) -> dict[str, str]:
         # the plugin (and the rewritten tests) again.
         and k != "PYTHONDONTWRITEBYTECODE"
     }
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    if repo_on_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
 
@@ -245,7 +250,9 @@ def ensure_heavy(pythons: Sequence[str], log: Callable[[str], None], install: bo
 def runners(dev: str, forked: str | None) -> list[Runner]:
     result = [Runner("pytest (plain)", dev, ("-p", "no:isolate"), kind="plain")]
     if forked:
-        result.append(Runner("pytest 8.4 (plain, forked venv)", forked, (), kind="plain"))
+        result.append(
+            Runner("pytest 8.4 (plain, forked venv)", forked, (), kind="plain", repo_on_path=False)
+        )
         result.append(
             Runner(
                 "pytest-forked 1.7.5",
@@ -253,6 +260,7 @@ def runners(dev: str, forked: str | None) -> list[Runner]:
                 ("--forked",),
                 baseline="pytest 8.4 (plain, forked venv)",
                 kind="forked",
+                repo_on_path=False,
             )
         )
     for layers in LAYER_STEPS:
@@ -297,7 +305,10 @@ def run_suite(
             cmd = [runner.python, "-m", "pytest", *COMMON, *runner.args]
             try:
                 sample = run_once(
-                    cmd, suite.path, clean_env(**dict(runner.env)), expect=suite.tests
+                    cmd,
+                    suite.path,
+                    clean_env(runner.repo_on_path, **dict(runner.env)),
+                    expect=suite.tests,
                 )
             except RuntimeError as exc:
                 results[runner.name].errors.append(str(exc))
