@@ -281,6 +281,29 @@ def _missing_message(keep: frozenset[str]) -> str | None:
     )
 
 
+#: Dropped from the bounding set by this process already (a zygote, for every
+#: plan it serves: drop_bounding_once): its children need not drop them again.
+BOUNDING_DROPPED: frozenset[str] = frozenset()
+
+
+def drop_bounding_once(names: Iterable[str]) -> None:
+    """In a zygote, once: drop ``names`` from the bounding set, which only
+    matters to its children (a bounding set limits what an execve can give;
+    the zygote never execs, and keeps its effective capabilities). Nothing
+    is recorded unless every drop succeeded."""
+    global BOUNDING_DROPPED
+    prctl = _prctl()
+    wanted = frozenset(names) & frozenset(ALL_CAPS)
+    for name in wanted:
+        if _BIT[name] > prctl.CAP_LAST_CAP:
+            return
+        try:
+            prctl.prctl(prctl.PR_CAPBSET_DROP, _BIT[name])
+        except OSError:
+            return
+    BOUNDING_DROPPED = wanted
+
+
 def apply_capabilities(keep: frozenset[str]) -> None:
     """Reduce this process to ``keep`` and set no_new_privs. Call in the child.
 
@@ -296,7 +319,7 @@ def apply_capabilities(keep: frozenset[str]) -> None:
     #    Dropping a capability that is not there is a no-op, so no read first.
     for bit in range(CAP_LAST_CAP + 1):
         name = _KERNEL_CAP_NAMES[bit] if bit < len(_KERNEL_CAP_NAMES) else f"CAP_{bit}"
-        if name in keep:
+        if name in keep or name in BOUNDING_DROPPED:
             continue
         try:
             if bit <= prctl.CAP_LAST_CAP:

@@ -46,6 +46,7 @@ from .sandbox import (
     SandboxOutcome,
     SandboxPlan,
     fork_into_pid_namespace,
+    prepare_zygote,
     spawn,
     start_sandbox,
 )
@@ -509,7 +510,9 @@ class Engine:
         share its memory), and a test's own copy of that page once more."""
         plan = plans[_PLAN_ID.unpack_from(request)[0]]
         init_pidfd = fds[5] if len(fds) > 5 else -1
-        if _OWN_PIDNS[0] < 0:  # once per zygote, kept: its own pid namespace
+        if _OWN_PIDNS[0] < 0:  # once per zygote
+            prepare_zygote(plans.values())
+            # Kept: its own pid namespace, to return to after each fork.
             _OWN_PIDNS[0] = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         pid = fork_into_pid_namespace(plan, init_pidfd, fork_sibling, _OWN_PIDNS[0])
         if pid == 0:

@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
@@ -593,6 +593,30 @@ def fork_into_pid_namespace(
     return pid
 
 
+#: Set in a zygote by prepare_zygote: it closed every directory descriptor
+#: it held and opens none, so a test process it forks has none to close.
+_NO_DIRECTORY_FDS = False
+
+
+def prepare_zygote(plans: Iterable[SandboxPlan]) -> None:
+    """In a zygote, once, before its first fork: what each test process it
+    forks would otherwise do for itself. Its directory descriptors (from
+    pytest's process) are closed; the capabilities that none of its plans
+    keeps leave its bounding set, which limits only what its children can
+    regain by execve (capabilities.drop_bounding_once). A plan without the
+    capability layer keeps the whole set: then nothing is dropped."""
+    global _NO_DIRECTORY_FDS
+    _close_directory_fds(set(), strict=False)
+    _NO_DIRECTORY_FDS = True
+    kept = [plan.caps for plan in plans]
+    if kept and all(caps is not None for caps in kept):
+        from .capabilities import ALL_CAPS, drop_bounding_once
+
+        dropped = frozenset(ALL_CAPS).difference(*(caps for caps in kept if caps is not None))
+        with contextlib.suppress(Exception):  # no CAP_SETPCAP (rootless): each child drops
+            drop_bounding_once(dropped)
+
+
 def start_sandbox(
     plan: SandboxPlan,
     fds: list[int],
@@ -917,7 +941,8 @@ def _test_main(
 ) -> None:  # pragma: no cover
     step = "prepare the test process"
     try:
-        _close_directory_fds(own, plan.strict_fds)
+        if plan.strict_fds or not _NO_DIRECTORY_FDS:
+            _close_directory_fds(own, plan.strict_fds)
         if plan.env_allow is not None:
             _apply_env(plan.env_allow)
         _install_dump_handlers(ctx.stack_fd)

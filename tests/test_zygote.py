@@ -302,3 +302,105 @@ def test_a_spec_the_zygote_does_not_know_is_forked_by_pytest(pytester: pytest.Py
     assert "zygote off" not in result.stdout.str()
     if sc.sibling_fork_unavailable() is None:
         assert _forks(result)["by_zygote"] >= 3
+
+
+ZYGOTE_CONFTEST = """
+    import os
+
+    def bounding():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd"))
+
+    def pytest_configure(config):
+        # pytest's own bounding set, for the sandboxes without the capability layer.
+        os.environ["PYTEST_BOUNDING"] = str(bounding())
+        # A directory descriptor pytest's process holds when the zygote is forked.
+        os.environ["HELD_DIR_FD"] = str(os.open("/", os.O_RDONLY | os.O_DIRECTORY))
+"""
+
+ZYGOTE_CHECKS = """
+    import errno, os
+    import pytest
+    from conftest import bounding
+
+    def effective():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff"))
+
+    def no_directory_fd():
+        with pytest.raises(OSError) as info:
+            os.fstat(int(os.environ["HELD_DIR_FD"]))
+        assert info.value.errno == errno.EBADF
+        for name in os.listdir("/proc/self/fd"):
+            path = f"/proc/self/fd/{name}"
+            assert not os.path.isdir(path + "/") or not os.path.exists(path), os.readlink(path)
+"""
+
+
+@pytest.mark.skipif(sc.sibling_fork_unavailable() is not None, reason="no zygote here")
+def test_a_zygotes_children_hold_no_directory_descriptor_and_their_own_bounding_set(
+    pytester: pytest.Pytester,
+) -> None:
+    """The zygote closes pytest's directory descriptors and drops from its
+    bounding set what none of its plans keeps, once; its children then skip
+    both. Each test process still ends with bounding = effective = its
+    spec's set, and none holds a directory descriptor."""
+    pytester.makeconftest(ZYGOTE_CONFTEST)
+    pytester.makepyfile(
+        ZYGOTE_CHECKS
+        + """
+    FEWER = pytest.mark.isolated(caps_drop=["chown", "kill"])
+
+    @FEWER
+    def test_0_fewer():  # its plan is known to the zygote forked during it
+        assert bounding() == effective()
+
+    @pytest.mark.parametrize("n", range(6))
+    def test_1_default(n):
+        no_directory_fd()
+        assert bounding() == effective() != int(os.environ["PYTEST_BOUNDING"])
+
+    @FEWER
+    @pytest.mark.parametrize("n", range(3))
+    def test_2_fewer(n):  # drops chown and kill itself: the default plan keeps them
+        no_directory_fd()
+        assert bounding() == effective()
+    """
+    )
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=10)
+    assert _forks(result)["by_zygote"] >= 8
+
+
+@pytest.mark.skipif(sc.sibling_fork_unavailable() is not None, reason="no zygote here")
+def test_a_plan_without_the_capability_layer_keeps_the_whole_bounding_set(
+    pytester: pytest.Pytester,
+) -> None:
+    """A zygote whose plans include one without the capability layer drops
+    nothing from its bounding set: those sandboxes keep pytest's, the others
+    drop their own."""
+    pytester.makeconftest(ZYGOTE_CONFTEST)
+    pytester.makepyfile(
+        ZYGOTE_CHECKS
+        + """
+    NO_CAPS = pytest.mark.isolated(layers="namespaces,rootfs,cgroup,seccomp")
+
+    @NO_CAPS
+    def test_0_no_caps():
+        assert bounding() == int(os.environ["PYTEST_BOUNDING"])
+
+    @pytest.mark.parametrize("n", range(4))
+    def test_1_default(n):
+        no_directory_fd()
+        assert bounding() == effective() != int(os.environ["PYTEST_BOUNDING"])
+
+    @NO_CAPS
+    @pytest.mark.parametrize("n", range(3))
+    def test_2_no_caps(n):
+        no_directory_fd()
+        assert bounding() == int(os.environ["PYTEST_BOUNDING"])
+    """
+    )
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=8)
+    assert _forks(result)["by_zygote"] >= 5
