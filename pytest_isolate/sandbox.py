@@ -596,6 +596,11 @@ def fork_into_pid_namespace(
 #: Set in a zygote by prepare_zygote: it closed every directory descriptor
 #: it held and opens none, so a test process it forks has none to close.
 _NO_DIRECTORY_FDS = False
+#: Set in a zygote by prepare_zygote: the descriptor number its test
+#: processes' stack dumps are written to (/dev/null in the zygote itself),
+#: the dump handlers already installed for it; each test process puts its
+#: own stack memfd there.
+_DUMP_FD = -1
 
 
 def prepare_zygote(plans: Iterable[SandboxPlan]) -> None:
@@ -604,10 +609,16 @@ def prepare_zygote(plans: Iterable[SandboxPlan]) -> None:
     pytest's process) are closed; the capabilities that none of its plans
     keeps leave its bounding set, which limits only what its children can
     regain by execve (capabilities.drop_bounding_once). A plan without the
-    capability layer keeps the whole set: then nothing is dropped."""
-    global _NO_DIRECTORY_FDS
+    capability layer keeps the whole set: then nothing is dropped. The
+    handlers that dump a test's stack on a timeout are installed here too."""
+    global _NO_DIRECTORY_FDS, _DUMP_FD
     _close_directory_fds(set(), strict=False)
     _NO_DIRECTORY_FDS = True
+    # The handlers that write a test's stack on a timeout: installed once,
+    # for a descriptor number the zygote holds so that nothing else gets it.
+    fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    _install_dump_handlers(fd)
+    _DUMP_FD = fd
     kept = [plan.caps for plan in plans]
     if kept and all(caps is not None for caps in kept):
         from .capabilities import ALL_CAPS, drop_bounding_once
@@ -945,7 +956,10 @@ def _test_main(
             _close_directory_fds(own, plan.strict_fds)
         if plan.env_allow is not None:
             _apply_env(plan.env_allow)
-        _install_dump_handlers(ctx.stack_fd)
+        if _DUMP_FD >= 0:
+            os.dup2(ctx.stack_fd, _DUMP_FD, inheritable=False)
+        else:
+            _install_dump_handlers(ctx.stack_fd)
         if plan.caps is not None:
             step = "drop capabilities"
             from .capabilities import apply_capabilities

@@ -319,7 +319,7 @@ ZYGOTE_CONFTEST = """
 """
 
 ZYGOTE_CHECKS = """
-    import errno, os
+    import errno, os, stat
     import pytest
     from conftest import bounding
 
@@ -328,9 +328,11 @@ ZYGOTE_CHECKS = """
             return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff"))
 
     def no_directory_fd():
-        with pytest.raises(OSError) as info:
-            os.fstat(int(os.environ["HELD_DIR_FD"]))
-        assert info.value.errno == errno.EBADF
+        # Closed, or its number since given to another descriptor.
+        try:
+            assert not stat.S_ISDIR(os.fstat(int(os.environ["HELD_DIR_FD"])).st_mode)
+        except OSError as exc:
+            assert exc.errno == errno.EBADF
         for name in os.listdir("/proc/self/fd"):
             path = f"/proc/self/fd/{name}"
             assert not os.path.isdir(path + "/") or not os.path.exists(path), os.readlink(path)
@@ -404,3 +406,46 @@ def test_a_plan_without_the_capability_layer_keeps_the_whole_bounding_set(
     result = run(pytester, "-vv")
     result.assert_outcomes(passed=8)
     assert _forks(result)["by_zygote"] >= 5
+
+
+@pytest.mark.skipif(sc.sibling_fork_unavailable() is not None, reason="no zygote here")
+def test_a_timed_out_test_forked_by_the_zygote_shows_its_stack(pytester: pytest.Pytester) -> None:
+    """The dump handlers are installed once in the zygote, for a descriptor
+    each test process points at its own stack memfd: the Python stack of a
+    test that timed out, and faulthandler's C-level one when Python code
+    cannot run its handler (the signal blocked here), still reach pytest."""
+    pytester.makepyfile("""
+        import signal, time, pytest
+
+        # One spec (so one plan) for every test: the zygote knows it.
+        pytestmark = pytest.mark.isolated(timeout=1)
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_quick(n):
+            pass
+
+        def test_stuck_in_python():
+            waiting_here()
+
+        def waiting_here():
+            time.sleep(60)
+
+        def test_stuck_with_the_python_handler_blocked():
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGRTMIN + 3})
+            time.sleep(60)
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=3, failed=2)
+    assert _forks(result)["by_zygote"] >= 4
+    assert "in fork_sandbox" not in result.stdout.str()  # both forked by the zygote
+    result.stdout.fnmatch_lines(
+        [
+            "*+ Timeout +*",
+            "*in test_stuck_in_python",
+            "    waiting_here()",
+            "*in waiting_here",
+            "*_ test_stuck_with_the_python_handler_blocked _*",
+            "*most recent call first*",
+            "*line * in test_stuck_with_the_python_handler_blocked",
+        ]
+    )
