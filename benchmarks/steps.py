@@ -645,7 +645,7 @@ def _one_sandbox(
     sandbox = spawn(
         plan,
         cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
-        run_test=lambda ctx: None,
+        run_test=lambda ctx: lambda: None,
         foreign_fds=set,
         cleanup=cgroup.remove if cgroup else None,
         **extra,

@@ -11,6 +11,7 @@ import contextlib
 import os
 import struct
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -90,8 +91,11 @@ def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
     return items[index] if 0 <= index < len(items) else None
 
 
-def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
-    """Run setup, call and teardown of ``item`` here, sending each report."""
+def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
+    """Before "go": make pytest ready to run ``item`` here (plugins that talk
+    to another process silenced, capture into pytest's descriptors, the
+    setup stack the item's own). Returns the call that runs setup, call and
+    teardown, sending each report, once "go" came."""
     global FORWARD_FD
     config = item.config
     manager = config.pluginmanager
@@ -107,7 +111,6 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
     compat.release_parent_finalizers(item)
     compat.leave_other_collectors(item)
-    nextitem = decode_nextitem(item, ctx.go_data)
 
     def send(report: pytest.TestReport) -> None:
         data: dict[str, Any] = config.hook.pytest_report_to_serializable(
@@ -115,12 +118,16 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> None:
         )
         send_message(ctx.result_fd, "report", data)
 
-    coverage = start_in_sandbox(COVERAGE_DIR)
-    try:
-        compat.run_phases(item, nextitem, send)
-    except pytest.exit.Exception as exc:
-        send_message(
-            ctx.result_fd, "session_exit", {"msg": str(exc.msg), "returncode": exc.returncode}
-        )
-    finally:
-        stop_in_sandbox(coverage)
+    def start() -> None:
+        nextitem = decode_nextitem(item, ctx.go_data)
+        coverage = start_in_sandbox(COVERAGE_DIR)
+        try:
+            compat.run_phases(item, nextitem, send)
+        except pytest.exit.Exception as exc:
+            send_message(
+                ctx.result_fd, "session_exit", {"msg": str(exc.msg), "returncode": exc.returncode}
+            )
+        finally:
+            stop_in_sandbox(coverage)
+
+    return start

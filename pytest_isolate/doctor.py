@@ -878,7 +878,11 @@ def _default_sandbox(staging: str, rootless: bool) -> str:  # pragma: no cover -
     )
 
 
-def _inside_sandbox(ctx: Any) -> None:  # pragma: no cover - runs in the sandbox
+def _inside_sandbox(ctx: Any) -> Callable[[], None]:  # pragma: no cover - in the sandbox
+    return _check_inside
+
+
+def _check_inside() -> None:  # pragma: no cover - runs in the sandbox, after "go"
     if socket.gethostname() != "isolated":
         raise RuntimeError(f"hostname is {socket.gethostname()!r}, not 'isolated'")
     try:

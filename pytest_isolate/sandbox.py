@@ -426,7 +426,7 @@ def spawn(
     plan: SandboxPlan,
     *,
     cgroup_procs: tuple[str, ...],
-    run_test: Callable[[TestContext], None],
+    run_test: RunTest,
     foreign_fds: Callable[[], set[int]],
     keep_fds: Callable[[], set[int]] = set,
     cleanup: Callable[[], None] | None = None,
@@ -528,7 +528,7 @@ def fork_sandbox(
     init_pidfd: int,
     *,
     cgroup_procs: tuple[str, ...],
-    run_test: Callable[[TestContext], None],
+    run_test: RunTest,
     keep_fds: Callable[[], set[int]],
     foreign: Callable[[], set[int]],
     prefault: Ranges = (),
@@ -593,6 +593,10 @@ def fork_into_pid_namespace(
     return pid
 
 
+#: Called in the test process before "go" (pytest made ready there); returns
+#: the call that runs the test, made once "go" came (ctx.go_data set).
+RunTest = Callable[[TestContext], Callable[[], None]]
+
 #: Set in a zygote by prepare_zygote: it closed every directory descriptor
 #: it held and opens none, so a test process it forks has none to close.
 _NO_DIRECTORY_FDS = False
@@ -634,7 +638,7 @@ def start_sandbox(
     init_pidfd: int,
     *,
     cgroup_procs: tuple[str, ...],
-    run_test: Callable[[TestContext], None],
+    run_test: RunTest,
     keep_fds: Callable[[], set[int]],
     foreign: Callable[[], set[int]],
     prefault: Ranges = (),
@@ -726,7 +730,7 @@ def _sandbox_main(
     go_r: int,
     own: set[int],
     foreign: set[int],
-    run_test: Callable[[TestContext], None],
+    run_test: RunTest,
     *,
     init_pidfd: int = -1,
     joined: bool = False,
@@ -948,7 +952,7 @@ def _test_main(
     ctx: TestContext,
     go_r: int,
     own: set[int],
-    run_test: Callable[[TestContext], None],
+    run_test: RunTest,
 ) -> None:  # pragma: no cover
     step = "prepare the test process"
     try:
@@ -984,6 +988,10 @@ def _test_main(
             from .seccomp import load_filter
 
             load_filter(plan.seccomp_program)
+        # pytest's side of the test process (its plugins, capture, setup
+        # stack), made ready before "go" too: only the test runs after it.
+        step = "prepare pytest in the test process"
+        start = run_test(ctx)
         step = "wait for the go signal"
         message = os.read(go_r, 10)
         if not message.startswith(b"g"):
@@ -994,7 +1002,7 @@ def _test_main(
     except BaseException as exc:
         _fail(ctx, step, exc)
     try:
-        run_test(ctx)
+        start()
         send_message(ctx.result_fd, "done", {})
         while linger:
             time.sleep(3600)  # until P has read what it wanted and kills us
