@@ -26,6 +26,7 @@ __all__ = [
     "evaluate_skip",
     "init_request",
     "install_protocol",
+    "record_warnings",
     "redirect_capture",
     "release_parent_finalizers",
     "run_phases",
@@ -292,17 +293,29 @@ def basetemp(config: pytest.Config) -> str | None:
     return str(factory.getbasetemp())
 
 
+def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
+    """In the sandbox, before "go": pytest's warning capture for the item's
+    run, entered now (the item's filters applied, recording started); the
+    returned stack, used as a context manager around run_phases, ends it and
+    hands each recorded warning to pytest_warning_recorded. pytest records
+    around pytest_runtest_protocol, which runs in pytest's process; the
+    sandbox records its own and the hook forwards them."""
+    from _pytest.warnings import catch_warnings_for_item
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(
+        catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item)
+    )
+    return stack
+
+
 def run_phases(
     item: pytest.Item, nextitem: pytest.Item | None, send: Callable[[pytest.TestReport], None]
 ) -> None:
     """In the sandbox: runtestprotocol without logging, each report sent as soon
-    as it exists (a crash in teardown still delivers setup and call)."""
-    from _pytest.warnings import catch_warnings_for_item
-
-    # pytest records warnings around pytest_runtest_protocol, which runs in
-    # pytest's process; the sandbox records its own and the hook forwards them.
-    with catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item):
-        _run_phases(item, nextitem, send)
+    as it exists (a crash in teardown still delivers setup and call). Inside
+    record_warnings(item)."""
+    _run_phases(item, nextitem, send)
 
 
 def _run_phases(

@@ -94,7 +94,7 @@ def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
 def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
     """Before "go": make pytest ready to run ``item`` here (plugins that talk
     to another process silenced, capture into pytest's descriptors, the
-    setup stack the item's own). Returns the call that runs setup, call and
+    setup stack the item's own, warnings recorded). Returns the call that runs setup, call and
     teardown, sending each report, once "go" came."""
     global FORWARD_FD
     config = item.config
@@ -118,11 +118,14 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
         )
         send_message(ctx.result_fd, "report", data)
 
+    recording = compat.record_warnings(item)
+
     def start() -> None:
         nextitem = decode_nextitem(item, ctx.go_data)
         coverage = start_in_sandbox(COVERAGE_DIR)
         try:
-            compat.run_phases(item, nextitem, send)
+            with recording:
+                compat.run_phases(item, nextitem, send)
         except pytest.exit.Exception as exc:
             send_message(
                 ctx.result_fd, "session_exit", {"msg": str(exc.msg), "returncode": exc.returncode}

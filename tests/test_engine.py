@@ -413,6 +413,34 @@ def test_warnings_raised_inside_reach_the_summary(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(["*UserWarning: careful in the sandbox"])
 
 
+def test_warning_filters_of_each_test_apply_inside(pytester: pytest.Pytester) -> None:
+    """Warnings are recorded from before "go" (with the item's own filters),
+    in sandboxes forked by the zygote too: a filterwarnings mark still turns
+    a warning into an error or ignores it, and the rest reach the summary."""
+    pytester.makepyfile("""
+        import warnings, pytest
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_quiet(n):
+            pass
+
+        @pytest.mark.filterwarnings("error::UserWarning")
+        def test_made_an_error():
+            warnings.warn("now an error", UserWarning)
+
+        @pytest.mark.filterwarnings("ignore::UserWarning")
+        def test_ignored():
+            warnings.warn("ignored here", UserWarning)
+
+        def test_recorded():
+            warnings.warn("recorded here", UserWarning)
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=5, failed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*UserWarning: now an error", "*UserWarning: recorded here"])
+    result.stdout.no_fnmatch_line("*ignored here*")
+
+
 @requires("cgroup")
 def test_verbose_shows_which_isolation_applied(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
