@@ -14,6 +14,7 @@ For each isolated item the engine
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import dataclasses
@@ -65,9 +66,12 @@ _RELEARN_EVERY = 16
 _PREFAULT_MAX_PAGES = 4096
 #: ... and only while a test that ran at least this long (seconds) runs.
 _PREFAULT_MIN_RUN = 0.010
-#: A request to the zygote: the plan's id, the item's index, copy pages ahead.
-_REQUEST = struct.Struct("<Qi?")
-_PLAN_ID = struct.Struct("<Q")
+#: A request to the zygote: the plan's id, the item's index, copy pages ahead,
+#: the length of the pages learned since the zygote knew them (then the pages
+#: as (start, length) pairs of 8-byte integers), then the cgroup's files.
+_REQUEST = struct.Struct("<Qi?I")
+#: Bytes of learned pages a request carries at most (zygote.py: 64 KiB a request).
+_PAGES_SENT = 48 << 10
 #: In a zygote: a descriptor of its own pid namespace, opened at its first
 #: request (-1 in pytest's process).
 _OWN_PIDNS = [-1]
@@ -125,6 +129,8 @@ class Engine:
         self._cgroups_opened = False
         self._init_factory: InitFactory | None = None
         self._hot_pages: Ranges = ()
+        #: The learned pages the current zygote holds (sent when they change).
+        self._pages_known: Ranges = ()
         self._last_run = 0.0
         self._sandboxes_seen = 0
         self._init_factory_tried = False
@@ -465,12 +471,20 @@ class Engine:
                 return None
             self._zygote = zygote
             self.counts["zygotes"] += 1
+            self._pages_known = self._hot_pages
         index = self._index_of(item)
         if id(plan) not in zygote.plans or index < 0:
             return None  # a plan made since (a pod's, another spec's): not in its copy
         procs = tuple(cgroup.procs_files) if cgroup is not None else ()
-        payload = _REQUEST.pack(id(plan), index, ahead) + "\0".join(procs).encode()
-        return partial(self._zygote_fork, zygote, payload)
+        pages = b""
+        if ahead and self._pages_known is not self._hot_pages:
+            # Learned since the zygote was forked: it keeps them from now on.
+            # At most _PAGES_SENT bytes (the request's bound): a best effort.
+            flat = [n for r in self._hot_pages[: _PAGES_SENT // 16] for n in r]
+            pages = array.array("Q", flat).tobytes()
+            self._pages_known = self._hot_pages
+        payload = _REQUEST.pack(id(plan), index, ahead, len(pages)) + pages
+        return partial(self._zygote_fork, zygote, payload + "\0".join(procs).encode())
 
     def _zygote_fork(self, zygote: Zygote, payload: bytes, fds: list[int]) -> Callable[[], int]:
         try:
@@ -508,7 +522,11 @@ class Engine:
         only forks (fork_into_pid_namespace); the child does the rest: each
         page the zygote writes is copied, in it, once per test (its children
         share its memory), and a test's own copy of that page once more."""
-        plan = plans[_PLAN_ID.unpack_from(request)[0]]
+        plan_id, _, _, pages = _REQUEST.unpack_from(request)
+        plan = plans[plan_id]
+        if pages:  # learned since this zygote was forked (_forker)
+            flat = array.array("Q", request[_REQUEST.size : _REQUEST.size + pages])
+            self._hot_pages = tuple(zip(flat[::2], flat[1::2], strict=True))
         init_pidfd = fds[5] if len(fds) > 5 else -1
         if _OWN_PIDNS[0] < 0:  # once per zygote
             prepare_zygote(plans.values())
@@ -516,8 +534,8 @@ class Engine:
             _OWN_PIDNS[0] = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         pid = fork_into_pid_namespace(plan, init_pidfd, fork_sibling, _OWN_PIDNS[0])
         if pid == 0:
-            _, index, ahead = _REQUEST.unpack_from(request)
-            procs = request[_REQUEST.size :].decode()
+            _, index, ahead, pages = _REQUEST.unpack_from(request)
+            procs = request[_REQUEST.size + pages :].decode()
             item = session.items[index]
             start_sandbox(
                 plan,

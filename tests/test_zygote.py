@@ -454,3 +454,31 @@ def test_a_timed_out_test_forked_by_the_zygote_shows_its_stack(pytester: pytest.
             "*line * in test_stuck_with_the_python_handler_blocked",
         ]
     )
+
+
+@pytest.mark.skipif(sc.sibling_fork_unavailable() is not None, reason="no zygote here")
+def test_pages_learned_after_the_zygote_started_are_sent_to_it(pytester: pytest.Pytester) -> None:
+    """The zygote is forked before pytest's process has learned which pages
+    tests write (prefault.py); what is learned later goes to it with the next
+    request that copies pages ahead, so one zygote serves the whole run and
+    its sandboxes still copy them."""
+    pytester.makeconftest("""
+        from pytest_isolate.plugin import _engine_key
+
+        def pytest_sessionfinish(session):
+            engine = session.config.stash[_engine_key]
+            with open("state.txt", "w") as f:
+                f.write(f"{len(engine._hot_pages)} {engine._pages_known is engine._hot_pages}")
+    """)
+    pytester.makepyfile("""
+        import time, pytest
+
+        @pytest.mark.parametrize("n", range(8))
+        def test_long_enough(n):
+            time.sleep(0.02)
+    """)
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=8)
+    assert _forks(result)["zygotes"] == 1
+    learned, sent = (pytester.path / "state.txt").read_text().split()
+    assert int(learned) > 0 and sent == "True"
