@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 import select
 import signal
@@ -490,13 +491,18 @@ def spawn(
             try:
                 pid = fork_sandbox(
                     plan,
-                    fds,
                     init_pidfd,
-                    cgroup_procs=cgroup_procs,
-                    run_test=run_test,
-                    keep_fds=keep_fds,
-                    foreign=foreign_fds,
-                    prefault=prefault,
+                    functools.partial(
+                        start_sandbox,
+                        plan,
+                        fds,
+                        init_pidfd,
+                        cgroup_procs=cgroup_procs,
+                        run_test=run_test,
+                        keep_fds=keep_fds,
+                        foreign=foreign_fds,
+                        prefault=prefault,
+                    ),
                 )
                 break
             except OSError:
@@ -522,39 +528,20 @@ def spawn(
     return sandbox
 
 
-def fork_sandbox(
-    plan: SandboxPlan,
-    fds: list[int],
-    init_pidfd: int,
-    *,
-    cgroup_procs: tuple[str, ...],
-    run_test: RunTest,
-    keep_fds: Callable[[], set[int]],
-    foreign: Callable[[], set[int]],
-    prefault: Ranges = (),
-) -> int:
-    """Fork the sandbox's first process; the child never returns. ``fds``:
-    result (write end), go (read end), stdout, stderr, stack. ``init_pidfd``
-    (or -1): the factory's init, whose pid namespace the child is born in.
-    ``keep_fds`` (pytest's capture descriptors) and ``foreign`` (what it
-    must close) are evaluated in the child. A zygote forks with
-    fork_into_pid_namespace and calls start_sandbox in the child itself."""
+def fork_sandbox(plan: SandboxPlan, init_pidfd: int, start: Callable[[], object]) -> int:
+    """pytest's own fork of a sandbox (a zygote calls fork_into_pid_namespace
+    itself): the child, born in the pid namespace of ``init_pidfd`` (or -1:
+    a new one), runs ``start`` (start_sandbox) and never returns."""
     with warnings.catch_warnings():
         # Python 3.12+ warns when a multi-threaded process forks (xdist's
         # execnet thread); the child never touches locks other threads held.
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = fork_into_pid_namespace(plan, init_pidfd, os.fork)
     if pid == 0:  # pragma: no cover - runs in the sandbox
-        start_sandbox(
-            plan,
-            fds,
-            init_pidfd,
-            cgroup_procs=cgroup_procs,
-            run_test=run_test,
-            keep_fds=keep_fds,
-            foreign=foreign,
-            prefault=prefault,
-        )
+        try:
+            start()
+        finally:
+            os._exit(SETUP_FAILED_EXIT)
     return pid
 
 
@@ -644,7 +631,11 @@ def start_sandbox(
     prefault: Ranges = (),
 ) -> NoReturn:  # pragma: no cover - runs in the sandbox
     """In the child of fork_into_pid_namespace: set the sandbox up, wait for
-    "go", run the test. Never returns (in a zygote: never back to its loop)."""
+    "go", run the test. Never returns (in a zygote: never back to its loop).
+    ``fds``: result (write end), go (read end), stdout, stderr, stack.
+    ``init_pidfd`` (or -1): the factory's init, whose pid namespace the child
+    was born in. ``keep_fds`` (pytest's capture descriptors) and ``foreign``
+    (what it must close) are evaluated here."""
     try:
         result_w, go_r, out_fd, err_fd, stack_fd = fds
         ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
