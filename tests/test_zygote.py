@@ -457,6 +457,10 @@ def test_a_timed_out_test_forked_by_the_zygote_shows_its_stack(pytester: pytest.
 
 
 @pytest.mark.skipif(sc.sibling_fork_unavailable() is not None, reason="no zygote here")
+@pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="pages are learned as root only (where the test process is pytest's own child)",
+)
 def test_pages_learned_after_the_zygote_started_are_sent_to_it(pytester: pytest.Pytester) -> None:
     """The zygote is forked before pytest's process has learned which pages
     tests write (prefault.py); what is learned later goes to it with the next
