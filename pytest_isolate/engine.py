@@ -72,8 +72,8 @@ _PREFAULT_MIN_RUN = 0.010
 _REQUEST = struct.Struct("<Qi?I")
 #: Bytes of learned pages a request carries at most (zygote.py: 64 KiB a request).
 _PAGES_SENT = 48 << 10
-#: In a zygote: a descriptor of its own pid namespace, opened at its first
-#: request (-1 in pytest's process).
+#: In a zygote: a descriptor of its own pid namespace (prepare_zygote, at its first
+#: request; -1 in pytest's process).
 _OWN_PIDNS = [-1]
 
 
@@ -522,19 +522,16 @@ class Engine:
         only forks (fork_into_pid_namespace); the child does the rest: each
         page the zygote writes is copied, in it, once per test (its children
         share its memory), and a test's own copy of that page once more."""
-        plan_id, _, _, pages = _REQUEST.unpack_from(request)
+        plan_id, index, ahead, pages = _REQUEST.unpack_from(request)
         plan = plans[plan_id]
         if pages:  # learned since this zygote was forked (_forker)
             flat = array.array("Q", request[_REQUEST.size : _REQUEST.size + pages])
             self._hot_pages = tuple(zip(flat[::2], flat[1::2], strict=True))
         init_pidfd = fds[5] if len(fds) > 5 else -1
         if _OWN_PIDNS[0] < 0:  # once per zygote
-            prepare_zygote(plans.values())
-            # Kept: its own pid namespace, to return to after each fork.
-            _OWN_PIDNS[0] = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            _OWN_PIDNS[0] = prepare_zygote(plans.values())
         pid = fork_into_pid_namespace(plan, init_pidfd, fork_sibling, _OWN_PIDNS[0])
         if pid == 0:
-            _, index, ahead, pages = _REQUEST.unpack_from(request)
             procs = request[_REQUEST.size + pages :].decode()
             item = session.items[index]
             start_sandbox(

@@ -573,10 +573,8 @@ def fork_into_pid_namespace(
         # already in the new namespace and must not (cannot) go back.
         if pid != 0:
             sc.setns(own_pidns, sc.CLONE_NEWPID)
-            if opened:
-                os.close(own_pidns)
-        elif opened:
-            os.close(own_pidns)  # a handle on the host's pid namespace: not for the test
+        if opened:  # in the child too: a handle on the host's pid namespace
+            os.close(own_pidns)
     return pid
 
 
@@ -594,14 +592,16 @@ _NO_DIRECTORY_FDS = False
 _DUMP_FD = -1
 
 
-def prepare_zygote(plans: Iterable[SandboxPlan]) -> None:
+def prepare_zygote(plans: Iterable[SandboxPlan]) -> int:
     """In a zygote, once, before its first fork: what each test process it
     forks would otherwise do for itself. Its directory descriptors (from
     pytest's process) are closed; the capabilities that none of its plans
     keeps leave its bounding set, which limits only what its children can
     regain by execve (capabilities.drop_bounding_once). A plan without the
     capability layer keeps the whole set: then nothing is dropped. The
-    handlers that dump a test's stack on a timeout are installed here too."""
+    handlers that dump a test's stack on a timeout are installed here too.
+    Returns a descriptor of the zygote's own pid namespace, kept to return
+    to after each fork (fork_into_pid_namespace's ``own_pidns``)."""
     global _NO_DIRECTORY_FDS, _DUMP_FD
     _close_directory_fds(set(), strict=False)
     _NO_DIRECTORY_FDS = True
@@ -617,6 +617,7 @@ def prepare_zygote(plans: Iterable[SandboxPlan]) -> None:
         dropped = frozenset(ALL_CAPS).difference(*(caps for caps in kept if caps is not None))
         with contextlib.suppress(Exception):  # no CAP_SETPCAP (rootless): each child drops
             drop_bounding_once(dropped)
+    return os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def start_sandbox(
