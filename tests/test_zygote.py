@@ -486,3 +486,56 @@ def test_pages_learned_after_the_zygote_started_are_sent_to_it(pytester: pytest.
     assert _forks(result)["zygotes"] == 1
     learned, sent = (pytester.path / "state.txt").read_text().split()
     assert int(learned) > 0 and sent == "True"
+
+
+def test_test_processes_find_their_items_location_computed(pytester: pytest.Pytester) -> None:
+    """pytest's process computes every item's location (a cached property)
+    before it forks a zygote: the test processes it forks do not compute
+    it again for their reports. A fixture sees it already there, before the
+    setup report (which would compute it) is made."""
+    pytester.makeconftest("""
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def located(request):
+            assert "location" in vars(request.node)
+    """)
+    for name in ("a", "b", "c"):
+        pytester.makepyfile(
+            **{f"test_{name}": "\n".join(f"def test_{i}():\n    pass\n" for i in range(4))}
+        )
+    result = run(pytester, "-vv")
+    result.assert_outcomes(passed=12)
+    if sc.sibling_fork_unavailable() is None:
+        assert _forks(result)["by_zygote"] == 11
+
+
+def test_quick_tests_copy_no_pages_ahead_however_busy_pytest_is(pytester: pytest.Pytester) -> None:
+    """Whether a prepared sandbox copies pages ahead depends on how long the
+    test before it ran (its phases, timed in the test process), not on the
+    time pytest's process took meanwhile: 12 quick tests, with pytest's
+    process slowed down by 15 ms while each runs, learn and copy nothing."""
+    pytester.makeconftest("""
+        import time
+        from pytest_isolate import engine
+        from pytest_isolate.plugin import _engine_key
+
+        prepare = engine.Engine._prepare_next
+
+        def slow_prepare(self, item, nextitem):
+            time.sleep(0.015)
+            return prepare(self, item, nextitem)
+
+        engine.Engine._prepare_next = slow_prepare
+
+        def pytest_sessionfinish(session):
+            e = session.config.stash[_engine_key]
+            with open("state.txt", "w") as f:
+                f.write(f"{len(e._hot_pages)} {e._last_run}")
+    """)
+    pytester.makepyfile("\n".join(f"def test_{i}():\n    pass\n" for i in range(12)))
+    result = run(pytester)
+    result.assert_outcomes(passed=12)
+    learned, last_run = (pytester.path / "state.txt").read_text().split()
+    assert int(learned) == 0
+    assert 0 < float(last_run) < 0.010
