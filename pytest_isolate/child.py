@@ -83,6 +83,30 @@ def _channel_fds(plugin: object) -> set[int]:
     return fds
 
 
+#: Set once the plugins are silenced in this process (a zygote does it once for
+#: every test process it forks).
+_SILENCED = False
+
+
+def silence_plugins(config: pytest.Config) -> None:
+    """In a sandbox, or a zygote before its first fork: unregister the plugins
+    that talk to another process (_PLUGINS_TO_SILENCE) and close their
+    channel's descriptors. Once per process."""
+    global _SILENCED
+    if _SILENCED:
+        return
+    manager = config.pluginmanager
+    for plugin in _plugins_to_silence(manager):
+        manager.unregister(plugin)
+        # The channel's descriptors too: a test could otherwise write
+        # messages to xdist's controller (a forged report) or read the
+        # worker's. They are the gateway's own pipes, nothing of a fixture.
+        for fd in _channel_fds(plugin):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    _SILENCED = True
+
+
 def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
     if len(data) != 4:
         return None
@@ -98,15 +122,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
     teardown, sending each report, once "go" came."""
     global FORWARD_FD
     config = item.config
-    manager = config.pluginmanager
-    for plugin in _plugins_to_silence(manager):
-        manager.unregister(plugin)
-        # The channel's descriptors too: a test could otherwise write
-        # messages to xdist's controller (a forged report) or read the
-        # worker's. They are the gateway's own pipes, nothing of a fixture.
-        for fd in _channel_fds(plugin):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    silence_plugins(config)
     FORWARD_FD = ctx.result_fd
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
     compat.release_parent_finalizers(item)

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import pytest
 
 from . import _pytest_compat as compat
-from .child import run_in_sandbox
+from .child import run_in_sandbox, silence_plugins
 from .initd import InitFactory, InitFactoryError
 from .prefault import Ranges, private_writable_mappings, written_ranges
 from .protocol import Message
@@ -75,6 +75,8 @@ _PAGES_SENT = 48 << 10
 #: In a zygote: a descriptor of its own pid namespace (prepare_zygote, at its first
 #: request; -1 in pytest's process).
 _OWN_PIDNS = [-1]
+#: In a zygote: pytest's capture descriptors (compat.capture_fds), found once.
+_CAPTURE_FDS: set[int] = set()
 
 
 def _zygote_unavailable() -> str | None:
@@ -533,6 +535,10 @@ class Engine:
         init_pidfd = fds[5] if len(fds) > 5 else -1
         if _OWN_PIDNS[0] < 0:  # once per zygote
             _OWN_PIDNS[0] = prepare_zygote(plans.values())
+            # What each test process would otherwise work out for itself:
+            # pytest's capture descriptors, the plugins to silence.
+            _CAPTURE_FDS.update(compat.capture_fds(self.config))
+            silence_plugins(self.config)
         pid = fork_into_pid_namespace(plan, init_pidfd, fork_sibling, _OWN_PIDNS[0])
         if pid == 0:
             procs = request[_REQUEST.size + pages :].decode()
@@ -543,7 +549,7 @@ class Engine:
                 init_pidfd,
                 cgroup_procs=tuple(procs.split("\0")) if procs else (),
                 run_test=partial(run_in_sandbox, item),
-                keep_fds=partial(compat.capture_fds, self.config),
+                keep_fds=_CAPTURE_FDS.copy,
                 foreign=lambda: {own_socket, _OWN_PIDNS[0]} - {-1},
                 prefault=self._hot_pages if ahead else (),
             )

@@ -497,8 +497,11 @@ def test_a_test_in_an_xdist_worker_cannot_reach_the_workers_channel(
 ) -> None:
     """The worker talks to xdist's controller over execnet pipes: a test that
     kept them could send the controller forged reports. The worker's
-    conftest notes their descriptors; in the sandbox they are closed, and a
-    forged write has nowhere to go, so the run's results stay the real ones."""
+    conftest notes which pipes they are; no descriptor of the sandbox refers
+    to one (a closed channel's numbers may be reused for the sandbox's own
+    descriptors), and the run's results stay the real ones. Several tests:
+    the first sandbox is forked by pytest's process, the others by a zygote
+    (which silences the plugin once for all of them)."""
     pytester.makeconftest("""
         import os
         CHANNEL = []
@@ -507,27 +510,32 @@ def test_a_test_in_an_xdist_worker_cannot_reach_the_workers_channel(
             for plugin in config.pluginmanager.get_plugins():
                 if type(plugin).__name__ == "WorkerInteractor":
                     io = plugin.channel.gateway._io
-                    CHANNEL.extend([io.infile.fileno(), io.outfile.fileno()])
+                    for fd in (io.infile.fileno(), io.outfile.fileno()):
+                        st = os.fstat(fd)
+                        CHANNEL.append((st.st_dev, st.st_ino))
     """)
     pytester.makepyfile("""
         import os
         import conftest
+        import pytest
 
-        def test_channel_closed():
+        @pytest.mark.parametrize("n", range(4))
+        def test_channel_closed(n):
             assert len(conftest.CHANNEL) == 2
-            for fd in conftest.CHANNEL:
+            for name in os.listdir("/proc/self/fd"):
                 try:
-                    os.fstat(fd)
+                    st = os.fstat(int(name))
                 except OSError:
-                    continue
-                os.write(fd, b"garbage for the controller")
-                raise AssertionError(f"the channel's fd {fd} is open in the sandbox")
+                    continue  # the listing's own descriptor
+                if (st.st_dev, st.st_ino) in conftest.CHANNEL:
+                    os.write(int(name), b"garbage for the controller")
+                    raise AssertionError(f"fd {name} is the worker's channel")
 
         def test_fails():
             assert False
     """)
     result = run(pytester, "-n", "1")
-    result.assert_outcomes(passed=1, failed=1)
+    result.assert_outcomes(passed=4, failed=1)
 
 
 def _mixed_suite(pytester: pytest.Pytester, count: int = 500) -> None:
