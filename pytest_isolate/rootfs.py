@@ -475,6 +475,8 @@ def _mask_file(root: str, target: str) -> None:
     dest = root + target
     if os.path.lexists(dest):
         sc.mount("/dev/null", dest, None, sc.MS_BIND)
+        # The host's /dev/null: read-only, as the device binds (_setup_dev).
+        _make_readonly(dest)
 
 
 def _setup_proc(root: str) -> None:
@@ -547,13 +549,21 @@ def _setup_dev(root: str, size: int, rootless: bool, detached: Detached | None) 
     # the bound host nodes below are mounts of their own and keep working.
     _tmpfs(dest, 1024 * 1024, mode="0755")
     for name in DEVICES:
+        node = f"{dest}/{name}"
         if detached is not None:
-            if "/dev/" + name in detached:
-                _mountpoint(f"{dest}/{name}", False)
-                sc.move_mount_to(detached["/dev/" + name][0], f"{dest}/{name}")
+            if "/dev/" + name not in detached:
+                continue
+            _mountpoint(node, False)
+            sc.move_mount_to(detached["/dev/" + name][0], node)
         elif os.path.exists("/dev/" + name):
-            _mountpoint(f"{dest}/{name}", False)
-            sc.mount("/dev/" + name, f"{dest}/{name}", None, sc.MS_BIND)
+            _mountpoint(node, False)
+            sc.mount("/dev/" + name, node, None, sc.MS_BIND)
+        else:
+            continue
+        # The host's own node: read-only, or a test running as root (its
+        # owner) could chmod, chown or touch it on the host. Reading and
+        # writing the device itself are not writes to the file system.
+        _make_readonly(node)
     _mkdirs(dest + "/pts")
     opts = "newinstance,ptmxmode=0666,mode=0620" + ("" if rootless else ",gid=5")
     try:

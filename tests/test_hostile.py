@@ -116,6 +116,61 @@ def test_old_root_is_detached(pytester: pytest.Pytester) -> None:
     run_isolated(pytester).assert_outcomes(passed=1)
 
 
+def test_the_hosts_device_nodes_cannot_be_changed_from_inside(pytester: pytest.Pytester) -> None:
+    """/dev/null and the other nodes are the host's own, bound into the
+    sandbox (/dev/null also over each masked secret): as root (their owner)
+    a test could chmod, chown or touch them on the host. Each attempt (the
+    same mode and owner: harmless if it got through) fails on the read-only
+    binds, the devices still work, and the host's nodes are untouched.
+    In a sandbox made new, one reset, and roots built whole."""
+    nodes = [f"/dev/{n}" for n in ("null", "zero", "full", "random", "urandom", "tty")]
+    nodes = [n for n in nodes if os.path.exists(n)]
+    before = {n: os.stat(n) for n in nodes}
+    write_hostinfo(pytester, NODES=nodes)
+    pytester.makepyfile("""
+        import errno, os
+        import pytest
+        from hostinfo import NODES
+
+        def _whole_build(n):
+            # A root that is not the template's copy: built whole, binding
+            # the host's nodes directly (a capability beyond the defaults).
+            return pytest.param(n, marks=pytest.mark.isolated(caps_add=["SYS_PTRACE"]))
+
+        @pytest.mark.parametrize("n", [*range(3), _whole_build(3), _whole_build(4)])
+        def test_nodes_are_read_only(n):
+            for node in NODES:
+                st = os.stat(node)
+                for change in (
+                    lambda: os.chmod(node, st.st_mode & 0o7777),
+                    lambda: os.chown(node, st.st_uid, st.st_gid),
+                    lambda: os.utime(node),
+                ):
+                    with pytest.raises(OSError) as info:
+                        change()
+                    assert info.value.errno in (errno.EROFS, errno.EPERM), node
+            # The masks over secrets are the host's /dev/null too.
+            for mask in ("/etc/shadow", "/proc/kcore"):
+                if os.path.exists(mask) and os.stat(mask).st_rdev == os.stat("/dev/null").st_rdev:
+                    with pytest.raises(OSError) as info:
+                        os.utime(mask)
+                    assert info.value.errno in (errno.EROFS, errno.EPERM), mask
+            with open("/dev/null", "wb") as f:
+                f.write(b"still a device")
+            with open("/dev/urandom", "rb") as f:
+                assert len(f.read(16)) == 16
+    """)
+    run_isolated(pytester).assert_outcomes(passed=5)
+    for node, st in before.items():
+        now = os.stat(node)
+        assert (now.st_mode, now.st_uid, now.st_gid, now.st_ctime_ns) == (
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_ctime_ns,
+        ), node
+
+
 def test_hard_link_or_rename_from_tmp_path_does_not_reach_the_project(
     pytester: pytest.Pytester,
 ) -> None:
