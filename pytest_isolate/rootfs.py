@@ -18,6 +18,7 @@ The default view (see docs/how-it-works.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import stat
@@ -97,6 +98,7 @@ class Op:
     """One step of building the root. ``target`` is the path inside the sandbox."""
 
     kind: str  # dir | symlink | bind | overlay | tmpfs | mask_file | mask_dir | proc | dev | sys
+    # (| devpts: only in what a reset makes again, plan_renewal)
     target: str
     source: str = ""
     writable: bool = False
@@ -564,13 +566,8 @@ def _setup_dev(root: str, size: int, rootless: bool, detached: Detached | None) 
         # owner) could chmod, chown or touch it on the host. Reading and
         # writing the device itself are not writes to the file system.
         _make_readonly(node)
-    _mkdirs(dest + "/pts")
-    opts = "newinstance,ptmxmode=0666,mode=0620" + ("" if rootless else ",gid=5")
-    try:
-        sc.mount("devpts", dest + "/pts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, opts)
+    if _devpts(dest + "/pts", rootless):
         os.symlink("pts/ptmx", dest + "/ptmx")
-    except OSError:
-        pass  # no private pty: programs needing one fail as on a host without devpts
     _tmpfs(dest + "/shm", size)
     for link, target in (
         ("fd", "/proc/self/fd"),
@@ -580,6 +577,27 @@ def _setup_dev(root: str, size: int, rootless: bool, detached: Detached | None) 
     ):
         os.symlink(target, f"{dest}/{link}")
     os.chmod(dest, 0o755)
+
+
+def _devpts(dest: str, rootless: bool) -> bool:
+    """A private devpts instance on ``dest``; False where there is none to have."""
+    _mkdirs(dest)
+    opts = "newinstance,ptmxmode=0666,mode=0620" + ("" if rootless else ",gid=5")
+    try:
+        sc.mount("devpts", dest, "devpts", sc.MS_NOSUID | sc.MS_NOEXEC, opts)
+    except OSError:
+        return False  # no private pty: programs needing one fail as on a host without devpts
+    return True
+
+
+def _seal_dev(dest: str) -> None:
+    """/dev itself read-only once everything beneath it is made: what a test
+    can write there are its own /dev/shm and /dev/pts (file systems of their
+    own, made again for each test of a reused sandbox, renew_own), never
+    /dev's own entries, so a reused sandbox keeps /dev as it is."""
+    sc.mount(
+        None, dest, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+    )
 
 
 def _setup_sys(root: str, cgroup2: bool) -> None:
@@ -721,9 +739,9 @@ def apply_own(plan: RootfsPlan, own: Sequence[Op], detached: Detached) -> None:
 
 
 #: Own operations made again when a sandbox is reset for another test: the
-#: writable file systems, and /sys (it shows the network namespace it was
-#: mounted in).
-_RENEWED_KINDS = frozenset({"tmpfs", "dev", "sys"})
+#: writable file systems (/dev's own included: plan_renewal), and /sys (it
+#: shows the network namespace it was mounted in).
+_RENEWED_KINDS = frozenset({"tmpfs", "devpts", "sys"})
 
 
 #: What renew_own does between two tests: the mount points it detaches, the
@@ -734,10 +752,17 @@ Renewal = tuple[tuple[str, ...], tuple[Op, ...], Sources]
 
 def plan_renewal(own: Sequence[Op], taken: Sources) -> Renewal:
     """Decided once per template, from its ``own`` operations and what each
-    init takes from the host for them (own_sources)."""
-    tops = [op.target for op in own if op.kind in _RENEWED_KINDS]
+    init takes from the host for them (own_sources). /dev is read-only
+    (_seal_dev): only its /dev/pts and /dev/shm are made again."""
+    ops: list[Op] = []
+    for op in own:
+        if op.kind == "dev":
+            ops += [Op("devpts", op.target + "/pts"), Op("tmpfs", op.target + "/shm", size=op.size)]
+        else:
+            ops.append(op)
+    tops = [op.target for op in ops if op.kind in _RENEWED_KINDS]
     tops = [t for t in tops if not any(_under(t, o) and t != o for o in tops)]
-    again = tuple(op for op in own if any(_under(op.target, t) for t in tops))
+    again = tuple(op for op in ops if any(_under(op.target, t) for t in tops))
     sources = tuple(
         (target, target, recursive, is_dir)
         for target, _, recursive, is_dir in taken
@@ -759,7 +784,13 @@ def renew_own(plan: RootfsPlan, renewal: Renewal) -> None:
         os.chdir("/")
         for top in tops:
             with _step(f"detach {top}"):
-                sc.umount2(top, sc.MNT_DETACH)
+                try:
+                    sc.umount2(top, sc.MNT_DETACH)
+                except OSError as exc:
+                    # Not a mount point: /dev/pts where devpts could not be
+                    # mounted (_devpts). Made again all the same.
+                    if exc.errno != errno.EINVAL:
+                        raise
         _run_ops(plan, again, "", detached)
     finally:
         close_detached(detached)
@@ -823,8 +854,14 @@ def _run_ops(
                 _setup_dev(root, op.size, plan.rootless, detached)
             elif op.kind == "sys":
                 _setup_sys(root, plan.cgroup2)
+            elif op.kind == "devpts":
+                _devpts(root + op.target, plan.rootless)
             else:  # pragma: no cover - plans are built by plan_rootfs only
                 raise SetupStepError(op.kind, OSError(22, "unknown operation"))
+    for op in ops:
+        if op.kind == "dev":  # last: binds beneath /dev need their mount points
+            with _step(f"make {op.target} read-only"):
+                _seal_dev(root + op.target)
 
 
 def _pivot(plan: RootfsPlan) -> None:

@@ -9,6 +9,7 @@ is never handed on, nor is one whose test timed out.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -69,10 +70,17 @@ def test_a_reset_sandbox_has_new_namespaces_file_systems_and_no_process_of_the_l
     root = Path(f"/proc/{pid}/root")
     # Left by the last test in every writable file system of the sandbox.
     writable = [op.target.lstrip("/") for op in setup[0].ops if op.kind == "tmpfs"]
-    writable += ["dev", "dev/shm"]
+    writable += ["dev/shm"]
     assert {"tmp", "var/tmp"} <= set(writable)
     for path in writable:
         (root / path / "marker").write_text("left by the last test")
+    # /dev itself is read-only, for root too: it is kept, not made again.
+    with pytest.raises(OSError) as info:
+        (root / "dev" / "marker").write_text("left by the last test")
+    assert info.value.errno == errno.EROFS
+    # A pty of the last test, its master held open across the reset.
+    master = os.open(root / "dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY)
+    assert sorted(os.listdir(root / "dev/pts")) == ["0", "ptmx"]
     # /sys shows the network namespace it was mounted in.
     loopback = os.stat(root / "sys/class/net/lo").st_ino
     # A process of the last test, still running in its pid namespace.
@@ -95,6 +103,8 @@ def test_a_reset_sandbox_has_new_namespaces_file_systems_and_no_process_of_the_l
     # namespace's, and the mounts are the ones made before.
     assert [path for path in writable if (root / path / "marker").exists()] == []
     assert os.stat(root / "sys/class/net/lo").st_ino != loopback
+    assert os.listdir(root / "dev/pts") == ["ptmx"], "a new devpts instance"
+    os.close(master)
     assert mounts(pid) == table
     hostname = subprocess.check_output(["nsenter", "-t", str(pid), "-u", "--", "hostname"])
     assert hostname.decode().strip() == "box"
@@ -180,7 +190,7 @@ def test_a_mount_the_host_makes_meanwhile_does_not_fail_the_reset(tmp_path: Path
 
 
 _STATE_SUITE = """
-    import ctypes, os, signal, socket, subprocess
+    import ctypes, errno, os, signal, socket, subprocess
     import pytest
 
     PORT = 8123
@@ -192,7 +202,8 @@ _STATE_SUITE = """
         assert sorted(int(p) for p in os.listdir("/proc") if p.isdigit()) == [1, 2]
         for path in ("/tmp", "/var/tmp", os.path.expanduser("~"), "/dev/shm"):
             assert "marker" not in os.listdir(path), path
-        assert not os.path.exists("/dev/marker")
+        assert os.stat("/dev/shm").st_mode & 0o7777 == 0o1777
+        assert os.listdir("/dev/pts") == ["ptmx"], "a pty of the last test"
         for kind in ("shm", "msg", "sem"):
             with open(f"/proc/sysvipc/{kind}") as f:
                 assert len(f.read().splitlines()) == 1, kind
@@ -203,9 +214,16 @@ _STATE_SUITE = """
         assert socket.gethostname() == "isolated"
 
         # ...and this one leaves all of that behind.
-        for path in ("/tmp", "/var/tmp", os.path.expanduser("~"), "/dev/shm", "/dev"):
+        for path in ("/tmp", "/var/tmp", os.path.expanduser("~"), "/dev/shm"):
             with open(os.path.join(path, "marker"), "w") as f:
                 f.write("x")
+        # /dev itself is read-only: nothing of a test can stay there.
+        with pytest.raises(OSError) as info:
+            open("/dev/marker", "w")
+        assert info.value.errno == errno.EROFS
+        os.chmod("/dev/shm", 0o700)  # the file system's root itself is made again
+        master, _ = os.openpty()
+        subprocess.Popen(["sleep", "1000"], pass_fds=[master], start_new_session=True)
         libc = ctypes.CDLL(None, use_errno=True)
         assert libc.shmget(1234 + i, 4096, 0o1666) >= 0
         assert libc.msgget(1234 + i, 0o1666) >= 0
@@ -300,18 +318,20 @@ def test_reset_ops_cover_every_writable_file_system_and_what_lies_beneath() -> N
         ("/opt/tool", "/opt/tool", True, True),
     )
     tops, again, sources = plan_renewal(own, taken)
-    assert tops == ("/dev", "/tmp", "/root", "/sys")
+    # /dev itself is read-only (rootfs._seal_dev): its pts and shm are made
+    # again, and the host's nodes in it stay.
+    assert tops == ("/dev/pts", "/dev/shm", "/tmp", "/root", "/sys")
     assert sources == (
         ("/tmp/project", "/tmp/project", True, True),
         ("/root/.pyenv", "/root/.pyenv", True, True),
-        ("/dev/null", "/dev/null", False, False),
     )
-    assert [op.target for op in again] == [
-        "/dev",
-        "/tmp",
-        "/root",
-        "/sys",
-        "/tmp/project",
-        "/root/.pyenv",
-        "/tmp/project/sub",
+    assert [(op.kind, op.target) for op in again] == [
+        ("devpts", "/dev/pts"),
+        ("tmpfs", "/dev/shm"),
+        ("tmpfs", "/tmp"),
+        ("tmpfs", "/root"),
+        ("sys", "/sys"),
+        ("bind", "/tmp/project"),
+        ("bind", "/root/.pyenv"),
+        ("dir", "/tmp/project/sub"),
     ]

@@ -354,8 +354,7 @@ MKNOD_TESTS = """
     NULL = os.makedev(1, 3)  # opens wherever devices are allowed, harmlessly
 
     def places(tmp_path):
-        return ["/tmp", "/var/tmp", "/dev", "/dev/shm", os.environ["HOME"], str(tmp_path),
-                "/data"]
+        return ["/tmp", "/var/tmp", "/dev/shm", os.environ["HOME"], str(tmp_path), "/data"]
 
     @pytest.mark.isolated(caps_add=["mknod"], binds=[f"{DISK_DIR}:/data:rw"])
     @pytest.mark.parametrize("kind, dev", [("char", NULL), ("block", DISK)])
@@ -377,6 +376,9 @@ MKNOD_TESTS = """
             finally:
                 os.unlink(node)
         assert opened == []
+        with pytest.raises(OSError) as info:  # /dev itself is read-only
+            os.mknod(f"/dev/node-{kind}", mode, dev)
+        assert info.value.errno == errno.EROFS
 
     def test_mknod_is_refused_without_the_capability():
         with pytest.raises(PermissionError):

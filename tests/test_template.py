@@ -145,11 +145,12 @@ def test_sandboxes_of_one_template_share_nothing_writable(
     setup = (host_plan(staging, tmp_path / "project"), "box", True, True)
     with init(factory, setup) as first, init(factory, setup) as second:
         one, two = Path(f"/proc/{first}/root"), Path(f"/proc/{second}/root")
-        for writable in ("tmp", "var/tmp", "dev/shm", "dev"):
+        for writable in ("tmp", "var/tmp", "dev/shm"):
             (one / writable / "left-by-first").write_text("x")
             assert not (two / writable / "left-by-first").exists(), writable
-        # The shared part is read-only for everyone, root included.
-        for shared in ("", "usr", "etc"):
+        # The shared part is read-only for everyone, root included; so is
+        # each one's /dev (rootfs._seal_dev).
+        for shared in ("", "usr", "etc", "dev"):
             with pytest.raises(OSError) as excinfo:
                 (one / shared / "written-into-the-template").write_text("x")
             assert excinfo.value.errno == errno.EROFS, shared
