@@ -293,7 +293,7 @@ class Sandbox:
             done = False
             for fd, _ in events:
                 if fd == self.result_fd and result_open:
-                    data = os.read(fd, 1 << 20)
+                    data = os.read(fd, _READ_SIZE)
                     if not data:
                         result_open = False
                         poller.unregister(fd)
@@ -353,7 +353,7 @@ class Sandbox:
             while time.monotonic() < end:
                 if not readable(self.result_fd, 0.05):
                     continue
-                data = os.read(self.result_fd, 1 << 20)
+                data = os.read(self.result_fd, _READ_SIZE)
                 if not data:
                     reader.finish()
                     return None
@@ -409,6 +409,13 @@ def _children_of(pid: int) -> list[int]:
             return [int(child) for child in f.read().split()]
     except (OSError, ValueError):
         return []
+
+
+#: Bytes asked of each read() of the result pipe. os.read allocates that much
+#: first: 1 MiB was an mmap, a page fault and an mremap on every read (three
+#: reads a trivial test, ~25 us each); 64 KiB comes from the heap. Frames
+#: larger than this arrive over several reads (FrameReader).
+_READ_SIZE = 1 << 16
 
 
 def read_memfd(fd: int, limit: int = 1 << 20) -> str:

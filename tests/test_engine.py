@@ -43,6 +43,20 @@ def test_pass_and_assertion_failure_look_as_without_isolation(pytester: pytest.P
     )
 
 
+def test_a_report_larger_than_one_read_arrives_whole(pytester: pytest.Pytester) -> None:
+    """pytest reads the result pipe 64 KiB at a time (sandbox._READ_SIZE): a
+    failure whose report is several times that (a 300 KB assertion message)
+    arrives whole, its end included."""
+    pytester.makepyfile("""
+        def test_fails_with_a_long_message():
+            assert False, "x" * 300_000 + "THE-END"
+    """)
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    assert "THE-END" in result.stdout.str()
+    assert "malformed" not in result.stdout.str()
+
+
 def test_every_crash_is_classified_on_the_test_that_crashed(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import os, signal, sys
