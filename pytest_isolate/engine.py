@@ -532,7 +532,7 @@ class Engine:
         if pages:  # learned since this zygote was forked (_forker)
             flat = array.array("Q", request[_REQUEST.size : _REQUEST.size + pages])
             self._hot_pages = tuple(zip(flat[::2], flat[1::2], strict=True))
-        init_pidfd = fds[5] if len(fds) > 5 else -1
+        init_pidfd = fds[6] if len(fds) > 6 else -1
         if _OWN_PIDNS[0] < 0:  # once per zygote
             _OWN_PIDNS[0] = prepare_zygote(plans.values())
             # What each test process would otherwise work out for itself:
@@ -545,7 +545,7 @@ class Engine:
             item = session.items[index]
             start_sandbox(
                 plan,
-                fds[:5],
+                fds[:6],
                 init_pidfd,
                 cgroup_procs=tuple(procs.split("\0")) if procs else (),
                 run_test=partial(run_in_sandbox, item),

@@ -49,7 +49,7 @@ from . import syscalls as sc
 from .capabilities import DEFAULT_ROOT_CAPS
 from .initd import InitFactory, InitFactoryError, InitSetup, Recycled, kill_init, readable
 from .prefault import Ranges, populate
-from .protocol import FrameReader, Message, ProtocolError, send_message
+from .protocol import MAX_TOTAL, FrameReader, Message, ProtocolError, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
 
 __all__ = ["SETUP_FAILED_EXIT", "Sandbox", "SandboxOutcome", "SandboxPlan", "TestContext", "spawn"]
@@ -86,13 +86,22 @@ class SandboxPlan:
 
 @dataclass
 class TestContext:
-    """Handed to the test callback inside the sandbox."""
+    """Handed to the test callback inside the sandbox. ``result_fd``: where
+    every frame is written (a memfd: what was written stays readable to
+    pytest whatever happens next); ``bell_fd``: a pipe, written to once the
+    "done" frame is there (``ring``), the one wake-up pytest waits for."""
 
     result_fd: int
     out_fd: int
     err_fd: int
     stack_fd: int
+    bell_fd: int = -1
     go_data: bytes = b""
+
+    def ring(self) -> None:
+        if self.bell_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.bell_fd, b"d")
 
     __test__ = False
 
@@ -121,8 +130,12 @@ class Sandbox:
         stack_fd: int,
         cleanup: Callable[[], None] | None,
         pending: tuple[Callable[[], int], tuple[int, ...]] | None = None,
+        bell_fd: int = -1,
     ) -> None:
+        #: The memfd the sandbox writes its frames to, and the pipe it rings
+        #: once "done" is there (TestContext).
         self.result_fd = result_fd
+        self.bell_fd = bell_fd
         self.go_fd = go_fd
         self.out_fd = out_fd
         self.err_fd = err_fd
@@ -136,7 +149,7 @@ class Sandbox:
         #: The "done" frame came, and nothing broke the protocol.
         self._clean = False
         self.started = 0.0
-        self.fds: tuple[int, ...] = (result_fd, go_fd, out_fd, err_fd, stack_fd)
+        self.fds: tuple[int, ...] = (result_fd, go_fd, out_fd, err_fd, stack_fd, bell_fd)
         #: Forked by a zygote that has not answered yet: the call that gives
         #: the pid, and the child's ends of the pipes, held until then.
         self._pending = pending
@@ -267,20 +280,23 @@ class Sandbox:
         return self._reaped
 
     def collect(self, timeout: float | None, keep: bool = False) -> SandboxOutcome:
-        """Read frames while waiting (a chatty child never blocks on a full
-        pipe), until the sandbox is gone, the timeout passes, or the child
-        breaks the protocol. The sandbox is killed on its "done" frame unless
-        ``keep`` (then the caller kills it)."""
+        """Wait until the sandbox rings (its "done" frame is written), is gone,
+        the timeout passes, or the child breaks the protocol; then read its
+        frames. The frames are written to a memfd, which holds them whatever
+        the child does next (a crash in teardown still delivers setup and
+        call), so pytest wakes once a test, not once a frame. The sandbox
+        is killed on its "done" frame unless ``keep`` (then the caller kills
+        it)."""
         self._resolve_quietly()
-        reader = FrameReader()
-        messages: list[Message] = []
+        results = _Results(self.result_fd)
         protocol_error: str | None = None
         timed_out = False
         deadline = None if timeout is None else self.started + timeout
         poller = select.poll()
-        poller.register(self.result_fd, select.POLLIN)
+        bell_open = self.bell_fd >= 0
+        if bell_open:
+            poller.register(self.bell_fd, select.POLLIN)
         poller.register(self.pidfd, select.POLLIN)
-        result_open = True
         complete = False
         while True:
             wait_ms = -1
@@ -290,32 +306,31 @@ class Sandbox:
             if not events and deadline is not None and time.monotonic() >= deadline:
                 timed_out = True
                 break
-            done = False
+            gone = False
             for fd, _ in events:
-                if fd == self.result_fd and result_open:
-                    data = os.read(fd, _READ_SIZE)
-                    if not data:
-                        result_open = False
+                if fd == self.bell_fd and bell_open:
+                    # Rung (by the test, or by anything of the sandbox that
+                    # holds the bell: only a wake-up, the frames decide).
+                    if not os.read(fd, _BELL_READ):
+                        bell_open = False
                         poller.unregister(fd)
-                        continue
-                    try:
-                        messages.extend(reader.feed(data))
-                    except ProtocolError as exc:
-                        protocol_error = str(exc)
-                        done = True
-                    # Every report is in: kill the sandbox now, so that its
-                    # teardown (address space, namespaces) overlaps with pytest
-                    # logging the reports; wait_gone() confirms it before the
-                    # next test starts.
-                    if messages and messages[-1].type == "done":
-                        complete = True
-                        done = True
-                        self._clean = protocol_error is None
-                        if not keep:
-                            self.kill()
                 elif fd == self.pidfd:
-                    done = True
-            if done:
+                    gone = True
+            try:
+                complete = results.read()
+            except ProtocolError as exc:
+                protocol_error = str(exc)
+                break
+            if complete:
+                self._clean = True
+                # Every report is in: kill the sandbox now, so that its
+                # teardown (address space, namespaces) overlaps with pytest
+                # logging the reports; wait_gone() confirms it before the
+                # next test starts.
+                if not keep:
+                    self.kill()
+                break
+            if gone:
                 break
         stack = ""
         if timed_out:
@@ -323,13 +338,20 @@ class Sandbox:
         if timed_out or protocol_error:
             self.kill()
         status = None
+        messages = results.messages
         if not complete:
             status = self._reap()
-            # The pid namespace is gone once its init is reaped; drain what is left.
-            if result_open and protocol_error is None:
-                protocol_error = self._drain(reader, messages)
+            # Everything of the pid namespace is gone once its init is
+            # reaped: what it wrote last is in the memfd now (after a
+            # timeout too: the reports made before the test hung).
+            if protocol_error is None:
+                try:
+                    if not results.read() and not timed_out:
+                        results.finish()  # nothing more will come: a part frame is an error
+                except ProtocolError as exc:
+                    protocol_error = str(exc)
             # The test process may have exited after its "done" frame before
-            # pytest read it (a busy or slow machine): as clean an end.
+            # pytest saw it ring (a busy or slow machine): as clean an end.
             self._clean = protocol_error is None and bool(messages) and messages[-1].type == "done"
         test_status = None
         for msg in messages:
@@ -346,21 +368,6 @@ class Sandbox:
             stack,
             time.monotonic() - self.started,
         )
-
-    def _drain(self, reader: FrameReader, messages: list[Message]) -> str | None:
-        end = time.monotonic() + 2.0
-        try:
-            while time.monotonic() < end:
-                if not readable(self.result_fd, 0.05):
-                    continue
-                data = os.read(self.result_fd, _READ_SIZE)
-                if not data:
-                    reader.finish()
-                    return None
-                messages.extend(reader.feed(data))
-        except ProtocolError as exc:
-            return str(exc)
-        return None
 
     def _dump_stack(self) -> str:
         """Ask the test for its Python stack (pytest-timeout style), falling
@@ -411,11 +418,48 @@ def _children_of(pid: int) -> list[int]:
         return []
 
 
-#: Bytes asked of each read() of the result pipe. os.read allocates that much
-#: first: 1 MiB was an mmap, a page fault and an mremap on every read (three
-#: reads a trivial test, ~25 us each); 64 KiB comes from the heap. Frames
-#: larger than this arrive over several reads (FrameReader).
+#: Bytes asked of each pread() of the results memfd. os.pread allocates that
+#: much first: 1 MiB would be an mmap, a page fault and an mremap on every
+#: read (~25 us); 64 KiB comes from the heap. Larger results take several.
 _READ_SIZE = 1 << 16
+#: The bell carries no data: what a read of it takes at most.
+_BELL_READ = 4096
+
+
+class _Results:
+    """pytest's reader of a sandbox's results memfd: the frames written so
+    far, parsed from where the last read stopped, up to the "done" frame
+    (anything after it is ignored, as nothing after it matters). At most
+    the protocol's MAX_TOTAL bytes are read: the child is untrusted."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.messages: list[Message] = []
+        self._reader = FrameReader()
+        self._offset = 0
+        self._done = False
+
+    def read(self) -> bool:
+        """Parse what was written since; True once the "done" frame is in.
+        Raises ProtocolError on a malformed or oversized stream."""
+        while not self._done:
+            data = os.pread(self.fd, min(_READ_SIZE, MAX_TOTAL + 1 - self._offset), self._offset)
+            if not data:
+                break
+            self._offset += len(data)
+            for message in self._reader.feed(data):
+                self.messages.append(message)
+                if message.type == "done":
+                    self._done = True
+                    break
+            if self._offset > MAX_TOTAL:
+                break
+        return self._done
+
+    def finish(self) -> None:
+        """The writers are gone: raise ProtocolError if a frame was left half
+        written."""
+        self._reader.finish()
 
 
 def read_memfd(fd: int, limit: int = 1 << 20) -> str:
@@ -451,7 +495,7 @@ def spawn(
     namespace, forks the init, which forks the test (three).
 
     ``forker``: a zygote (zygote.py) forks instead of pytest's process. It
-    is sent the sandbox's descriptors (result, go, stdout, stderr, stack,
+    is sent the sandbox's descriptors (results, go, stdout, stderr, stack, bell,
     and the init's pidfd or -1) and returns a call that waits for the pid
     of a process that is pytest's own child, as one forked here would be;
     it decides the rest (run_test, prefault...) from its own copy of
@@ -459,7 +503,8 @@ def spawn(
     Sandbox.resolve() is called (every method that needs it does), which
     raises OSError if the zygote failed; when the request cannot even be
     sent, the fork happens here."""
-    result_r, result_w = os.pipe2(os.O_CLOEXEC)
+    result_fd = os.memfd_create("isolate-results", os.MFD_CLOEXEC)
+    bell_r, bell_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     out_fd = os.memfd_create("isolate-stdout", os.MFD_CLOEXEC)
     err_fd = os.memfd_create("isolate-stderr", os.MFD_CLOEXEC)
@@ -469,7 +514,7 @@ def spawn(
     if plan.namespaces and not plan.rootless and init_factory is not None:
         with contextlib.suppress(InitFactoryError):
             init_pidfd = init_factory.new_init(setup)
-    fds = [result_w, go_r, out_fd, err_fd, stack_fd]
+    fds = [result_fd, go_r, out_fd, err_fd, stack_fd, bell_w]
     pid = -1
     try:
         ticket = None
@@ -485,11 +530,19 @@ def spawn(
                 try:
                     return ticket()
                 finally:
-                    os.close(result_w)
+                    os.close(bell_w)
                     os.close(go_r)
 
             sandbox = Sandbox(
-                -1, result_r, go_w, out_fd, err_fd, stack_fd, cleanup, (resolve, (result_w, go_r))
+                -1,
+                result_fd,
+                go_w,
+                out_fd,
+                err_fd,
+                stack_fd,
+                cleanup,
+                (resolve, (bell_w, go_r)),
+                bell_fd=bell_r,
             )
             if init_pidfd >= 0:
                 sandbox.attach_init(init_pidfd, init_factory)
@@ -521,15 +574,15 @@ def spawn(
                 os.close(init_pidfd)
                 init_pidfd = -1
     except BaseException:
-        for fd in (result_r, result_w, go_r, go_w, out_fd, err_fd, stack_fd):
+        for fd in (result_fd, bell_r, bell_w, go_r, go_w, out_fd, err_fd, stack_fd):
             os.close(fd)
         if init_pidfd >= 0:
             kill_init(init_pidfd, init_factory)
             os.close(init_pidfd)
         raise
-    os.close(result_w)
+    os.close(bell_w)
     os.close(go_r)
-    sandbox = Sandbox(pid, result_r, go_w, out_fd, err_fd, stack_fd, cleanup)
+    sandbox = Sandbox(pid, result_fd, go_w, out_fd, err_fd, stack_fd, cleanup, bell_fd=bell_r)
     if init_pidfd >= 0:
         sandbox.attach_init(init_pidfd, init_factory)
     return sandbox
@@ -640,13 +693,13 @@ def start_sandbox(
 ) -> NoReturn:  # pragma: no cover - runs in the sandbox
     """In the child of fork_into_pid_namespace: set the sandbox up, wait for
     "go", run the test. Never returns (in a zygote: never back to its loop).
-    ``fds``: result (write end), go (read end), stdout, stderr, stack.
+    ``fds``: results (memfd), go (read end), stdout, stderr, stack, bell (write end).
     ``init_pidfd`` (or -1): the factory's init, whose pid namespace the child
     was born in. ``keep_fds`` (pytest's capture descriptors) and ``foreign``
     (what it must close) are evaluated here."""
     try:
-        result_w, go_r, out_fd, err_fd, stack_fd = fds
-        ctx = TestContext(result_w, out_fd, err_fd, stack_fd)
+        result_fd, go_r, out_fd, err_fd, stack_fd, bell_w = fds
+        ctx = TestContext(result_fd, out_fd, err_fd, stack_fd, bell_w)
         _sandbox_main(
             plan,
             cgroup_procs,
@@ -1003,6 +1056,7 @@ def _test_main(
     try:
         start()
         send_message(ctx.result_fd, "done", {})
+        ctx.ring()
         while linger:
             time.sleep(3600)  # until P has read what it wanted and kills us
     except KeyboardInterrupt:

@@ -357,38 +357,48 @@ def test_a_sandbox_setup_failure_names_the_step_and_the_errno(pytester: pytest.P
     )
 
 
-def test_garbage_on_the_result_pipe_is_a_malformed_result(pytester: pytest.Pytester) -> None:
+def test_garbage_in_the_results_is_a_malformed_result(pytester: pytest.Pytester) -> None:
+    """The sandbox writes its frames to a memfd and rings a pipe once "done"
+    is there: garbage written to the memfd is a malformed result for that
+    test only; ringing the bell early (or often) only wakes pytest, which
+    finds no "done" frame yet and goes on waiting."""
     pytester.makepyfile("""
         import os, struct
-        def _pipes():
+        def _fds(kind):
             for name in os.listdir("/proc/self/fd"):
                 try:
-                    if os.readlink(f"/proc/self/fd/{name}").startswith("pipe:"):
+                    if os.readlink(f"/proc/self/fd/{name}").startswith(kind):
                         yield int(name)
                 except OSError:
                     pass
         def test_garbage():
-            for fd in _pipes():
-                try:
-                    os.write(fd, struct.pack(">I", 5) + b"nope!")
-                except OSError:
-                    pass
+            for fd in _fds("/memfd:isolate-results"):
+                os.write(fd, struct.pack(">I", 5) + b"nope!")
         def test_oversized():
-            for fd in _pipes():
-                try:
-                    os.write(fd, b"\\xff\\xff\\xff\\xff")
-                except OSError:
-                    pass
+            for fd in _fds("/memfd:isolate-results"):
+                os.write(fd, b"\\xff\\xff\\xff\\xff")
             os._exit(0)
+        def test_truncated():
+            for fd in _fds("/memfd:isolate-results"):
+                os.write(fd, struct.pack(">I", 50) + b"{}")
+            os._exit(0)
+        def test_rings_early():
+            for _ in range(3):
+                for fd in _fds("pipe:"):
+                    try:
+                        os.write(fd, b"ring")
+                    except OSError:
+                        pass
         def test_next_still_runs():
             pass
     """)
     result = run(pytester)
-    result.assert_outcomes(passed=1, failed=2)
+    result.assert_outcomes(passed=2, failed=3)
     result.stdout.fnmatch_lines_random(
         [
             "the isolated test sent a malformed result: a frame is not valid JSON*",
             "the isolated test sent a malformed result: announced a frame of 4294967295 bytes*",
+            "the isolated test sent a malformed result: the last frame was truncated (6 bytes*",
         ]
     )
 
