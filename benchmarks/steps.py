@@ -423,7 +423,8 @@ def _reset_steps(reps: int, plan: Any) -> list[Step]:
         return [
             _step(
                 "or reset a sandbox used again (pid 1 between two tests: kill and wait, "
-                "check the mounts, new uts+ipc+net, its writable mounts, /dev, /sys again)",
+                "check the mounts, new uts+ipc+net, its writable mounts with /dev/pts and "
+                "/dev/shm, /sys again)",
                 took,
                 "sandbox",
                 f"machine CPU {cpu:.2f} ms a reset (+-{tick:.2f}: clock ticks; all cores, "
