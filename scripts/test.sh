@@ -14,6 +14,8 @@
 #                 (scripts/tox.sh: pyenv's newest 3.13)
 #   lint          ruff check and ruff format --check
 #   types         mypy --strict (configured in pyproject.toml)
+#   docs          mkdocs build --strict: the documentation builds without a
+#                 warning (into a temporary directory)
 #
 # The last line sums every part, e.g. "312 passed, 0 failed, 20 skipped"; the
 # exit status is 0 only when every part passed. pytest's "no tests collected"
@@ -44,7 +46,7 @@ user_copy=/tmp/pytest-isolate-ci-rootless
 pytest_args=(-p no:cacheprovider -ra)
 
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(main rootless vm-root vm-rootless py313 lint types)
+[ ${#parts[@]} -eq 0 ] && parts=(main rootless vm-root vm-rootless py313 lint types docs)
 
 start=$(date +%s)
 passed=0 failed=0 skipped=0 errors=0 xfailed=0 xpassed=0
@@ -231,7 +233,13 @@ for part in "${parts[@]}"; do
       header "types: mypy --strict"
       run_check types "$python" -m mypy
       ;;
-    *) echo "test.sh: unknown part '$part' (main rootless vm-root vm-rootless py313 lint types)" >&2; exit 2 ;;
+    docs)
+      header "docs: mkdocs build --strict"
+      site=$(mktemp -d)
+      run_check docs "$python" -m mkdocs build --strict --site-dir "$site"
+      rm -rf "$site"
+      ;;
+    *) echo "test.sh: unknown part '$part' (main rootless vm-root vm-rootless py313 lint types docs)" >&2; exit 2 ;;
   esac
 done
 
