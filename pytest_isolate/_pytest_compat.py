@@ -315,12 +315,6 @@ def run_phases(
     """In the sandbox: runtestprotocol without logging, each report sent as soon
     as it exists (a crash in teardown still delivers setup and call). Inside
     record_warnings(item)."""
-    _run_phases(item, nextitem, send)
-
-
-def _run_phases(
-    item: pytest.Item, nextitem: pytest.Item | None, send: Callable[[pytest.TestReport], None]
-) -> None:
     init_request(item)
     rep = call_and_report(item, "setup", log=False)
     send(rep)

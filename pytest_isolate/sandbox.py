@@ -95,13 +95,12 @@ class TestContext:
     out_fd: int
     err_fd: int
     stack_fd: int
-    bell_fd: int = -1
+    bell_fd: int
     go_data: bytes = b""
 
     def ring(self) -> None:
-        if self.bell_fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self.bell_fd, b"d")
+        with contextlib.suppress(OSError):
+            os.write(self.bell_fd, b"d")
 
     __test__ = False
 
@@ -128,9 +127,9 @@ class Sandbox:
         out_fd: int,
         err_fd: int,
         stack_fd: int,
+        bell_fd: int,
         cleanup: Callable[[], None] | None,
         pending: tuple[Callable[[], int], tuple[int, ...]] | None = None,
-        bell_fd: int = -1,
     ) -> None:
         #: The memfd the sandbox writes its frames to, and the pipe it rings
         #: once "done" is there (TestContext).
@@ -293,9 +292,8 @@ class Sandbox:
         timed_out = False
         deadline = None if timeout is None else self.started + timeout
         poller = select.poll()
-        bell_open = self.bell_fd >= 0
-        if bell_open:
-            poller.register(self.bell_fd, select.POLLIN)
+        bell_open = True
+        poller.register(self.bell_fd, select.POLLIN)
         poller.register(self.pidfd, select.POLLIN)
         complete = False
         while True:
@@ -447,13 +445,12 @@ class _Results:
             if not data:
                 break
             self._offset += len(data)
+            # Past MAX_TOTAL bytes in all, feed() raises ProtocolError.
             for message in self._reader.feed(data):
                 self.messages.append(message)
                 if message.type == "done":
                     self._done = True
                     break
-            if self._offset > MAX_TOTAL:
-                break
         return self._done
 
     def finish(self) -> None:
@@ -540,9 +537,9 @@ def spawn(
                 out_fd,
                 err_fd,
                 stack_fd,
+                bell_r,
                 cleanup,
                 (resolve, (bell_w, go_r)),
-                bell_fd=bell_r,
             )
             if init_pidfd >= 0:
                 sandbox.attach_init(init_pidfd, init_factory)
@@ -582,7 +579,7 @@ def spawn(
         raise
     os.close(bell_w)
     os.close(go_r)
-    sandbox = Sandbox(pid, result_fd, go_w, out_fd, err_fd, stack_fd, cleanup, bell_fd=bell_r)
+    sandbox = Sandbox(pid, result_fd, go_w, out_fd, err_fd, stack_fd, bell_r, cleanup)
     if init_pidfd >= 0:
         sandbox.attach_init(init_pidfd, init_factory)
     return sandbox
