@@ -21,11 +21,9 @@ import dataclasses
 import functools
 import gc
 import os
-import shutil
 import signal
 import struct
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -51,6 +49,7 @@ from .sandbox import (
     spawn,
     start_sandbox,
 )
+from .scratchdirs import LockedDir
 from .spec import IsolationSpec, SpecError, format_size
 from .syscalls import fork_sibling
 from .zygote import Zygote, ZygoteError
@@ -123,7 +122,7 @@ class Engine:
         self._finished: list[Sandbox] = []
         self._graveyard: list[Sandbox] = []
         self._cgroup_of: dict[int, Any] = {}
-        self._staging: str | None = None
+        self._staging: LockedDir | None = None
         self._project: dict[bool, list[str]] = {}
         self._index: dict[int, int] = {}
         self._cgroups: Any = None
@@ -242,7 +241,8 @@ class Engine:
             with contextlib.suppress(Exception):
                 self._cgroups.close()
         if self._staging is not None:
-            shutil.rmtree(os.path.dirname(self._staging), ignore_errors=True)
+            self._staging.remove()
+            self._staging = None
 
     def merge_coverage(self) -> None:
         from . import child
@@ -253,10 +253,11 @@ class Engine:
     def _staging_dir(self) -> str:
         if self._staging is None:
             # An empty host directory the sandbox mounts its new root on (inside
-            # its own mount namespace: the host never sees the mount).
-            self._staging = os.path.join(tempfile.mkdtemp(prefix="pytest-isolate-"), "root")
-            os.mkdir(self._staging)
-        return self._staging
+            # its own mount namespace: the host never sees the mount), locked
+            # while this session lives (a killed one's is removed by the next).
+            self._staging = LockedDir("pytest-isolate-run-")
+            os.mkdir(os.path.join(self._staging.path, "root"))
+        return os.path.join(self._staging.path, "root")
 
     def _project_paths(self, strict: bool) -> list[str]:
         if strict not in self._project:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import subprocess
 
     from .rootfs import Renewal
+    from .scratchdirs import LockedDir
 
 __all__ = [
     "InitFactory",
@@ -90,7 +91,7 @@ class InitFactory:
     def __init__(self) -> None:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._jail: str | None = None
+        self._jail: LockedDir | None = None
         #: Setup ids of the inits asked for and not taken yet, oldest first.
         self._pending: collections.deque[int] = collections.deque()
         self._ids: dict[Hashable, int] = {}
@@ -116,10 +117,11 @@ class InitFactory:
         # Imported here: the factory process imports this module too and
         # should stay small (every init is a fork of it).
         import subprocess
-        import tempfile
+
+        from .scratchdirs import LockedDir
 
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._jail = tempfile.mkdtemp(prefix="pytest-isolate-initd-")
+        self._jail = LockedDir("pytest-isolate-initd-")
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         code = (
             f"import sys; sys.path.insert(0, {package_parent!r}); "
@@ -127,7 +129,7 @@ class InitFactory:
         )
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", code, str(child.fileno()), self._jail],
+                [sys.executable, "-I", "-S", "-c", code, str(child.fileno()), self._jail.path],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
                 # Never pytest's output: an init outliving a run would hold it open.
@@ -328,8 +330,7 @@ class InitFactory:
             self._proc.wait()
             self._proc = None
         if self._jail is not None:
-            with contextlib.suppress(OSError):
-                os.rmdir(self._jail)
+            self._jail.remove()
             self._jail = None
 
 

@@ -8,10 +8,13 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 from conftest import requires
+
+from pytest_isolate import scratchdirs
 
 ISOLATE = ("--isolate", "-p", "no:cacheprovider")
 
@@ -645,18 +648,28 @@ def test_ctrl_c_interrupts_the_session_and_leaves_nothing_behind(pytester: pytes
 def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
     pytester: pytest.Pytester,
 ) -> None:
-    """If pytest itself is SIGKILLed, every sandbox dies with it."""
+    """If pytest itself is SIGKILLed, every sandbox dies with it, and the
+    next session removes the empty host directories it mounted on."""
     pytester.makepyfile("""
         import subprocess, time
         def test_long():
             subprocess.Popen(["sleep", "302.9"])
             time.sleep(60)
     """)
+    tmp = pytester.path / "tmp"
+    tmp.mkdir()
+    # Its own temp dir, to see what it leaves; the cgroup session lock stays
+    # where this run's is (XDG_RUNTIME_DIR or the temp dir), so the runs share it.
+    run_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if not run_dir or not os.access(run_dir, os.W_OK):
+        run_dir = tempfile.gettempdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "XDG_RUNTIME_DIR": run_dir}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", *ISOLATE],
         cwd=pytester.path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.monotonic() + 30
     while not _host_processes_matching("sleep 302.9") and time.monotonic() < deadline:
@@ -668,6 +681,19 @@ def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
     while _host_processes_matching("sleep 302.9") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _host_processes_matching("sleep 302.9")
+
+    left = [name for name in os.listdir(tmp) if name.startswith(scratchdirs.PREFIXES)]
+    assert any(name.startswith("pytest-isolate-run-") for name in left)
+    pytester.makepyfile("def test_quick(): pass")
+    again = subprocess.run(
+        [sys.executable, "-m", "pytest", *ISOLATE],
+        check=False,
+        cwd=pytester.path,
+        capture_output=True,
+        env=env,
+    )
+    assert again.returncode == 0, again.stdout
+    assert not [name for name in os.listdir(tmp) if name.startswith(scratchdirs.PREFIXES)]
 
 
 def test_reruns_of_pytest_rerunfailures_are_isolated_too(pytester: pytest.Pytester) -> None:
