@@ -35,6 +35,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .child import run_in_sandbox, silence_plugins
+from .forkhooks import ForkHandlers, find_handlers
 from .initd import InitFactory, InitFactoryError
 from .prefault import Ranges, private_writable_mappings, written_ranges
 from .protocol import Message
@@ -76,6 +77,19 @@ _PAGES_SENT = 48 << 10
 _OWN_PIDNS = [-1]
 #: In a zygote: pytest's capture descriptors (compat.capture_fds), found once.
 _CAPTURE_FDS: set[int] = set()
+#: In a zygote: what a test process calls right after the fork when the
+#: zygote forks without Python's at-fork handlers (forkhooks.py), else None.
+_AFTER_FORK: list[Callable[[], None] | None] = [None]
+
+
+def _fork_from_zygote() -> int:  # pragma: no cover - in a zygote
+    """fork_sibling(), and in the child what Python's at-fork handlers the
+    zygote skipped leave to do (forkhooks.py)."""
+    pid = fork_sibling()
+    after = _AFTER_FORK[0]
+    if pid == 0 and after is not None:
+        after()
+    return pid
 
 
 def _zygote_unavailable() -> str | None:
@@ -123,6 +137,8 @@ class Engine:
         self._graveyard: list[Sandbox] = []
         self._cgroup_of: dict[int, Any] = {}
         self._staging: LockedDir | None = None
+        #: Python's at-fork handler lists (forkhooks.py); False: not looked for yet.
+        self._fork_handlers: ForkHandlers | Literal[False] | None = False
         self._project: dict[bool, list[str]] = {}
         self._index: dict[int, int] = {}
         self._cgroups: Any = None
@@ -470,6 +486,9 @@ class Engine:
                 return None
             plans = {id(p): p for p in self._plans.values()}
             self._locate(item.session.items)
+            if self._fork_handlers is False:
+                # Once, in pytest's process: the zygote's gc.freeze() hides them.
+                self._fork_handlers = find_handlers()
             zygote = Zygote(key, plans)
             try:
                 zygote.start(partial(self._serve, plans, item.session), self._foreign_fds())
@@ -540,7 +559,9 @@ class Engine:
             # pytest's capture descriptors, the plugins to silence.
             _CAPTURE_FDS.update(compat.capture_fds(self.config))
             silence_plugins(self.config)
-        pid = fork_into_pid_namespace(plan, init_pidfd, fork_sibling, _OWN_PIDNS[0])
+            if self._fork_handlers:
+                _AFTER_FORK[0] = self._fork_handlers.quiet()
+        pid = fork_into_pid_namespace(plan, init_pidfd, _fork_from_zygote, _OWN_PIDNS[0])
         if pid == 0:
             procs = request[_REQUEST.size + pages :].decode()
             item = session.items[index]
