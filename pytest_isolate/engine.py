@@ -88,7 +88,10 @@ def _fork_from_zygote() -> int:  # pragma: no cover - in a zygote
     pid = fork_sibling()
     after = _AFTER_FORK[0]
     if pid == 0 and after is not None:
-        after()
+        try:
+            after()
+        except BaseException:
+            os._exit(SETUP_FAILED_EXIT)  # never back into the zygote's loop
     return pid
 
 
@@ -563,8 +566,11 @@ class Engine:
                 _AFTER_FORK[0] = self._fork_handlers.quiet()
         pid = fork_into_pid_namespace(plan, init_pidfd, _fork_from_zygote, _OWN_PIDNS[0])
         if pid == 0:
-            procs = request[_REQUEST.size + pages :].decode()
-            item = session.items[index]
+            try:
+                procs = request[_REQUEST.size + pages :].decode()
+                item = session.items[index]
+            except BaseException:
+                os._exit(SETUP_FAILED_EXIT)  # never back into the zygote's loop
             start_sandbox(
                 plan,
                 fds[:6],

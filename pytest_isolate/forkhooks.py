@@ -62,7 +62,7 @@ class ForkHandlers:
             for handler in run:
                 try:
                     handler()
-                except Exception as exc:
+                except BaseException as exc:  # all of them, as the interpreter
                     _report_unraisable(exc, handler)
             current = threading.current_thread()
             set_native_id = getattr(current, "_set_native_id", None)
@@ -72,7 +72,7 @@ class ForkHandlers:
         return after_fork_child
 
 
-def _report_unraisable(exc: Exception, handler: _Handler) -> None:
+def _report_unraisable(exc: BaseException, handler: _Handler) -> None:
     """What the interpreter does with an exception of an at-fork handler:
     sys.unraisablehook, with its own argument type (the default hook takes
     no other), caught once from an object whose __del__ raises."""
