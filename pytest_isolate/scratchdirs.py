@@ -66,7 +66,7 @@ class LockedDir:
         """Remove the directory and the empty directories in it; release it."""
         if self._fd is None:
             return
-        _remove_empty_tree(self.path)
+        _remove_empty(self._fd, self.path)
         os.close(self._fd)
         self._fd = None
 
@@ -93,7 +93,7 @@ def remove_stale(directory: str | None = None) -> list[str]:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _same_file(os.fstat(fd), entry.path) and _remove_empty_tree(entry.path):
+            if _same_file(os.fstat(fd), entry.path) and _remove_empty(fd, entry.path):
                 removed.append(entry.path)
         except OSError:  # held: in use
             pass
@@ -110,13 +110,14 @@ def _same_file(st: os.stat_result, path: str) -> bool:
     return (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino)
 
 
-def _remove_empty_tree(path: str) -> bool:
-    """rmdir ``path`` and the directories below it, deepest first; files and
-    symlinks stay, and so do the directories holding them."""
-    for parent, dirs, _ in os.walk(path, topdown=False):
-        for name in dirs:
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.join(parent, name))
+def _remove_empty(fd: int, path: str) -> bool:
+    """rmdir the empty directories in the directory open as ``fd`` (relative
+    to it: nothing is reached through a path that changed since), then
+    ``path`` itself. Files, symlinks and fuller directories stay, and with
+    them ``path``."""
+    for name in os.listdir(fd):
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=fd)
     try:
         os.rmdir(path)
     except OSError:
