@@ -16,8 +16,9 @@ registered before the fork, or after it in the parent, is one of those
 known here, the zygote forks without any, and the child does what is
 left: it reseeds ``random``, runs every other after-fork handler in order
 (a library's own), records its native thread id, and puts the lists back,
-so a fork the test makes runs them all as usual. Any other handler before or after the fork in the parent, whose
-pairing with the child's is unknown, keeps the usual path.
+so a fork the test makes runs them all as usual. Any other handler before
+the fork or after it in the parent, whose pairing with the child's is
+unknown, keeps the usual path.
 """
 
 from __future__ import annotations
