@@ -34,6 +34,14 @@ __all__ = ["ForkHandlers", "find_handlers"]
 
 _Handler = Callable[[], object]
 _LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+#: logging's handlers around a fork (3.13 renamed the parent's two).
+_LOGGING_HANDLERS = (
+    "_acquireLock",
+    "_releaseLock",
+    "_prepareFork",
+    "_afterFork",
+    "_after_at_fork_child_reinit_locks",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class ForkHandlers:
         self.parent.clear()
         self.child.clear()
         lists = (self.before, self.parent, self.child)
+        # The zygote's one thread is each child's: looked up once.
+        set_native_id = getattr(threading.current_thread(), "_set_native_id", None)
 
         def after_fork_child() -> None:
             for kept, handlers in zip(lists, saved, strict=True):
@@ -66,8 +76,6 @@ class ForkHandlers:
                     handler()
                 except BaseException as exc:  # all of them, as the interpreter
                     _report_unraisable(exc, handler)
-            current = threading.current_thread()
-            set_native_id = getattr(current, "_set_native_id", None)
             if set_native_id is not None:
                 set_native_id()
 
@@ -123,14 +131,8 @@ def _skippable(handler: _Handler) -> bool:
     (concurrent.futures; its reinitialisation in the child is run)."""
     if handler is getattr(threading, "_after_fork", None):
         return True
-    name = getattr(handler, "__name__", "")
-    if getattr(handler, "__module__", None) == "logging" and name in (
-        "_acquireLock",
-        "_releaseLock",
-        "_prepareFork",
-        "_afterFork",
-        "_after_at_fork_child_reinit_locks",
-    ):
-        return handler is getattr(logging, name, None)
+    if any(handler is getattr(logging, name, None) for name in _LOGGING_HANDLERS):
+        return True
     owner = getattr(handler, "__self__", None)
+    name = getattr(handler, "__name__", "")
     return isinstance(owner, _LOCK_TYPES) and name in ("acquire", "release")

@@ -8,13 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 from conftest import requires
 
 from pytest_isolate import scratchdirs
+from pytest_isolate.cgroups.common import session_lock_dir
 
 ISOLATE = ("--isolate", "-p", "no:cacheprovider")
 
@@ -660,10 +660,7 @@ def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
     tmp.mkdir()
     # Its own temp dir, to see what it leaves; the cgroup session lock stays
     # where this run's is (XDG_RUNTIME_DIR or the temp dir), so the runs share it.
-    run_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if not run_dir or not os.access(run_dir, os.W_OK):
-        run_dir = tempfile.gettempdir()
-    env = {**os.environ, "TMPDIR": str(tmp), "XDG_RUNTIME_DIR": run_dir}
+    env = {**os.environ, "TMPDIR": str(tmp), "XDG_RUNTIME_DIR": session_lock_dir()}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest", *ISOLATE],
         cwd=pytester.path,

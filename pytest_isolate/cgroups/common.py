@@ -536,6 +536,15 @@ def remove_stale(shared: str, hierarchy: Hierarchy) -> list[str]:
 # ----------------------------------------------------------------- the lock
 
 
+def session_lock_dir() -> str:
+    """Where session_lock's files live: the runtime dir when it is writable,
+    else the temp dir."""
+    run_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if not run_dir or not os.access(run_dir, os.W_OK):
+        run_dir = tempfile.gettempdir()
+    return run_dir
+
+
 @contextlib.contextmanager
 def session_lock(base: str, timeout: float = 60.0) -> Iterator[None]:
     """The lock xdist workers and concurrent runs take while they create or
@@ -546,11 +555,8 @@ def session_lock(base: str, timeout: float = 60.0) -> Iterator[None]:
     flock(2), as filelock takes it, without filelock's import and fork hooks
     (pytest's process forks once a test).
     """
-    run_dir = os.environ.get("XDG_RUNTIME_DIR")
-    if not run_dir or not os.access(run_dir, os.W_OK):
-        run_dir = tempfile.gettempdir()
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", base.strip("/"))[-120:]
-    path = os.path.join(run_dir, f"pytest-isolate-{os.geteuid()}-{key}.lock")
+    path = os.path.join(session_lock_dir(), f"pytest-isolate-{os.geteuid()}-{key}.lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         deadline = time.monotonic() + timeout
