@@ -46,6 +46,7 @@ from .sandbox import (
     SandboxOutcome,
     SandboxPlan,
     fork_into_pid_namespace,
+    init_setup,
     prepare_zygote,
     spawn,
     start_sandbox,
@@ -227,8 +228,8 @@ class Engine:
         return self._init_factory
 
     def warm_up(self) -> None:
-        """At session start when every test is isolated: start what the first
-        sandbox needs while the tests are being collected."""
+        """When pytest is configured and every test is isolated: start what
+        the first sandbox needs while pytest sets up its session and collects."""
         self.init_factory(wait=False)
         if self._var_scan is None:
             from .rootfs import start_var_scan
@@ -331,14 +332,35 @@ class Engine:
         caps = None
         granted: frozenset[str] = frozenset()
         if spec.has("caps") and (namespaces or not self.rootless):
-            from .capabilities import _prctl, resolve_caps
+            from .capabilities import resolve_caps
 
             caps = resolve_caps(spec.caps_drop, spec.caps_add, rootless=self.rootless)
+            granted = caps
+        plan = SandboxPlan(
+            namespaces=namespaces,
+            rootless=self.rootless and namespaces,
+            new_net=spec.net == "none" and spec.pod is None,
+            pod_netns=None,
+            hostname=spec.hostname,
+            rootfs=rootfs,
+            caps=caps,
+            seccomp_program=None,
+            env_allow=spec.env,
+            strict_fds=spec.strict,
+        )
+        # What the factory makes for this plan does not depend on the filter:
+        # it starts on the first sandbox's root while the rest is done here.
+        setup = init_setup(plan) if spec.pod is None else None
+        factory = self.init_factory(wait=False) if setup is not None else None
+        if setup is not None and factory is not None:
+            factory.prepare(setup)
+        if caps is not None:
+            from .capabilities import _prctl
+
             # Load python-prctl's extension (and libcap.so.2) here, in pytest's
             # process: the sandbox needs it after pivot_root, where an image root
             # (rootfs=) has neither libcap nor, rootless, our site-packages.
             _prctl()
-            granted = caps
         program = None
         if spec.seccomp and spec.has("seccomp"):
             from .seccomp import build_filter, seccomp_available
@@ -352,18 +374,7 @@ class Engine:
             program = self._filters.get(granted)
             if program is None:
                 program = self._filters[granted] = build_filter(granted)
-        return SandboxPlan(
-            namespaces=namespaces,
-            rootless=self.rootless and namespaces,
-            new_net=spec.net == "none" and spec.pod is None,
-            pod_netns=None,
-            hostname=spec.hostname,
-            rootfs=rootfs,
-            caps=caps,
-            seccomp_program=program,
-            env_allow=spec.env,
-            strict_fds=spec.strict,
-        )
+        return dataclasses.replace(plan, seccomp_program=program) if program else plan
 
     def _foreign_fds(self) -> set[int]:
         """pytest's descriptors a test process must not keep: other sandboxes'

@@ -250,6 +250,19 @@ class InitFactory:
             while len(self._pending) < AHEAD:
                 self._request(ident)
 
+    def prepare(self, setup: InitSetup) -> None:
+        """Have the factory start making inits of ``setup`` now, before the
+        first new_init() asks for one: pytest then finishes the plan (loads
+        libcap, compiles the syscall filter) while the factory builds the
+        template and the first inits. Never raises: new_init() reports what
+        went wrong, if it still does."""
+        if self._sock is None:
+            return
+        with contextlib.suppress(InitFactoryError):
+            ident = self._id_of(setup)
+            while self._pending.count(ident) < AHEAD:
+                self._request(ident)
+
     def recycle(self, pidfd: int, test_gone: Callable[[], bool]) -> Recycled | None:
         """Take back an init handed out by new_init() whose test has ended,
         and ask it to reset its sandbox for another test of the same setup

@@ -146,18 +146,32 @@ def pytest_configure(config: pytest.Config) -> None:
         )
     if base["enabled"] and not hasattr(os, "fork"):
         raise pytest.UsageError("--isolate needs os.fork(), which this Python lacks")
-    config.stash[_engine_key] = Engine(config, spec_for)
+    engine = config.stash[_engine_key] = Engine(config, spec_for)
     config.add_cleanup(compat.install_protocol(runtestprotocol))
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    config = session.config
-    engine = config.stash.get(_engine_key, None)
-    runs_tests_here = not config.option.collectonly and (
-        hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no"
-    )
-    if engine is not None and config.stash[_base_key]["enabled"] and runs_tests_here:
+    if base["enabled"] and _runs_tests_here(config):
+        # Started now, the init factory's interpreter starts while pytest
+        # configures the other plugins and collects (pytest_unconfigure
+        # closes it, even when a later plugin fails to configure).
         engine.warm_up()
+
+
+def _runs_tests_here(config: pytest.Config) -> bool:
+    """Tests run in this process: not only collected or listed (--co,
+    --fixtures, --markers, --help, --version), not the xdist controller."""
+    option = config.option
+    if any(
+        getattr(option, name, False)
+        for name in (
+            "collectonly",
+            "help",
+            "version",
+            "markers",
+            "showfixtures",
+            "show_fixtures_per_test",
+        )
+    ):
+        return False
+    return hasattr(config, "workerinput") or getattr(option, "dist", "no") == "no"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -52,7 +52,15 @@ from .prefault import Ranges, populate
 from .protocol import MAX_TOTAL, FrameReader, Message, ProtocolError, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
 
-__all__ = ["SETUP_FAILED_EXIT", "Sandbox", "SandboxOutcome", "SandboxPlan", "TestContext", "spawn"]
+__all__ = [
+    "SETUP_FAILED_EXIT",
+    "Sandbox",
+    "SandboxOutcome",
+    "SandboxPlan",
+    "TestContext",
+    "init_setup",
+    "spawn",
+]
 
 #: Exit status of a sandbox process whose setup failed (after a setup_failed frame).
 SETUP_FAILED_EXIT = 121
@@ -714,11 +722,23 @@ def start_sandbox(
 
 
 def _init_setup(plan: SandboxPlan) -> InitSetup | None:
+    """init_setup(plan), computed once per plan (the engine keeps one plan per
+    spec): the factory knows a setup by its identity first."""
+    known = _INIT_SETUPS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    setup = init_setup(plan)
+    if setup is not None:
+        _INIT_SETUPS[id(plan)] = (plan, setup)
+    return setup
+
+
+def init_setup(plan: SandboxPlan) -> InitSetup | None:
     """What the factory's init can make for this plan (root, a new root, no
     pod): the namespaces, the root (its cgroup2 view excepted: that mount must
     be made from the test's own cgroup namespace), the hostname, the loopback.
-    Computed once per plan (the engine keeps one plan per spec): the factory
-    knows a setup by the identity of its root's plan."""
+    None: the sandbox makes its namespaces itself. Does not depend on the
+    plan's syscall filter."""
     if (
         not plan.namespaces
         or plan.rootless
@@ -730,9 +750,6 @@ def _init_setup(plan: SandboxPlan) -> InitSetup | None:
         # root (the host's, even if pytest runs chrooted) ours: the test
         # process unshares its namespaces itself, keeping root and directory.
         return None
-    known = _INIT_SETUPS.get(id(plan))
-    if known is not None and known[0] is plan:
-        return known[1]
     rootfs = plan.rootfs
     if rootfs.cgroup2:
         rootfs = dataclasses.replace(rootfs, cgroup2=False)
@@ -740,9 +757,7 @@ def _init_setup(plan: SandboxPlan) -> InitSetup | None:
     # plan: only where no test can make them writable again or reach pid 1
     # (which can) to do it (docs/security.md).
     template = plan.caps is not None and plan.caps <= DEFAULT_ROOT_CAPS
-    setup = (rootfs, plan.hostname, plan.new_net, template)
-    _INIT_SETUPS[id(plan)] = (plan, setup)
-    return setup
+    return (rootfs, plan.hostname, plan.new_net, template)
 
 
 #: id(plan) -> (plan, its setup); the plan is kept so that its id stays its own.
