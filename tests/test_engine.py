@@ -12,6 +12,7 @@ import time
 
 import pytest
 from conftest import requires
+from rootless_util import run_isolated
 
 from pytest_isolate import scratchdirs
 from pytest_isolate.cgroups.common import session_lock_dir
@@ -787,3 +788,30 @@ def test_the_next_modules_first_sandbox_is_prepared_when_getting_there_runs_noth
     )
     result = run(pytester, "-p", "no:randomly")
     result.assert_outcomes(passed=4)
+
+
+@requires("root")
+@pytest.mark.isolated(False)
+def test_the_init_factory_starts_with_pytest_and_only_where_tests_run(
+    pytester: pytest.Pytester,
+) -> None:
+    """With --isolate, the init factory starts when pytest is configured, so
+    its interpreter starts while pytest collects: it is running before the
+    first test. Not when tests are only collected or listed."""
+    pytester.makeconftest("""
+        import pytest
+        from pytest_isolate import plugin
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_collection_finish(session):
+            engine = session.config.stash[plugin._engine_key]
+            print("FACTORY-AT-COLLECTION:", engine._init_factory is not None)
+    """)
+    pytester.makepyfile("def test_a():\n    pass\n")
+    ran = run_isolated(pytester, "-s")
+    ran.assert_outcomes(passed=1)
+    ran.stdout.fnmatch_lines(["FACTORY-AT-COLLECTION: True"])
+    for args in (("--collect-only",), ("--fixtures",)):
+        listed = run_isolated(pytester, "-s", *args)
+        assert listed.ret == 0, listed.stdout.str()
+        listed.stdout.fnmatch_lines(["FACTORY-AT-COLLECTION: False"])

@@ -138,6 +138,29 @@ def test_a_copy_of_the_template_has_the_mounts_of_a_whole_build(
 
 
 @requires("root")
+def test_inits_asked_for_ahead_are_the_ones_handed_out(
+    factory: InitFactory, staging: Path, tmp_path: Path
+) -> None:
+    """prepare(): the engine asks for a plan's inits as soon as its root is
+    planned (engine._build_plan), so the factory builds the template while
+    pytest finishes the plan. At most AHEAD are asked for, however often; the
+    first new_init() takes one of them, made for that very setup."""
+    (tmp_path / "project").mkdir()
+    setup = (host_plan(staging, tmp_path / "project"), "box", True, True)
+    factory.prepare(setup)
+    factory.prepare(setup)
+    ident = factory._id_of(setup)
+    assert list(factory._pending) == [ident] * AHEAD
+    other = (host_plan(staging, tmp_path / "project"), "other", True, True)
+    factory.prepare(other)  # after the first setup's, not instead of them
+    assert list(factory._pending) == [ident] * AHEAD + [factory._id_of(other)] * AHEAD
+    with init(factory, setup):
+        # Taken from those asked for: nothing more was asked.
+        assert list(factory._pending) == [ident] + [factory._id_of(other)] * AHEAD
+    assert factory.copied == 1
+
+
+@requires("root")
 def test_sandboxes_of_one_template_share_nothing_writable(
     factory: InitFactory, staging: Path, tmp_path: Path
 ) -> None:
