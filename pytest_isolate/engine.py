@@ -351,9 +351,10 @@ class Engine:
         # What the factory makes for this plan does not depend on the filter:
         # it starts on the first sandbox's root while the rest is done here.
         setup = init_setup(plan) if spec.pod is None else None
-        factory = self.init_factory(wait=False) if setup is not None else None
-        if setup is not None and factory is not None:
-            factory.prepare(setup)
+        if setup is not None:
+            factory = self.init_factory(wait=False)
+            if factory is not None:
+                factory.prepare(setup)
         if caps is not None:
             from .capabilities import _prctl
 
