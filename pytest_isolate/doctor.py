@@ -53,8 +53,6 @@ _CONTAINER_FIX = (
     "`--cap-add SYS_ADMIN --security-opt seccomp=unconfined "
     "--security-opt apparmor=unconfined`"
 )
-#: clone3(2)'s flag that forks straight into a cgroup v2 directory (Linux 5.7+).
-CLONE_INTO_CGROUP = 0x200000000
 
 
 @dataclass(frozen=True)
@@ -336,49 +334,13 @@ def _seccomp_probe(program: bytes) -> Callable[[], str]:
 # --------------------------------------------------------------------------- clone3
 
 
-class _CloneArgs(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            "flags",
-            "pidfd",
-            "child_tid",
-            "parent_tid",
-            "exit_signal",
-            "stack",
-            "stack_size",
-            "tls",
-            "set_tid",
-            "set_tid_size",
-            "cgroup",
-        )
-    ]
-
-
-_SYS_CLONE3 = {"x86_64": 435, "aarch64": 435}.get(platform.machine())
-
-
 def clone3_into_cgroup(cgroup_fd: int) -> int:
-    """fork(), but born in the cgroup v2 directory ``cgroup_fd`` (Linux 5.7+).
-
-    Returns the child's pid in the parent and 0 in the child, like os.fork; no
-    cgroup.procs write, so no wait for cgroup_threadgroup_rwsem. The child
-    skips Python's at-fork handlers: it must do little and leave with
-    os._exit. PyDLL keeps the GIL held across the call, so the child never
-    starts without it. Raises OSError (ENOSYS before 5.7, EOPNOTSUPP on v1).
-    """
-    if _SYS_CLONE3 is None:
-        raise OSError(errno.ENOSYS, f"clone3 number unknown for {platform.machine()}")
-    libc = ctypes.PyDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    args = _CloneArgs(flags=CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
-    pid: int = libc.syscall(
-        ctypes.c_long(_SYS_CLONE3), ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args))
-    )
-    if pid < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"clone3(CLONE_INTO_CGROUP): {os.strerror(err)}")
-    return pid
+    """fork(), but born in the cgroup v2 directory ``cgroup_fd`` (Linux 5.7+):
+    the call the engine forks test processes with (syscalls.fork_sibling),
+    the child a child of ours. Returns its pid in the parent and 0 in the
+    child, like os.fork. Raises OSError (ENOSYS before 5.3 or under Docker's
+    seccomp profile, EOPNOTSUPP on v1)."""
+    return sc.fork_sibling(cgroup_fd, sibling=False)
 
 
 def _clone3_probe(directory: str, cgpath: str) -> Callable[[], str]:
@@ -725,6 +687,11 @@ def _clone3_check(manager: Any, rootless: bool) -> Check:
         ok, detail, err = _probe(_clone3_probe(cgroup.clone_into, cgpath))
     finally:
         cgroup.remove()
+    if not ok:
+        detail += (
+            "; each test process then moves itself by a cgroup.procs write "
+            "(10-24 ms when tests are apart, see docs/performance.md)"
+        )
     fix = (
         ""
         if ok

@@ -45,6 +45,7 @@ from .sandbox import (
     Sandbox,
     SandboxOutcome,
     SandboxPlan,
+    fork_in_cgroup,
     fork_into_pid_namespace,
     init_setup,
     prepare_zygote,
@@ -69,8 +70,9 @@ _PREFAULT_MAX_PAGES = 4096
 _PREFAULT_MIN_RUN = 0.010
 #: A request to the zygote: the plan's id, the item's index, copy pages ahead,
 #: the length of the pages learned since the zygote knew them (then the pages
-#: as (start, length) pairs of 8-byte integers), then the cgroup's files.
-_REQUEST = struct.Struct("<Qi?I")
+#: as (start, length) pairs of 8-byte integers), the length of the cgroup v2
+#: directory to fork into (then that path), then the cgroup's files.
+_REQUEST = struct.Struct("<Qi?II")
 #: Bytes of learned pages a request carries at most (zygote.py: 64 KiB a request).
 _PAGES_SENT = 48 << 10
 #: In a zygote: a descriptor of its own pid namespace (prepare_zygote, at its first
@@ -83,10 +85,11 @@ _CAPTURE_FDS: set[int] = set()
 _AFTER_FORK: list[Callable[[], None] | None] = [None]
 
 
-def _fork_from_zygote() -> int:  # pragma: no cover - in a zygote
-    """fork_sibling(), and in the child what Python's at-fork handlers the
-    zygote skipped leave to do (forkhooks.py)."""
-    pid = fork_sibling()
+def _fork_from_zygote(into: str | None) -> int:  # pragma: no cover - in a zygote
+    """fork_sibling(), the child born in its cgroup v2 directory ``into``
+    where the kernel can (sandbox.fork_in_cgroup), and in the child what
+    Python's at-fork handlers the zygote skipped leave to do (forkhooks.py)."""
+    pid = fork_in_cgroup(into, fork_sibling, sibling=True)
     after = _AFTER_FORK[0]
     if pid == 0 and after is not None:
         try:
@@ -456,6 +459,7 @@ class Engine:
             sandbox = spawn(
                 plan,
                 cgroup_procs=tuple(cgroup.procs_files) if cgroup else (),
+                clone_into=cgroup.clone_into if cgroup else None,
                 run_test=partial(run_in_sandbox, item),
                 foreign_fds=self._foreign_fds,
                 keep_fds=partial(compat.capture_fds, self.config),
@@ -523,7 +527,8 @@ class Engine:
             flat = [n for r in self._hot_pages[: _PAGES_SENT // 16] for n in r]
             pages = array.array("Q", flat).tobytes()
             self._pages_known = self._hot_pages
-        payload = _REQUEST.pack(id(plan), index, ahead, len(pages)) + pages
+        into = (cgroup.clone_into or "").encode() if cgroup is not None else b""
+        payload = _REQUEST.pack(id(plan), index, ahead, len(pages), len(into)) + pages + into
         return partial(self._zygote_fork, zygote, payload + "\0".join(procs).encode())
 
     def _zygote_fork(self, zygote: Zygote, payload: bytes, fds: list[int]) -> Callable[[], int]:
@@ -562,11 +567,13 @@ class Engine:
         only forks (fork_into_pid_namespace); the child does the rest: each
         page the zygote writes is copied, in it, once per test (its children
         share its memory), and a test's own copy of that page once more."""
-        plan_id, index, ahead, pages = _REQUEST.unpack_from(request)
+        plan_id, index, ahead, pages, into_size = _REQUEST.unpack_from(request)
         plan = plans[plan_id]
         if pages:  # learned since this zygote was forked (_forker)
             flat = array.array("Q", request[_REQUEST.size : _REQUEST.size + pages])
             self._hot_pages = tuple(zip(flat[::2], flat[1::2], strict=True))
+        rest = _REQUEST.size + pages
+        into = request[rest : rest + into_size].decode() or None
         init_pidfd = fds[6] if len(fds) > 6 else -1
         if _OWN_PIDNS[0] < 0:  # once per zygote
             _OWN_PIDNS[0] = prepare_zygote(plans.values())
@@ -576,10 +583,12 @@ class Engine:
             silence_plugins(self.config)
             if self._fork_handlers:
                 _AFTER_FORK[0] = self._fork_handlers.quiet()
-        pid = fork_into_pid_namespace(plan, init_pidfd, _fork_from_zygote, _OWN_PIDNS[0])
+        pid = fork_into_pid_namespace(
+            plan, init_pidfd, partial(_fork_from_zygote, into), _OWN_PIDNS[0]
+        )
         if pid == 0:
             try:
-                procs = request[_REQUEST.size + pages :].decode()
+                procs = request[rest + into_size :].decode()
                 item = session.items[index]
             except BaseException:
                 os._exit(SETUP_FAILED_EXIT)  # never back into the zygote's loop

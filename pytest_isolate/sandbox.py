@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import os
@@ -485,6 +486,7 @@ def spawn(
     cgroup_procs: tuple[str, ...],
     run_test: RunTest,
     foreign_fds: Callable[[], set[int]],
+    clone_into: str | None = None,
     keep_fds: Callable[[], set[int]] = set,
     cleanup: Callable[[], None] | None = None,
     init_factory: InitFactory | None = None,
@@ -507,7 +509,11 @@ def spawn(
     pytest's state. The sandbox returned then has its pid once
     Sandbox.resolve() is called (every method that needs it does), which
     raises OSError if the zygote failed; when the request cannot even be
-    sent, the fork happens here."""
+    sent, the fork happens here.
+
+    ``clone_into``: the test's cgroup v2 directory, where pytest's process
+    (when it has a single thread) forks the child straight into it
+    (fork_in_cgroup); otherwise the child writes itself to ``cgroup_procs``."""
     result_fd = os.memfd_create("isolate-results", os.MFD_CLOEXEC)
     bell_r, bell_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -557,6 +563,7 @@ def spawn(
                 pid = fork_sandbox(
                     plan,
                     init_pidfd,
+                    clone_into,
                     functools.partial(
                         start_sandbox,
                         plan,
@@ -593,20 +600,77 @@ def spawn(
     return sandbox
 
 
-def fork_sandbox(plan: SandboxPlan, init_pidfd: int, start: Callable[[], object]) -> int:
+def fork_sandbox(
+    plan: SandboxPlan, init_pidfd: int, clone_into: str | None, start: Callable[[], object]
+) -> int:
     """pytest's own fork of a sandbox (a zygote calls fork_into_pid_namespace
     itself): the child, born in the pid namespace of ``init_pidfd`` (or -1:
-    a new one), runs ``start`` (start_sandbox) and never returns."""
+    a new one) and, where it can be, in the cgroup v2 directory
+    ``clone_into``, runs ``start`` (start_sandbox) and never returns."""
+    fork = os.fork
+    if clone_into is not None and _CLONE_INTO[0] and _single_threaded():
+        # No other thread (xdist's execnet has one): the raw clone3 skips
+        # glibc's own fork steps, which only matter for other threads' locks.
+        fork = functools.partial(fork_in_cgroup, clone_into, os.fork, sibling=False)
     with warnings.catch_warnings():
         # Python 3.12+ warns when a multi-threaded process forks (xdist's
         # execnet thread); the child never touches locks other threads held.
         warnings.simplefilter("ignore", DeprecationWarning)
-        pid = fork_into_pid_namespace(plan, init_pidfd, os.fork)
+        pid = fork_into_pid_namespace(plan, init_pidfd, fork)
     if pid == 0:  # pragma: no cover - runs in the sandbox
         try:
             start()
         finally:
             os._exit(SETUP_FAILED_EXIT)
+    return pid
+
+
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+#: Set in a child born in its cgroup (fork_in_cgroup): it does not write
+#: itself to cgroup.procs.
+_BORN_IN_CGROUP = False
+#: Cleared once clone3(CLONE_INTO_CGROUP) failed in a way that holds for
+#: this process's life (an old kernel, a seccomp profile that refuses clone3).
+_CLONE_INTO = [True]
+_CLONE_INTO_LASTING = frozenset(
+    {errno.ENOSYS, errno.EINVAL, errno.E2BIG, errno.EOPNOTSUPP, errno.EPERM}
+)
+
+
+def fork_in_cgroup(into: str | None, fallback: Callable[[], int], *, sibling: bool) -> int:
+    """A fork whose child is born in the cgroup v2 directory ``into`` (clone3
+    with CLONE_INTO_CGROUP, syscalls.fork_sibling): no cgroup.procs write,
+    so no wait for the kernel's cgroup_threadgroup_rwsem (trap 1 of
+    docs/performance.md) and no migration. Where that cannot be done (cgroup
+    v1, an old kernel, clone3 refused), ``fallback()`` forks and the child
+    writes itself to cgroup.procs as before. ``sibling``: the child is the
+    caller's parent's (the zygote's forks). Only for a process with one
+    thread."""
+    global _BORN_IN_CGROUP
+    if into is None or not _CLONE_INTO[0]:
+        return fallback()
+    try:
+        fd = os.open(into, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return fallback()
+    pid = -1
+    try:
+        pid = sc.fork_sibling(fd, sibling=sibling)
+    except OSError as exc:
+        if exc.errno in _CLONE_INTO_LASTING:
+            _CLONE_INTO[0] = False
+    finally:
+        os.close(fd)
+    if pid < 0:
+        return fallback()
+    if pid == 0:  # pragma: no cover - the child
+        _BORN_IN_CGROUP = True
     return pid
 
 
@@ -812,7 +876,7 @@ def _sandbox_main(
         # kernel (docs/performance.md), which a prepared sandbox spends while
         # the previous test runs, never after "go".
         step = "place the sandbox in its cgroup"
-        for path in cgroup_procs:
+        for path in () if _BORN_IN_CGROUP else cgroup_procs:
             with SetupStepErrorContext(f"write 0 to {path}"):
                 fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
                 try:

@@ -383,27 +383,81 @@ def sibling_fork_unavailable() -> str | None:
     return None
 
 
-def fork_sibling() -> int:
+#: clone3(2) (Linux 5.3+) and its flag that makes the child in a given cgroup
+#: v2 directory (5.7+): the child is born there, no cgroup.procs write.
+_SYS_CLONE3 = {"x86_64": 435}.get(_MACHINE)
+CLONE_INTO_CGROUP = 0x200000000
+
+
+class _CloneArgs(ctypes.Structure):
+    """struct clone_args, as far as the cgroup field (CLONE_ARGS_SIZE_VER2)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "flags",
+            "pidfd",
+            "child_tid",
+            "parent_tid",
+            "exit_signal",
+            "stack",
+            "stack_size",
+            "tls",
+            "set_tid",
+            "set_tid_size",
+            "cgroup",
+        )
+    ]
+
+
+def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True) -> int:
     """os.fork(), except that the child's parent is the caller's parent.
 
     clone() is called directly (libc has no wrapper for this flag), between
     Python's own before/after-fork steps, as os.fork() does: at-fork
     handlers run, the interpreter's locks and thread state are reset in the
     child. The GIL stays held across the call (PyDLL). Only for a process
-    with a single thread: no other thread may hold a lock at that moment.
+    with a single thread: no other thread may hold a lock at that moment
+    (glibc's own at-fork steps, its allocator's locks, are skipped).
+
+    ``cgroup_fd``: a cgroup v2 directory the child is born in, with clone3
+    and CLONE_INTO_CGROUP (Linux 5.7+), so nobody writes the child's pid to
+    a cgroup.procs file, whose wait for the kernel is the cost docs/
+    performance.md calls trap 1. Raises OSError where that fails (ENOSYS
+    before 5.3 or under a seccomp profile that refuses clone3, EOPNOTSUPP
+    or EBADF when the descriptor is no cgroup v2 directory, EACCES...),
+    and nothing was forked then. ``sibling=False``: the child is the
+    caller's own (the caller must still have a single thread).
     """
     tid = _tid_address()
     if _SYS_CLONE is None or tid is None:
         raise OSError(errno.ENOSYS, "fork_sibling: " + str(sibling_fork_unavailable()))
+    if cgroup_fd >= 0 and _SYS_CLONE3 is None:
+        raise OSError(errno.ENOSYS, f"clone3 is only wired for x86_64, this is {_MACHINE}")
+    flags = _CLONE_CHILD_SETTID | (_CLONE_PARENT if sibling else 0)
     api = ctypes.pythonapi
     api.PyOS_BeforeFork()
-    flags = _CLONE_PARENT | _CLONE_CHILD_SETTID | _SIGCHLD
-    pid = _syscall_holding_gil(_SYS_CLONE, flags, None, None, tid, None)
+    if cgroup_fd >= 0:
+        args = _CloneArgs(
+            flags=flags | CLONE_INTO_CGROUP,
+            child_tid=tid,
+            # CLONE_PARENT: the child's exit signal is the caller's own, and
+            # clone3 refuses any other (EINVAL).
+            exit_signal=0 if sibling else _SIGCHLD,
+            cgroup=cgroup_fd,
+        )
+        pid = _syscall_holding_gil(
+            _SYS_CLONE3, ctypes.addressof(args), ctypes.sizeof(args), None, None, None
+        )
+        call = "clone3(CLONE_INTO_CGROUP)"
+    else:
+        pid = _syscall_holding_gil(_SYS_CLONE, flags | _SIGCHLD, None, None, tid, None)
+        call = "clone(CLONE_PARENT)" if sibling else "clone()"
     if pid == 0:
         api.PyOS_AfterFork_Child()
         return 0
     err = ctypes.get_errno()
     api.PyOS_AfterFork_Parent()
     if pid < 0:
-        raise OSError(err, f"clone(CLONE_PARENT): {os.strerror(err)}")
+        raise OSError(err, f"{call}: {os.strerror(err)}")
     return int(pid)

@@ -13,8 +13,10 @@ import sys
 import time
 
 import pytest
+from conftest import requires
 
 from pytest_isolate import syscalls as sc
+from pytest_isolate.sandbox import fork_in_cgroup
 
 ISOLATE = ("--isolate", "-p", "no:randomly", "-p", "no:cacheprovider")
 
@@ -542,3 +544,55 @@ def test_quick_tests_copy_no_pages_ahead_however_busy_pytest_is(pytester: pytest
     learned, last_run = (pytester.path / "state.txt").read_text().split()
     assert int(learned) == 0
     assert 0 < float(last_run) < 0.1
+
+
+@requires("cgroup2", "cgroup")
+def test_on_cgroup_v2_test_processes_are_born_in_their_cgroup(pytester: pytest.Pytester) -> None:
+    """clone3(CLONE_INTO_CGROUP): whether pytest's process (the first test)
+    or the zygote forks it, a test process starts in its own cgroup and
+    writes nothing to a cgroup.procs file (no wait for the kernel)."""
+    pytester.makepyfile(
+        test_born="""
+            import pytest
+            from pytest_isolate import sandbox
+
+            @pytest.mark.isolated(memory="200M")
+            @pytest.mark.parametrize("n", range(4))
+            def test_born(n):
+                with open("/proc/self/cgroup") as f:
+                    where = f.read()
+                assert sandbox._BORN_IN_CGROUP, where
+                assert where == "0::/\\n"  # the root of its cgroup namespace: its own
+                with open("/sys/fs/cgroup/memory.max") as f:
+                    assert f.read() == str(200 << 20) + "\\n"
+        """
+    )
+    # pytest-rerunfailures keeps a thread in pytest's process: with a second
+    # thread there, pytest forks with os.fork and the child moves itself.
+    result = run(pytester, "-vv", "-p", "no:rerunfailures")
+    result.assert_outcomes(passed=4)
+    forks = _forks(result)
+    if sc.sibling_fork_unavailable() is None:
+        assert forks["by_zygote"] >= 1
+    assert forks["sandboxes"] - forks["by_zygote"] >= 1  # the first, forked by pytest
+
+
+def test_a_fork_into_a_cgroup_that_cannot_be_had_falls_back(tmp_path: object) -> None:
+    """No such directory, or none of cgroup v2: the fallback forks (the child
+    then writes itself to cgroup.procs), and the child knows it was not born
+    in a cgroup."""
+    read_end, write_end = os.pipe()
+    with open("/proc/self/mounts") as f:
+        v1 = [line.split()[1] for line in f if line.split()[2] == "cgroup"]
+    for into in ["/nonexistent/cgroup", *v1[:1], str(tmp_path)]:
+        pid = fork_in_cgroup(into, os.fork, sibling=False)
+        if pid == 0:  # pragma: no cover - the child
+            from pytest_isolate import sandbox
+
+            os.write(write_end, b"1" if sandbox._BORN_IN_CGROUP else b"0")
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.read(read_end, 1) == b"0", into
+    os.close(read_end)
+    os.close(write_end)
