@@ -720,13 +720,18 @@ class Engine:
         """Nothing of a test outlives it into the next one. With a cgroup, every
         process of the finished sandbox gets SIGKILL directly (so none runs
         another instruction of user code) and the kernel's teardown is reaped
-        later, off the hot path; without one, wait until it is gone."""
+        later, off the hot path; without one, wait until its pid namespace has
+        ended (rootless, the process outside it, ours, is reaped later) or,
+        without a namespace, until it is gone."""
         finished, self._finished = self._finished, []
         for sandbox in finished:
             cgroup = self._cgroup_of.get(id(sandbox))
             sandbox.kill()
             if cgroup is None:
-                self._release(sandbox)
+                if sandbox.wait_namespace_gone():
+                    self._graveyard.append(sandbox)
+                else:
+                    self._release(sandbox)
                 continue
             try:
                 cgroup.signal_all(sandbox.signalled_pids())

@@ -161,6 +161,9 @@ class Sandbox:
         #: Forked by a zygote that has not answered yet: the call that gives
         #: the pid, and the child's ends of the pipes, held until then.
         self._pending = pending
+        #: Rootless: the process pytest forked stays outside the pid namespace
+        #: and only relays the exit of pid 1, its child (_relay).
+        self.relayed = False
         self.pid = -1
         self.pidfd = -1
         if pending is None:
@@ -266,6 +269,19 @@ class Sandbox:
         if self._recycled is not None:
             return self._recycled.gone()
         return self.init_pidfd < 0 or readable(self.init_pidfd, 0)
+
+    def wait_namespace_gone(self, timeout: float = 10.0) -> bool:
+        """Rootless (``relayed``): kill, then block until pid 1 has exited,
+        which the kernel lets happen only once every other process of the
+        namespace is gone; the process pytest forked, outside the namespace
+        and running only our relay, is left to exit and be reaped later
+        (is_gone, close). False, having waited for nothing: not that shape,
+        or its pid 1 is unknown (call wait_gone)."""
+        self._resolve_quietly()
+        self.kill()
+        if not self.relayed or self._recycled is not None or self.init_pidfd < 0:
+            return False
+        return readable(self.init_pidfd, timeout)
 
     def wait_gone(self, timeout: float = 10.0) -> None:
         """Block until pid 1 has exited, which the kernel lets happen only once
@@ -555,6 +571,7 @@ def spawn(
                 cleanup,
                 (resolve, (bell_w, go_r)),
             )
+            sandbox.relayed = plan.rootless and plan.namespaces
             if init_pidfd >= 0:
                 sandbox.attach_init(init_pidfd, init_factory)
             return sandbox
@@ -595,6 +612,7 @@ def spawn(
     os.close(bell_w)
     os.close(go_r)
     sandbox = Sandbox(pid, result_fd, go_w, out_fd, err_fd, stack_fd, bell_r, cleanup)
+    sandbox.relayed = plan.rootless and plan.namespaces
     if init_pidfd >= 0:
         sandbox.attach_init(init_pidfd, init_factory)
     return sandbox
