@@ -45,7 +45,8 @@ from .sandbox import (
     Sandbox,
     SandboxOutcome,
     SandboxPlan,
-    fork_in_cgroup,
+    born_flags,
+    fork_born,
     fork_into_pid_namespace,
     init_setup,
     prepare_zygote,
@@ -85,11 +86,12 @@ _CAPTURE_FDS: set[int] = set()
 _AFTER_FORK: list[Callable[[], None] | None] = [None]
 
 
-def _fork_from_zygote(into: str | None) -> int:  # pragma: no cover - in a zygote
-    """fork_sibling(), the child born in its cgroup v2 directory ``into``
-    where the kernel can (sandbox.fork_in_cgroup), and in the child what
-    Python's at-fork handlers the zygote skipped leave to do (forkhooks.py)."""
-    pid = fork_in_cgroup(into, fork_sibling, sibling=True)
+def _fork_from_zygote(into: str | None, flags: int) -> int:  # pragma: no cover - in a zygote
+    """fork_sibling(), the child born in its cgroup v2 directory ``into`` and
+    (rootless) its namespaces ``flags`` where the kernel can (sandbox.fork_born),
+    and in the child what Python's at-fork handlers the zygote skipped leave
+    to do (forkhooks.py)."""
+    pid = fork_born(into, flags, fork_sibling, sibling=True)
     after = _AFTER_FORK[0]
     if pid == 0 and after is not None:
         try:
@@ -584,7 +586,7 @@ class Engine:
             if self._fork_handlers:
                 _AFTER_FORK[0] = self._fork_handlers.quiet()
         pid = fork_into_pid_namespace(
-            plan, init_pidfd, partial(_fork_from_zygote, into), _OWN_PIDNS[0]
+            plan, init_pidfd, partial(_fork_from_zygote, into, born_flags(plan)), _OWN_PIDNS[0]
         )
         if pid == 0:
             try:

@@ -161,8 +161,9 @@ class Sandbox:
         #: Forked by a zygote that has not answered yet: the call that gives
         #: the pid, and the child's ends of the pipes, held until then.
         self._pending = pending
-        #: Rootless: the process pytest forked stays outside the pid namespace
-        #: and only relays the exit of pid 1, its child (_relay).
+        #: Rootless: the process pytest forked may stay outside the pid
+        #: namespace and only relay the exit of pid 1, its child (_relay);
+        #: or be pid 1, born in the namespace (fork_born).
         self.relayed = False
         self.pid = -1
         self.pidfd = -1
@@ -278,10 +279,23 @@ class Sandbox:
         (is_gone, close). False, having waited for nothing: not that shape,
         or its pid 1 is unknown (call wait_gone)."""
         self._resolve_quietly()
+        outside = self.relayed and self._in_our_pid_namespace()
         self.kill()
-        if not self.relayed or self._recycled is not None or self.init_pidfd < 0:
+        if not outside or self._recycled is not None or self.init_pidfd < 0:
             return False
         return readable(self.init_pidfd, timeout)
+
+    def _in_our_pid_namespace(self) -> bool:
+        """Is the process pytest forked in pytest's own pid namespace (an
+        outer process), as the kernel says? False when it cannot be told
+        (gone, not readable): then wait_gone waits for everything."""
+        if self.pid <= 0 or self._reaped is not None:
+            return False
+        try:
+            theirs = os.stat(f"/proc/{self.pid}/ns/pid").st_ino
+            return theirs == os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            return False
 
     def wait_gone(self, timeout: float = 10.0) -> None:
         """Block until pid 1 has exited, which the kernel lets happen only once
@@ -529,7 +543,7 @@ def spawn(
 
     ``clone_into``: the test's cgroup v2 directory, where pytest's process
     (when it has a single thread) forks the child straight into it
-    (fork_in_cgroup); otherwise the child writes itself to ``cgroup_procs``."""
+    (fork_born); otherwise the child writes itself to ``cgroup_procs``."""
     result_fd = os.memfd_create("isolate-results", os.MFD_CLOEXEC)
     bell_r, bell_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -624,12 +638,15 @@ def fork_sandbox(
     """pytest's own fork of a sandbox (a zygote calls fork_into_pid_namespace
     itself): the child, born in the pid namespace of ``init_pidfd`` (or -1:
     a new one) and, where it can be, in the cgroup v2 directory
-    ``clone_into``, runs ``start`` (start_sandbox) and never returns."""
+    ``clone_into`` (rootless: in its new namespaces, born_flags), runs
+    ``start`` (start_sandbox) and never returns."""
     fork = os.fork
-    if clone_into is not None and _CLONE_INTO[0] and _single_threaded():
-        # No other thread (xdist's execnet has one): the raw clone3 skips
+    into = clone_into if _CLONE_INTO[0] else None
+    flags = born_flags(plan)
+    if (into is not None or flags) and _single_threaded():
+        # No other thread (xdist's execnet has one): the raw clone skips
         # glibc's own fork steps, which only matter for other threads' locks.
-        fork = functools.partial(fork_in_cgroup, clone_into, os.fork, sibling=False)
+        fork = functools.partial(fork_born, into, flags, os.fork, sibling=False)
     with warnings.catch_warnings():
         # Python 3.12+ warns when a multi-threaded process forks (xdist's
         # execnet thread); the child never touches locks other threads held.
@@ -650,45 +667,86 @@ def _single_threaded() -> bool:
         return False
 
 
-#: Set in a child born in its cgroup (fork_in_cgroup): it does not write
-#: itself to cgroup.procs.
+#: Set in a child born in its cgroup (fork_born): it does not write itself
+#: to cgroup.procs.
 _BORN_IN_CGROUP = False
-#: Cleared once clone3(CLONE_INTO_CGROUP) failed in a way that holds for
-#: this process's life (an old kernel, a seccomp profile that refuses clone3).
+#: Set in a child born in its namespaces (fork_born, rootless): it is pid 1
+#: of its pid namespace already, in its own user namespace.
+_BORN_IN_NAMESPACES = False
+#: Cleared once clone3(CLONE_INTO_CGROUP), or a clone that makes the
+#: namespaces, failed in a way that holds for this process's life (an old
+#: kernel, a seccomp profile that refuses clone3 or namespaces).
 _CLONE_INTO = [True]
-_CLONE_INTO_LASTING = frozenset(
-    {errno.ENOSYS, errno.EINVAL, errno.E2BIG, errno.EOPNOTSUPP, errno.EPERM}
+_CLONE_NS = [True]
+_CLONE_LASTING = frozenset({errno.ENOSYS, errno.EINVAL, errno.E2BIG, errno.EOPNOTSUPP, errno.EPERM})
+#: Rootless, what the sandbox's outer process would unshare before forking
+#: pid 1 (its cgroup namespace excepted: made once the process is in its
+#: cgroup, see _sandbox_main).
+_ROOTLESS_BORN = (
+    sc.CLONE_NEWUSER | sc.CLONE_NEWPID | sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
 )
 
 
-def fork_in_cgroup(into: str | None, fallback: Callable[[], int], *, sibling: bool) -> int:
-    """A fork whose child is born in the cgroup v2 directory ``into`` (clone3
-    with CLONE_INTO_CGROUP, syscalls.fork_sibling): no cgroup.procs write,
-    so no wait for the kernel's cgroup_threadgroup_rwsem (trap 1 of
-    docs/performance.md) and no migration. Where that cannot be done (cgroup
-    v1, an old kernel, clone3 refused), ``fallback()`` forks and the child
-    writes itself to cgroup.procs as before. ``sibling``: the child is the
-    caller's parent's (the zygote's forks). Only for a process with one
-    thread."""
-    global _BORN_IN_CGROUP
-    if into is None or not _CLONE_INTO[0]:
-        return fallback()
-    try:
-        fd = os.open(into, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return fallback()
+def born_flags(plan: SandboxPlan) -> int:
+    """Rootless, without a pod: the namespaces the sandbox's pid 1 can be
+    born in (one clone from the zygote or pytest, where an outer process
+    would unshare them and fork pid 1: one copy of pytest's process fewer a
+    test). 0: the outer process does it."""
+    if not plan.rootless or not plan.namespaces or plan.pod_netns or plan.pod_userns:
+        return 0
+    if not _CLONE_NS[0]:
+        return 0
+    return _ROOTLESS_BORN | (sc.CLONE_NEWNET if plan.new_net else 0)
+
+
+def fork_born(into: str | None, flags: int, fallback: Callable[[], int], *, sibling: bool) -> int:
+    """A fork whose child is born where the sandbox wants it, so that
+    neither it nor a process of its own has to get it there:
+
+    - in the cgroup v2 directory ``into`` (clone3 with CLONE_INTO_CGROUP,
+      syscalls.fork_sibling): no cgroup.procs write, so no wait for the
+      kernel's cgroup_threadgroup_rwsem (trap 1 of docs/performance.md);
+    - in the new namespaces ``flags`` (born_flags, rootless): the child is
+      pid 1 of its pid namespace, with no outer process.
+
+    Where the kernel refuses (cgroup v1, an old kernel, clone3 or the
+    namespaces refused), the parts it refused are left out, down to
+    ``fallback()``, and the child does them itself (_BORN_IN_CGROUP and
+    _BORN_IN_NAMESPACES say which it was born with). ``sibling``: the child
+    is the caller's parent's (the zygote's forks). Only for a process with
+    one thread."""
+    global _BORN_IN_CGROUP, _BORN_IN_NAMESPACES
+    fd = -1
+    if into is not None and _CLONE_INTO[0]:
+        with contextlib.suppress(OSError):
+            fd = os.open(into, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = flags if _CLONE_NS[0] else 0
     pid = -1
     try:
-        pid = sc.fork_sibling(fd, sibling=sibling)
-    except OSError as exc:
-        if exc.errno in _CLONE_INTO_LASTING:
-            _CLONE_INTO[0] = False
+        while pid < 0 and (fd >= 0 or flags):
+            try:
+                pid = sc.fork_sibling(fd, sibling=sibling, flags=flags)
+            except OSError as exc:
+                lasting = exc.errno in _CLONE_LASTING
+                if fd >= 0:  # without the cgroup first, then without both
+                    if lasting and not flags:
+                        _CLONE_INTO[0] = False
+                    os.close(fd)
+                    fd = -1
+                    if flags:
+                        continue
+                elif flags:
+                    if lasting:
+                        _CLONE_NS[0] = False
+                    flags = 0
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     if pid < 0:
         return fallback()
     if pid == 0:  # pragma: no cover - the child
-        _BORN_IN_CGROUP = True
+        _BORN_IN_CGROUP = into is not None and fd >= 0
+        _BORN_IN_NAMESPACES = bool(flags)
     return pid
 
 
@@ -942,7 +1000,15 @@ def _sandbox_main(
                     finally:
                         os.close(fd)
         flags = _NS_FLAGS | (sc.CLONE_NEWNET if plan.new_net else 0)
-        if plan.rootless:
+        if plan.rootless and _BORN_IN_NAMESPACES:
+            # Born pid 1 in its user, pid, mount, uts, ipc (and net)
+            # namespaces (fork_born): no outer process to relay its end.
+            step = "map the user namespace"
+            _map_ids(plan.uid, plan.gid)
+            step = "unshare the cgroup namespace"
+            with SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
+                sc.unshare(sc.CLONE_NEWCGROUP)
+        elif plan.rootless:
             step = "create the user namespace"
             with SetupStepErrorContext("unshare the user, pid and other namespaces"):
                 sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWPID | flags)

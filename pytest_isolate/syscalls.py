@@ -410,7 +410,7 @@ class _CloneArgs(ctypes.Structure):
     ]
 
 
-def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True) -> int:
+def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True, flags: int = 0) -> int:
     """os.fork(), except that the child's parent is the caller's parent.
 
     clone() is called directly (libc has no wrapper for this flag), between
@@ -427,14 +427,16 @@ def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True) -> int:
     before 5.3 or under a seccomp profile that refuses clone3, EOPNOTSUPP
     or EBADF when the descriptor is no cgroup v2 directory, EACCES...),
     and nothing was forked then. ``sibling=False``: the child is the
-    caller's own (the caller must still have a single thread).
+    caller's own (the caller must still have a single thread). ``flags``:
+    more clone flags, the namespaces the child is born in (CLONE_NEWUSER
+    with the others: an unprivileged caller may make them all at once).
     """
     tid = _tid_address()
     if _SYS_CLONE is None or tid is None:
         raise OSError(errno.ENOSYS, "fork_sibling: " + str(sibling_fork_unavailable()))
     if cgroup_fd >= 0 and _SYS_CLONE3 is None:
         raise OSError(errno.ENOSYS, f"clone3 is only wired for x86_64, this is {_MACHINE}")
-    flags = _CLONE_CHILD_SETTID | (_CLONE_PARENT if sibling else 0)
+    flags |= _CLONE_CHILD_SETTID | (_CLONE_PARENT if sibling else 0)
     api = ctypes.pythonapi
     api.PyOS_BeforeFork()
     if cgroup_fd >= 0:
@@ -449,15 +451,17 @@ def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True) -> int:
         pid = _syscall_holding_gil(
             _SYS_CLONE3, ctypes.addressof(args), ctypes.sizeof(args), None, None, None
         )
-        call = "clone3(CLONE_INTO_CGROUP)"
     else:
         pid = _syscall_holding_gil(_SYS_CLONE, flags | _SIGCHLD, None, None, tid, None)
-        call = "clone(CLONE_PARENT)" if sibling else "clone()"
     if pid == 0:
         api.PyOS_AfterFork_Child()
         return 0
     err = ctypes.get_errno()
     api.PyOS_AfterFork_Parent()
     if pid < 0:
-        raise OSError(err, f"{call}: {os.strerror(err)}")
+        names = _CLONE_NAMES | {CLONE_INTO_CGROUP: "CLONE_INTO_CGROUP"}
+        shown = flags & ~(_CLONE_CHILD_SETTID | _CLONE_PARENT)
+        call = "clone3" if cgroup_fd >= 0 else "clone"
+        named = flag_names(shown | (CLONE_INTO_CGROUP if cgroup_fd >= 0 else 0), names)
+        raise OSError(err, f"{call}({named}): {os.strerror(err)}")
     return int(pid)

@@ -16,7 +16,7 @@ import pytest
 from conftest import requires
 
 from pytest_isolate import syscalls as sc
-from pytest_isolate.sandbox import fork_in_cgroup
+from pytest_isolate.sandbox import fork_born
 
 ISOLATE = ("--isolate", "-p", "no:randomly", "-p", "no:cacheprovider")
 
@@ -585,7 +585,7 @@ def test_a_fork_into_a_cgroup_that_cannot_be_had_falls_back(tmp_path: object) ->
     with open("/proc/self/mounts") as f:
         v1 = [line.split()[1] for line in f if line.split()[2] == "cgroup"]
     for into in ["/nonexistent/cgroup", *v1[:1], str(tmp_path)]:
-        pid = fork_in_cgroup(into, os.fork, sibling=False)
+        pid = fork_born(into, 0, os.fork, sibling=False)
         if pid == 0:  # pragma: no cover - the child
             from pytest_isolate import sandbox
 
@@ -596,3 +596,28 @@ def test_a_fork_into_a_cgroup_that_cannot_be_had_falls_back(tmp_path: object) ->
         assert os.read(read_end, 1) == b"0", into
     os.close(read_end)
     os.close(write_end)
+
+
+@requires("rootless", "userns")
+def test_rootless_pid_1_is_born_in_its_namespaces(pytester: pytest.Pytester) -> None:
+    """Rootless, without a pod: one clone, by pytest's process (the first
+    test) or the zygote, makes the sandbox's pid 1 in its user, pid, mount,
+    uts, ipc and net namespaces, with no outer process to relay its end."""
+    pytester.makepyfile(
+        test_born="""
+            import os, socket
+            from pytest_isolate import sandbox
+
+            def test_born():
+                assert sandbox._BORN_IN_NAMESPACES
+                assert os.getpid() == 2 and os.getppid() == 1
+                assert socket.if_nameindex() == [(1, "lo")]
+
+            def test_born_again():
+                assert sandbox._BORN_IN_NAMESPACES
+                assert os.getpid() == 2
+        """
+    )
+    result = run(pytester, "-vv", "-p", "no:rerunfailures")
+    result.assert_outcomes(passed=2)
+    assert _forks(result)["sandboxes"] == 2
