@@ -1034,6 +1034,20 @@ def _sandbox_main(
         # The test must not share a session (or terminal) with pytest: setsid
         # also blocks TIOCSTI injection into the terminal without CAP_SYS_ADMIN.
         os.setsid()
+        if not direct:
+            # pid 1 forks the test process now, and the test process builds
+            # the root: each page of pytest's state pid 1 wrote building it
+            # (reference counts) would be copied twice, into pid 1 and again
+            # into the test process forked from it.
+            # Our init is not dumpable: a test running as the same uid cannot
+            # ptrace it or read its memory to forge frames from outside the test.
+            sc.prctl(sc.PR_SET_DUMPABLE, 0)
+            step = "fork the test process"
+            pid = os.fork()
+            if pid:
+                os.close(go_r)
+                _init_loop(pid, ctx)
+        # The test process (pid 2) from here on.
         if plan.rootfs is not None:
             step = "build the root file system"
             apply_rootfs(plan.rootfs)
@@ -1043,18 +1057,7 @@ def _sandbox_main(
         if plan.new_net:
             with SetupStepErrorContext("bring the loopback interface up"):
                 sc.loopback_up()
-        if direct:
-            # The init came from the factory: this process is the test (pid 2).
-            _test_main(plan, ctx, go_r, own, run_test)
-        # Our init is not dumpable: a test running as the same uid cannot
-        # ptrace it or read its memory to forge frames from outside the test.
-        sc.prctl(sc.PR_SET_DUMPABLE, 0)
-        step = "fork the test process"
-        pid = os.fork()
-        if pid == 0:
-            _test_main(plan, ctx, go_r, own, run_test)
-        os.close(go_r)
-        _init_loop(pid, ctx)
+        _test_main(plan, ctx, go_r, own, run_test)
     except BaseException as exc:
         _fail(ctx, step, exc)
     os._exit(SETUP_FAILED_EXIT)

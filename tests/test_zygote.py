@@ -621,3 +621,27 @@ def test_rootless_pid_1_is_born_in_its_namespaces(pytester: pytest.Pytester) -> 
     result = run(pytester, "-vv", "-p", "no:rerunfailures")
     result.assert_outcomes(passed=2)
     assert _forks(result)["sandboxes"] == 2
+
+
+@requires("rootless", "userns")
+def test_rootless_a_failed_root_is_reported_with_its_step(pytester: pytest.Pytester) -> None:
+    """Rootless, pid 1 forks the test process first and the test process
+    builds the root: a failure there still reaches pytest as a setup error
+    naming the step, for the first sandbox (pytest's fork) and the next ones
+    (the zygote's)."""
+    pytester.makeconftest(
+        """
+        import pytest_isolate.sandbox as sandbox
+
+        def planted(plan):
+            raise OSError(2, "planted failure")
+
+        sandbox.apply_rootfs = planted
+        """
+    )
+    pytester.makepyfile("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    result = run(pytester, "-p", "no:rerunfailures")
+    result.assert_outcomes(errors=2)
+    result.stdout.fnmatch_lines(
+        ["*isolation setup failed at step 'build the root file system'*planted failure*"] * 2
+    )
