@@ -231,9 +231,12 @@ class Sandbox:
                 self.fds = tuple(fd for fd in self.fds if fd != self.init_pidfd)
                 self.init_pidfd = -1
         if self.init_pidfd < 0 and self._recycled is None and self._reaped is None and self.pid > 0:
-            # Rootless, pid 1 is a child of the process pytest forked (which
-            # stays outside the namespace): take it by pidfd, from the kernel's
-            # own list of children, never from anything the sandbox says.
+            # Rootless with an outer process (which stays outside the
+            # namespace), pid 1 is its child: take it by pidfd, from the
+            # kernel's own list of children, never from anything the sandbox
+            # says. Where the process pytest forked is pid 1 itself (born in
+            # its namespaces, or root without the factory), its child is the
+            # test process: killed as well, and pid 1's end ends the rest.
             for pid in _children_of(self.pid):
                 with contextlib.suppress(OSError):
                     self.init_pidfd = os.pidfd_open(pid)
