@@ -42,7 +42,7 @@ from .rootfs import plan_rootfs, project_paths
 from .sandbox import SandboxPlan, spawn
 from .seccomp import build_filter, load_filter, seccomp_available, syscall_number
 
-__all__ = ["Check", "clone3_into_cgroup", "header_line", "run_checks", "run_doctor"]
+__all__ = ["Check", "header_line", "run_checks", "run_doctor"]
 
 _PACKAGES_FIX = (
     "apt-get install libcap-dev gcc python3-dev && pip install python-prctl "
@@ -334,19 +334,11 @@ def _seccomp_probe(program: bytes) -> Callable[[], str]:
 # --------------------------------------------------------------------------- clone3
 
 
-def clone3_into_cgroup(cgroup_fd: int) -> int:
-    """fork(), but born in the cgroup v2 directory ``cgroup_fd`` (Linux 5.7+):
-    the call the engine forks test processes with (syscalls.fork_sibling),
-    the child a child of ours. Returns its pid in the parent and 0 in the
-    child, like os.fork. Raises OSError (ENOSYS before 5.3 or under Docker's
-    seccomp profile, EOPNOTSUPP on v1)."""
-    return sc.fork_sibling(cgroup_fd, sibling=False)
-
-
 def _clone3_probe(directory: str, cgpath: str) -> Callable[[], str]:
     def body() -> str:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        pid = clone3_into_cgroup(fd)
+        # The engine's own call (a child of ours: not the zygote's sibling).
+        pid = sc.fork_sibling(fd, sibling=False)
         if pid == 0:  # pragma: no cover - the child born in the cgroup
             with open("/proc/self/cgroup") as f:
                 inside = f"0::{cgpath}\n" in f.read()

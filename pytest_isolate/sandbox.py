@@ -295,8 +295,7 @@ class Sandbox:
         if self.pid <= 0 or self._reaped is not None:
             return False
         try:
-            theirs = os.stat(f"/proc/{self.pid}/ns/pid").st_ino
-            return theirs == os.stat("/proc/self/ns/pid").st_ino
+            return os.stat(f"/proc/{self.pid}/ns/pid").st_ino == _own_pid_namespace()
         except OSError:
             return False
 
@@ -663,6 +662,12 @@ def fork_sandbox(
     return pid
 
 
+@functools.cache
+def _own_pid_namespace() -> int:
+    """pytest's pid namespace (its inode), read once."""
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
 def _single_threaded() -> bool:
     try:
         return len(os.listdir("/proc/self/task")) == 1
@@ -724,33 +729,31 @@ def fork_born(into: str | None, flags: int, fallback: Callable[[], int], *, sibl
         with contextlib.suppress(OSError):
             fd = os.open(into, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     flags = flags if _CLONE_NS[0] else 0
+    # Everything at once first; refused, without the cgroup (the namespaces
+    # spare a whole process, the cgroup only a write).
+    attempts = [(fd, flags)] if fd >= 0 else []
+    if flags:
+        attempts.append((-1, flags))
     pid = -1
     try:
-        while pid < 0 and (fd >= 0 or flags):
+        for cgroup_fd, ns_flags in attempts:
             try:
-                pid = sc.fork_sibling(fd, sibling=sibling, flags=flags)
+                pid = sc.fork_sibling(cgroup_fd, sibling=sibling, flags=ns_flags)
             except OSError as exc:
-                lasting = exc.errno in _CLONE_LASTING
-                if fd >= 0:  # without the cgroup first, then without both
-                    if lasting and not flags:
-                        _CLONE_INTO[0] = False
-                    os.close(fd)
-                    fd = -1
-                    if flags:
-                        continue
-                elif flags:
-                    if lasting:
-                        _CLONE_NS[0] = False
-                    flags = 0
+                if exc.errno in _CLONE_LASTING:
+                    if cgroup_fd < 0:
+                        _CLONE_NS[0] = False  # refused with the namespaces alone
+                    elif not ns_flags:
+                        _CLONE_INTO[0] = False  # refused with the cgroup alone
+                continue
+            if pid == 0:  # pragma: no cover - the child
+                _BORN_IN_CGROUP = cgroup_fd >= 0
+                _BORN_IN_NAMESPACES = bool(ns_flags)
+            break
     finally:
         if fd >= 0:
             os.close(fd)
-    if pid < 0:
-        return fallback()
-    if pid == 0:  # pragma: no cover - the child
-        _BORN_IN_CGROUP = into is not None and fd >= 0
-        _BORN_IN_NAMESPACES = bool(flags)
-    return pid
+    return pid if pid >= 0 else fallback()
 
 
 def fork_into_pid_namespace(
