@@ -191,6 +191,10 @@ def ensure_user_venv(venv: Path = VENV) -> Path:
     its python. Root only (it lives in /opt, readable by everyone)."""
     ready = venv / ".pytest-isolate-ready"
     wanted = "\n".join(VENV_PACKAGES)
+    if ready.exists() and ready.read_text() == wanted:
+        # Built already: no lock either (in the cgroup-v2 VM, /opt is the
+        # host's, read-only, and the host's run built it).
+        return venv / "bin" / "python"
     with _locked(venv.with_name(venv.name + ".lock")):
         if ready.exists() and ready.read_text() == wanted:
             return venv / "bin" / "python"

@@ -11,14 +11,15 @@ PYTEST_ISOLATE_VM=1).
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+import rootless_util
 from conftest import requires
 
 import pytest_isolate
@@ -27,8 +28,9 @@ from pytest_isolate.doctor import Check, format_table
 
 #: A virtualenv of Debian's /usr/bin/python3 that an unprivileged user can read
 #: (pyenv interpreters live under /root): pytest, filelock and python-prctl.
-USER_VENV = os.environ.get("PYTEST_ISOLATE_USER_VENV", "/opt/isolate-venv-user")
-TEST_USER = os.environ.get("PYTEST_ISOLATE_TEST_USER", "isotest")
+#: Built when missing (rootless_util.ensure_user_venv), as is the user.
+USER_VENV = os.environ.get("PYTEST_ISOLATE_USER_VENV", str(rootless_util.VENV))
+TEST_USER = os.environ.get("PYTEST_ISOLATE_TEST_USER", rootless_util.USER)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(pytest_isolate.__file__)))
 
 CORE_ROWS = [
@@ -194,16 +196,13 @@ def as_user() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
     package first on its PYTHONPATH (the repository may sit under /root)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to the unprivileged test user")
+    if not shutil.which("runuser"):
+        pytest.skip("needs runuser (util-linux)")
     try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        pytest.skip(f"needs a user {TEST_USER!r} (useradd {TEST_USER})")
-    python = os.path.join(USER_VENV, "bin", "python")
-    if not shutil.which("runuser") or not os.access(python, os.X_OK):
-        pytest.skip(
-            f"needs runuser and a venv at {USER_VENV}: /usr/bin/python3 -m venv "
-            f"{USER_VENV} && {USER_VENV}/bin/pip install pytest filelock python-prctl"
-        )
+        rootless_util.ensure_user(TEST_USER)
+        python = str(rootless_util.ensure_user_venv(Path(USER_VENV)))
+    except OSError as exc:  # in the cgroup-v2 VM /opt is the host's, read-only
+        pytest.skip(f"no venv at {USER_VENV} and none can be built here: {exc}")
     copy = tempfile.mkdtemp(prefix="pytest-isolate-doctor-user-")
     try:
         os.chmod(copy, 0o755)
