@@ -29,6 +29,7 @@ forks the test. Nothing here imports pytest.
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C module signal.py wraps
 import contextlib
 import dataclasses
 import errno
@@ -50,7 +51,7 @@ from . import syscalls as sc
 from .capabilities import DEFAULT_ROOT_CAPS
 from .initd import InitFactory, InitFactoryError, InitSetup, Recycled, kill_init, readable
 from .prefault import Ranges, populate
-from .protocol import MAX_TOTAL, FrameReader, Message, ProtocolError, send_message
+from .protocol import MAX_TOTAL, FrameReader, Message, ProtocolError, encode_exit, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
 
 __all__ = [
@@ -681,6 +682,10 @@ _BORN_IN_CGROUP = False
 #: Set in a child born in its namespaces (fork_born, rootless): it is pid 1
 #: of its pid namespace already, in its own user namespace.
 _BORN_IN_NAMESPACES = False
+#: Set in a rootless pid 1 born from a zygote that forks without Python's
+#: at-fork handlers (forkhooks.py): what the test process calls after its
+#: own fork, which is made without them too (_fork_test_process).
+_AFTER_QUIET_FORK: list[Callable[[], None] | None] = [None]
 #: Cleared once clone3(CLONE_INTO_CGROUP), or a clone that makes the
 #: namespaces, failed in a way that holds for this process's life (an old
 #: kernel, a seccomp profile that refuses clone3 or namespaces).
@@ -1049,7 +1054,7 @@ def _sandbox_main(
             # ptrace it or read its memory to forge frames from outside the test.
             sc.prctl(sc.PR_SET_DUMPABLE, 0)
             step = "fork the test process"
-            pid = os.fork()
+            pid = _fork_test_process()
             if pid:
                 os.close(go_r)
                 _init_loop(pid, ctx)
@@ -1067,6 +1072,22 @@ def _sandbox_main(
     except BaseException as exc:
         _fail(ctx, step, exc)
     os._exit(SETUP_FAILED_EXIT)
+
+
+def _fork_test_process() -> int:  # pragma: no cover - in pid 1
+    """pid 1's fork of the test process. Born from a zygote that forks
+    without Python's at-fork handlers, pid 1 has not run them and forks
+    without them too, as the zygote would (it has one thread and holds no
+    lock): the test process runs what is left of them, once. This spares
+    pid 1 the pages the handlers write before and after its fork, and the
+    test process threading's reset (about 130 pages). Otherwise (pytest's
+    own fork of pid 1) both run them as usual."""
+    after = _AFTER_QUIET_FORK[0]
+    pid = os.fork()  # the handlers' lists are empty when ``after`` is set
+    if pid == 0 and after is not None:
+        _AFTER_QUIET_FORK[0] = None
+        after()
+    return pid
 
 
 class SetupStepErrorContext:
@@ -1112,8 +1133,11 @@ def _forward(child: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)
 
-    signal.signal(DUMP_SIGNAL, handler)
-    signal.signal(FAULT_SIGNAL, handler)
+    # _signal's own call: signal.signal converts its arguments and result
+    # to enums, raising and catching two exceptions for a function handler
+    # (about 40 pages written in a fresh fork, pid 1's case).
+    _signal.signal(DUMP_SIGNAL, handler)
+    _signal.signal(FAULT_SIGNAL, handler)
 
 
 def _relay(pid: int, ctx: TestContext, go_r: int) -> None:  # pragma: no cover
@@ -1136,7 +1160,7 @@ def _init_loop(test_pid: int, ctx: TestContext) -> None:  # pragma: no cover
             os._exit(0)
         if pid == test_pid:
             with contextlib.suppress(OSError):
-                send_message(ctx.result_fd, "exit", {"status": status})
+                os.write(ctx.result_fd, encode_exit(status))
             os._exit(0)
 
 

@@ -143,6 +143,11 @@ def test_isolated_tests_of_a_zygote_see_their_handlers_run(pytester: pytest.Pyte
             t = threading.Thread(target=logging.getLogger("t").warning, args=("x",))
             t.start(); t.join(5)
             assert not t.is_alive()
+            # The lists are back: a fork the test makes runs the handlers.
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0 if conftest.PIDS[-1] == os.getpid() else 1)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
             (tmp_path_factory.getbasetemp() / f"r{n}").write_text(repr(random.random()))
     """)
     result = pytester.runpytest_subprocess(*ISOLATE, "-vv", timeout=120)

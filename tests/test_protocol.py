@@ -9,7 +9,9 @@ import pytest
 
 from pytest_isolate.protocol import (
     FrameReader,
+    Message,
     ProtocolError,
+    encode_exit,
     encode_frame,
     send_message,
 )
@@ -98,3 +100,10 @@ def test_the_init_factory_is_sent_json_that_names_every_plan_field() -> None:
         assert initd._decode_setup(data) == setup
     with pytest.raises((TypeError, ValueError, KeyError)):
         initd._decode_setup(b'[{"ops": [], "evil": 1}, "h", true, true]')
+
+
+@pytest.mark.parametrize("status", [0, 9, 137, 256, 65280, 2**31 - 1])
+def test_encode_exit_is_encode_frame_byte_for_byte(status: int) -> None:
+    frame = encode_exit(status)
+    assert frame == encode_frame("exit", {"status": status})
+    assert list(FrameReader().feed(frame)) == [Message("exit", {"status": status})]
