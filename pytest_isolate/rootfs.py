@@ -707,11 +707,14 @@ def build_template(plan: RootfsPlan, shared: Sequence[Op], own: Sequence[Op]) ->
     cannot write there."""
     root = _prepare_staging(plan)
     _run_ops(plan, shared, root)
+    # Outermost: beneath no other own operation's target. Two on one path
+    # (the project's bind over the tmpfs of /tmp or $HOME, pytest run from
+    # there) are both outermost: the copy still needs that mount point.
     outer = [
         op
         for op in own
         if op.kind in _NEEDS_MOUNT_POINT
-        and not any(_under(op.target, o.target) for o in own if o is not op)
+        and not any(_under(op.target, o.target) and o.target != op.target for o in own)
     ]
     for op in outer:
         with _step(f"make the mount point {op.target}"):

@@ -138,6 +138,42 @@ def test_a_copy_of_the_template_has_the_mounts_of_a_whole_build(
 
 
 @requires("root")
+@pytest.mark.parametrize("project", ["/tmp", "HOME"])
+def test_a_project_on_a_path_the_root_mounts_a_tmpfs_on_is_copied_too(
+    factory: InitFactory, staging: Path, project: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pytest run from /tmp or from $HOME: the project's directory is a path
+    the root also mounts a tmpfs on, and its bind covers that tmpfs. A copy
+    of the template makes that mount point too (it made none, the copy
+    failed with EROFS, and every sandbox of the run was built whole)."""
+    path = project
+    if project == "HOME":
+        # A home of its own, not one of the root's empty directories.
+        path = f"/home/pytest-isolate-home-{os.getpid()}"
+        os.mkdir(path)
+        monkeypatch.setenv("HOME", path)
+    try:
+        _copy_matches_whole_build(factory, staging, path)
+    finally:
+        if project == "HOME":
+            os.rmdir(path)
+
+
+def _copy_matches_whole_build(factory: InitFactory, staging: Path, path: str) -> None:
+    rootfs = host_plan(staging, Path(path))
+    assert [op.kind for op in rootfs.ops if op.target == path][-2:] == ["tmpfs", "bind"]
+    # With the project at /tmp, the bind of /tmp also shows the staging
+    # directory (under /tmp here) as each build left it: not compared.
+    building = str(staging.parent)
+    with init(factory, (rootfs, "box", True, False)) as whole:
+        expected = [m for m in mounts(whole) if not m[0].startswith(building)]
+    with init(factory, (rootfs, "box", True, True)) as copy:
+        got = [m for m in mounts(copy) if not m[0].startswith(building)]
+    assert factory.copied == 1
+    assert got == expected
+
+
+@requires("root")
 def test_inits_asked_for_ahead_are_the_ones_handed_out(
     factory: InitFactory, staging: Path, tmp_path: Path
 ) -> None:
