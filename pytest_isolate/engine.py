@@ -134,6 +134,7 @@ _FACTORY_COUNTS = {
     "roots_copied": "copied",
     "sandboxes_reused": "reused",
     "reset_failures": "reset_failures",
+    "init_failures": "init_failures",
 }
 
 
@@ -169,6 +170,7 @@ class Engine:
         self._sandboxes_seen = 0
         self._init_factory_tried = False
         self._last_reset_failure = ""
+        self._last_init_failure = ""
         #: A test called pytest.exit(): (message, returncode), raised after its reports.
         self.pending_exit: tuple[str, int] | None = None
         self._deferred_teardown: tuple[pytest.Item, pytest.Item | None] | None = None
@@ -223,6 +225,14 @@ class Engine:
         reason = factory.last_reset_failure if factory is not None else ""
         return self._factory_count("reset_failures"), reason or self._last_reset_failure
 
+    @property
+    def init_failures(self) -> tuple[int, str]:
+        """Inits the factory could not make (pytest made those sandboxes
+        itself; a template that failed is given up), and the last reason."""
+        factory = self._init_factory
+        reason = factory.last_init_failure if factory is not None else ""
+        return self._factory_count("init_failures"), reason or self._last_init_failure
+
     def init_factory(self, wait: bool = True) -> InitFactory | None:
         """As root, started once: it makes each sandbox's pid 1, namespaces and
         root, so pytest forks a test once (see initd.py). ``wait=False``
@@ -265,6 +275,7 @@ class Engine:
             for key, name in _FACTORY_COUNTS.items():
                 self.counts[key] += getattr(self._init_factory, name)
             self._last_reset_failure = self.reset_failures[1]
+            self._last_init_failure = self.init_failures[1]
             self._init_factory.close()
             self._init_factory = None
             self._init_factory_tried = False

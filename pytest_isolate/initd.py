@@ -104,6 +104,10 @@ class InitFactory:
         #: Resets that failed (the init was killed instead), and the last reason.
         self.reset_failures = 0
         self.last_reset_failure = ""
+        #: Inits the factory could not make (pytest made those sandboxes
+        #: itself), and the last reason the factory gave.
+        self.init_failures = 0
+        self.last_init_failure = ""
         #: PYTEST_ISOLATE_REUSE=0: every test gets a new init.
         self.reuse = os.environ.get("PYTEST_ISOLATE_REUSE", "1") != "0"
         #: pidfd of a resettable init handed out -> (its control socket, setup id).
@@ -209,9 +213,10 @@ class InitFactory:
         if data not in (_MADE, _MADE_FROM_TEMPLATE) or len(fds) != wanted:
             for fd in fds:
                 os.close(fd)
-            raise InitFactoryError(
-                f"the init factory could not make an init: {data.decode(errors='replace')}"
-            )
+            said = data.decode(errors="replace")
+            self.init_failures += 1
+            self.last_init_failure = said.removeprefix("error: ")[:300]
+            raise InitFactoryError(f"the init factory could not make an init: {said}")
         if wanted == 2:
             # A caller that closed an init's pidfd without forget() left its
             # socket under the same number.

@@ -354,6 +354,9 @@ def _forks_line(engine: Any) -> str:
     failures, reason = engine.reset_failures
     if failures:
         line += f" ({failures} resets failed, the last: {reason})"
+    failures, reason = engine.init_failures
+    if failures:
+        line += f" ({failures} inits the factory could not make, the last: {reason})"
     return line
 
 

@@ -25,7 +25,7 @@ from initd_util import host_plan, mounts, pid_of, shared_mount, with_ops
 from rootless_util import run_isolated
 
 from pytest_isolate.capabilities import DEFAULT_ROOT_CAPS
-from pytest_isolate.initd import AHEAD, InitFactory
+from pytest_isolate.initd import AHEAD, InitFactory, InitFactoryError
 from pytest_isolate.rootfs import Op, RootfsPlan, split_template
 from pytest_isolate.sandbox import SandboxPlan, _init_setup
 
@@ -171,6 +171,22 @@ def _copy_matches_whole_build(factory: InitFactory, staging: Path, path: str) ->
         got = [m for m in mounts(copy) if not m[0].startswith(building)]
     assert factory.copied == 1
     assert got == expected
+
+
+@requires("root")
+def test_an_init_the_factory_cannot_make_is_counted_with_its_reason(
+    factory: InitFactory, staging: Path, tmp_path: Path
+) -> None:
+    """-vv says when the factory failed (pytest then makes that sandbox
+    itself, and a template that failed is given up: every later root is
+    built whole, the same mounts for more CPU): the count and the last
+    reason the factory gave."""
+    missing = str(tmp_path / "gone")
+    rootfs = with_ops(host_plan(staging, tmp_path), Op("bind", missing, missing))
+    with pytest.raises(InitFactoryError, match="does not exist"):
+        factory.new_init((rootfs, "box", True, True))
+    assert factory.init_failures == 1
+    assert factory.last_init_failure.startswith("SetupStepError: bind " + missing)
 
 
 @requires("root")
