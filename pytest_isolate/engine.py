@@ -34,7 +34,6 @@ from typing import Any, Literal
 import pytest
 
 from . import _pytest_compat as compat
-from . import sandbox as sandbox_module
 from .child import run_in_sandbox, silence_plugins
 from .forkhooks import ForkHandlers, find_handlers
 from .initd import InitFactory, InitFactoryError
@@ -47,6 +46,7 @@ from .sandbox import (
     SandboxOutcome,
     SandboxPlan,
     born_flags,
+    defer_after_fork,
     fork_born,
     fork_into_pid_namespace,
     init_setup,
@@ -94,12 +94,7 @@ def _fork_from_zygote(into: str | None, flags: int) -> int:  # pragma: no cover 
     to do (forkhooks.py)."""
     pid = fork_born(into, flags, fork_sibling, sibling=True)
     after = _AFTER_FORK[0]
-    if pid == 0 and after is not None:
-        if sandbox_module._BORN_IN_NAMESPACES:
-            # Rootless pid 1: it forks the test process without them too,
-            # and the test process runs this (sandbox._fork_test_process).
-            sandbox_module._AFTER_QUIET_FORK[0] = after
-            return pid
+    if pid == 0 and after is not None and not defer_after_fork(after):
         try:
             after()
         except BaseException:

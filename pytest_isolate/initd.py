@@ -33,6 +33,7 @@ import collections
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import os
 import select
@@ -572,20 +573,30 @@ def _mount_table() -> bytes:
     return b"".join(line for line in lines if not line.split(b" ", 5)[4].startswith(b"/sys/"))
 
 
-#: What shows that nothing of a test is left in its network namespace:
-#: its sockets (every family, sockets kept alive only by descriptors in
-#: flight included), the loopback's packet counters, the IP, ICMP, TCP and
-#: UDP counters.
-_NET_STATE_FILES = ("/proc/net/sockstat", "/proc/net/dev", "/proc/net/snmp")
+#: What shows that nothing of a test is left in its network namespace: the
+#: loopback's packet counters, the IP, ICMP, TCP and UDP counters, and from
+#: /proc/net/sockstat the namespace's own counts (_SOCKSTAT_OWN).
+_NET_STATE_FILES = ("/proc/net/dev", "/proc/net/snmp")
+#: The namespace's own fields of /proc/net/sockstat: its sockets in use
+#: (every family, sockets kept alive only by descriptors in flight
+#: included), per protocol too, and its TIME_WAIT sockets. The others
+#: ("orphan", "alloc", "mem") count the whole host's.
+_SOCKSTAT_OWN = frozenset({b"used", b"inuse", b"tw"})
 
 
 def _net_state() -> bytes:  # pragma: no cover - pid 1
     """The network namespace of the caller as _reset compares it: equal
-    after a test means that the test left nothing there (_reset)."""
-    parts = []
-    for path in _NET_STATE_FILES:
-        with open(path, "rb") as f:
-            parts.append(f.read())
+    after a test means that the test left nothing there (_reset). Empty
+    where it cannot be read: never equal to a state that was."""
+    try:
+        with open("/proc/net/sockstat", "rb") as f:
+            words = f.read().split()
+        parts = [b" ".join(pair) for pair in itertools.pairwise(words) if pair[0] in _SOCKSTAT_OWN]
+        for path in _NET_STATE_FILES:
+            with open(path, "rb") as f:
+                parts.append(f.read())
+    except OSError:
+        return b""
     return b"\0".join(parts)
 
 
@@ -652,7 +663,7 @@ def _pids() -> list[str]:
 
 
 def _reset(
-    setup: InitSetup, template: Template, mounts: bytes, last_pid: int, net: bytes = b""
+    setup: InitSetup, template: Template, mounts: bytes, last_pid: int, net: bytes
 ) -> bytes:  # pragma: no cover - pid 1
     """Make the sandbox as new for the next test of its setup, or raise.
     Returns the network namespace's state as the next test finds it
@@ -683,10 +694,7 @@ def _reset(
     _end_every_process()
     if not _mounts_kept(mounts, _mount_table()):
         raise OSError(0, "the sandbox's mount table changed")
-    fresh_net = new_net
-    if new_net and net:
-        with contextlib.suppress(OSError):
-            fresh_net = _net_state() != net
+    fresh_net = new_net and not (net and _net_state() == net)
     sc.unshare(sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | (sc.CLONE_NEWNET if fresh_net else 0))
     renew_own(rootfs, template.renewal)
     sc.sethostname(hostname)
@@ -696,14 +704,7 @@ def _reset(
         # The next process of the namespace is pid 2 again, as in a new one.
         with contextlib.suppress(OSError):
             os.pwrite(last_pid, b"1", 0)
-    if not new_net:
-        return b""
-    if not fresh_net:
-        return net
-    try:
-        return _net_state()
-    except OSError:
-        return b""
+    return _net_state() if fresh_net else net  # empty without a network namespace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -828,10 +829,7 @@ def _make_init(
                 sc.prctl(sc.PR_SET_DUMPABLE, 0)
                 mounts = _mount_table() if ours is not None else b""
                 # As the first test finds it: read before "ok" (no test ran yet).
-                net = b""
-                if ours is not None and setup is not None and setup[2]:
-                    with contextlib.suppress(OSError):
-                        net = _net_state()
+                net = _net_state() if ours is not None and setup is not None and setup[2] else b""
                 _close_all_but({status_w} | ({ours.fileno()} if ours is not None else set()))
                 os.write(status_w, b"ok")
                 os.close(status_w)

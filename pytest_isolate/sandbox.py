@@ -1074,6 +1074,17 @@ def _sandbox_main(
     os._exit(SETUP_FAILED_EXIT)
 
 
+def defer_after_fork(after: Callable[[], None]) -> bool:  # pragma: no cover - in a child
+    """In a child of a zygote that forks without Python's at-fork handlers
+    (forkhooks.py), before it runs ``after``, what they leave to the child:
+    a rootless pid 1 (born in its namespaces) leaves it to its test process
+    and returns True (_fork_test_process); any other child runs it itself."""
+    if not _BORN_IN_NAMESPACES:
+        return False
+    _AFTER_QUIET_FORK[0] = after
+    return True
+
+
 def _fork_test_process() -> int:  # pragma: no cover - in pid 1
     """pid 1's fork of the test process. Born from a zygote that forks
     without Python's at-fork handlers, pid 1 has not run them and forks
