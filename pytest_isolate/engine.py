@@ -588,7 +588,11 @@ class Engine:
             self._hot_pages = tuple(zip(flat[::2], flat[1::2], strict=True))
         rest = _REQUEST.size + pages
         into = request[rest : rest + into_size].decode() or None
-        init_pidfd = fds[6] if len(fds) > 6 else -1
+        # The seventh descriptor, if any: the factory's init (root) or the
+        # pipe on which pid 1 says it has killed the rest (rootless, spawn).
+        seventh = fds[6] if len(fds) > 6 else -1
+        init_pidfd = -1 if plan.rootless else seventh
+        killed_fd = seventh if plan.rootless else -1
         if _OWN_PIDNS[0] < 0:  # once per zygote
             _OWN_PIDNS[0] = prepare_zygote(plans.values())
             # What each test process would otherwise work out for itself:
@@ -615,6 +619,7 @@ class Engine:
                 keep_fds=_CAPTURE_FDS.copy,
                 foreign=lambda: {own_socket, _OWN_PIDNS[0]} - {-1},
                 prefault=self._hot_pages if ahead else (),
+                killed_fd=killed_fd,
             )
         return pid
 
@@ -734,19 +739,20 @@ class Engine:
         """Nothing of a test outlives it into the next one. With a cgroup, every
         process of the finished sandbox gets SIGKILL directly (so none runs
         another instruction of user code) and the kernel's teardown is reaped
-        later, off the hot path; without one, wait until its pid namespace has
-        ended (rootless, the process outside it, ours, is reaped later) or,
+        later, off the hot path; without one, pid 1 does the same when asked
+        (Sandbox.stopped), or else wait until its pid namespace has ended
+        (rootless, the process outside it, ours, is reaped later) or,
         without a namespace, until it is gone."""
         finished, self._finished = self._finished, []
         for sandbox in finished:
             cgroup = self._cgroup_of.get(id(sandbox))
-            sandbox.kill()
             if cgroup is None:
-                if sandbox.wait_namespace_gone():
+                if sandbox.stopped() or sandbox.wait_namespace_gone():
                     self._graveyard.append(sandbox)
                 else:
                     self._release(sandbox)
                 continue
+            sandbox.kill()
             try:
                 cgroup.signal_all(sandbox.signalled_pids())
             except OSError:

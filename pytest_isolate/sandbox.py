@@ -70,6 +70,9 @@ SETUP_FAILED_EXIT = 121
 DUMP_SIGNAL = signal.SIGRTMIN + 3
 #: The C-level fallback dump (faulthandler), for a test stuck outside Python code.
 FAULT_SIGNAL = signal.SIGRTMIN + 4
+#: Without a cgroup: P asks the sandbox's pid 1 to SIGKILL every other
+#: process of its pid namespace and say so on its own pipe (_init_loop).
+KILL_ALL_SIGNAL = signal.SIGRTMIN + 5
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 _NS_FLAGS = sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWCGROUP
@@ -166,6 +169,11 @@ class Sandbox:
         #: namespace and only relay the exit of pid 1, its child (_relay);
         #: or be pid 1, born in the namespace (fork_born).
         self.relayed = False
+        #: Rootless without a cgroup: the read end of the pipe on which the
+        #: sandbox's pid 1 says it has killed every other process of its
+        #: namespace (KILL_ALL_SIGNAL), or -1.
+        self.killed_fd = -1
+        self._kill_all = "no"  # "asked" once the signal is sent, "hard" after a SIGKILL
         self.pid = -1
         self.pidfd = -1
         if pending is None:
@@ -219,10 +227,23 @@ class Sandbox:
         with contextlib.suppress(OSError):  # already dead: collect() reports how
             os.write(self.go_fd, b"g" + (b"l" if linger else b"-") + data[:8])
 
-    def kill(self) -> None:
+    def attach_killed(self, fd: int) -> None:
+        """The read end of the pipe pid 1 answers KILL_ALL_SIGNAL on."""
+        self.killed_fd = fd
+        self.fds = (*self.fds, fd)
+
+    def kill(self, gently: bool = False) -> None:
         """SIGKILL the sandbox's pid 1, which makes the kernel kill the rest of
-        its pid namespace, and the process pytest forked. Idempotent."""
+        its pid namespace, and the process pytest forked. Idempotent.
+        ``gently``: where pid 1 can answer (a rootless pid 1 born in its
+        namespaces, with no cgroup), ask it to kill every other process
+        instead and leave it be: stopped() waits for its word, far sooner
+        than for its end (its exit tears down a copy of pytest's memory
+        before the kernel kills the rest of the namespace)."""
         self._resolve_quietly()
+        if gently and (self._kill_all == "asked" or self._ask_kill_all()):
+            return
+        self._kill_all = "hard"
         if self._clean and self.init_pidfd >= 0 and self._recycler is not None:
             # The init ends every process of the namespace itself, and is
             # handed out again only once it has made the sandbox new.
@@ -248,6 +269,33 @@ class Sandbox:
         if self._reaped is None and self.pid > 0:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+
+    def _ask_kill_all(self) -> bool:
+        if self._kill_all != "no" or self.killed_fd < 0 or self._reaped is not None:
+            return False
+        if self.pid <= 0 or self._in_our_pid_namespace():
+            return False  # an outer process (not born in the namespaces): no answer
+        try:
+            os.kill(self.pid, KILL_ALL_SIGNAL)  # our child, not reaped: its pid is its own
+        except OSError:
+            return False
+        self._kill_all = "asked"
+        return True
+
+    def stopped(self, timeout: float = 10.0) -> bool:
+        """Without a cgroup, after kill(gently=True): wait for pid 1's word
+        that no other process of the sandbox is left to run (_kill_all), then
+        SIGKILL pid 1 itself, which runs only our code; its end, and the
+        namespaces', are reaped later (is_gone). False, having killed it:
+        no word came (pid 1 ended first, or was never asked); wait for the
+        namespace to end instead (wait_namespace_gone)."""
+        self._resolve_quietly()
+        word = b""
+        if self._kill_all == "asked" and readable(self.killed_fd, timeout):
+            with contextlib.suppress(OSError):
+                word = os.read(self.killed_fd, 1)
+        self.kill()
+        return word == b"k"
 
     def signalled_pids(self) -> tuple[int, ...]:
         """After kill(): the process pytest forked, if it is not reaped yet (its
@@ -368,7 +416,7 @@ class Sandbox:
                 # logging the reports; wait_gone() confirms it before the
                 # next test starts.
                 if not keep:
-                    self.kill()
+                    self.kill(gently=True)
                 break
             if gone:
                 break
@@ -559,12 +607,19 @@ def spawn(
         with contextlib.suppress(InitFactoryError):
             init_pidfd = init_factory.new_init(setup)
     fds = [result_fd, go_r, out_fd, err_fd, stack_fd, bell_w]
+    # Without a cgroup to SIGKILL every process of the test at once, pid 1
+    # does it when asked and says so on this pipe (Sandbox.stopped).
+    killed_r = killed_w = -1
+    if plan.rootless and plan.namespaces and not cgroup_procs and clone_into is None:
+        killed_r, killed_w = os.pipe2(os.O_CLOEXEC)
+    held = tuple(fd for fd in (bell_w, go_r, killed_w) if fd >= 0)
     pid = -1
     try:
         ticket = None
         if forker is not None:
+            # The seventh: the factory's init (root) or the pipe (rootless).
             with contextlib.suppress(OSError):
-                ticket = forker([*fds, init_pidfd])
+                ticket = forker([*fds, init_pidfd, killed_w])
         if ticket is not None:
             # The zygote answers while pytest goes on; until then pytest keeps
             # the child's ends. No answer: the sandbox is unusable (the
@@ -574,8 +629,8 @@ def spawn(
                 try:
                     return ticket()
                 finally:
-                    os.close(bell_w)
-                    os.close(go_r)
+                    for fd in held:
+                        os.close(fd)
 
             sandbox = Sandbox(
                 -1,
@@ -586,11 +641,13 @@ def spawn(
                 stack_fd,
                 bell_r,
                 cleanup,
-                (resolve, (bell_w, go_r)),
+                (resolve, held),
             )
             sandbox.relayed = plan.rootless and plan.namespaces
             if init_pidfd >= 0:
                 sandbox.attach_init(init_pidfd, init_factory)
+            if killed_r >= 0:
+                sandbox.attach_killed(killed_r)
             return sandbox
         for attempt in range(2):
             try:
@@ -608,6 +665,7 @@ def spawn(
                         keep_fds=keep_fds,
                         foreign=foreign_fds,
                         prefault=prefault,
+                        killed_fd=killed_w,
                     ),
                 )
                 break
@@ -622,16 +680,21 @@ def spawn(
     except BaseException:
         for fd in (result_fd, bell_r, bell_w, go_r, go_w, out_fd, err_fd, stack_fd):
             os.close(fd)
+        for fd in (killed_r, killed_w):
+            if fd >= 0:
+                os.close(fd)
         if init_pidfd >= 0:
             kill_init(init_pidfd, init_factory)
             os.close(init_pidfd)
         raise
-    os.close(bell_w)
-    os.close(go_r)
+    for fd in held:
+        os.close(fd)
     sandbox = Sandbox(pid, result_fd, go_w, out_fd, err_fd, stack_fd, bell_r, cleanup)
     sandbox.relayed = plan.rootless and plan.namespaces
     if init_pidfd >= 0:
         sandbox.attach_init(init_pidfd, init_factory)
+    if killed_r >= 0:
+        sandbox.attach_killed(killed_r)
     return sandbox
 
 
@@ -846,13 +909,16 @@ def start_sandbox(
     keep_fds: Callable[[], set[int]],
     foreign: Callable[[], set[int]],
     prefault: Ranges = (),
+    killed_fd: int = -1,
 ) -> NoReturn:  # pragma: no cover - runs in the sandbox
     """In the child of fork_into_pid_namespace: set the sandbox up, wait for
     "go", run the test. Never returns (in a zygote: never back to its loop).
     ``fds``: results (memfd), go (read end), stdout, stderr, stack, bell (write end).
     ``init_pidfd`` (or -1): the factory's init, whose pid namespace the child
     was born in. ``keep_fds`` (pytest's capture descriptors) and ``foreign``
-    (what it must close) are evaluated here."""
+    (what it must close) are evaluated here. ``killed_fd`` (or -1): the
+    write end of the pipe on which a rootless pid 1 says it has killed every
+    other process of its namespace (_init_loop)."""
     try:
         result_fd, go_r, out_fd, err_fd, stack_fd, bell_w = fds
         ctx = TestContext(result_fd, out_fd, err_fd, stack_fd, bell_w)
@@ -867,6 +933,7 @@ def start_sandbox(
             init_pidfd=init_pidfd,
             joined=init_pidfd >= 0 and _init_setup(plan) is not None,
             prefault=prefault,
+            killed_fd=killed_fd,
         )
     finally:
         os._exit(SETUP_FAILED_EXIT)
@@ -950,12 +1017,18 @@ def _sandbox_main(
     init_pidfd: int = -1,
     joined: bool = False,
     prefault: Ranges = (),
+    killed_fd: int = -1,
 ) -> None:  # pragma: no cover
     step = "start"
     direct = init_pidfd >= 0
     try:
         step = "set the parent-death signal"
         _die_with_parent()
+        if killed_fd >= 0 and not _BORN_IN_NAMESPACES:
+            # Only a pid 1 born in its namespaces answers P's request (with
+            # an outer process, P waits for the namespace's end instead).
+            os.close(killed_fd)
+            killed_fd = -1
         for fd in foreign - own:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -1054,10 +1127,15 @@ def _sandbox_main(
             # ptrace it or read its memory to forge frames from outside the test.
             sc.prctl(sc.PR_SET_DUMPABLE, 0)
             step = "fork the test process"
+            if killed_fd >= 0:
+                _signal.signal(KILL_ALL_SIGNAL, functools.partial(_kill_all, killed_fd))
             pid = _fork_test_process()
             if pid:
                 os.close(go_r)
-                _init_loop(pid, ctx)
+                _init_loop(pid, ctx, killed_fd)
+            if killed_fd >= 0:  # the test process: pid 1's alone
+                _signal.signal(KILL_ALL_SIGNAL, _signal.SIG_DFL)
+                os.close(killed_fd)
         # The test process (pid 2) from here on.
         if plan.rootfs is not None:
             step = "build the root file system"
@@ -1160,7 +1238,23 @@ def _relay(pid: int, ctx: TestContext, go_r: int) -> None:  # pragma: no cover
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 1)
 
 
-def _init_loop(test_pid: int, ctx: TestContext) -> None:  # pragma: no cover
+def _kill_all(killed_fd: int, *_: object) -> None:  # pragma: no cover - in pid 1
+    """pid 1, asked by P (KILL_ALL_SIGNAL) or once the test process has
+    ended: SIGKILL every other process of the namespace, then say so. kill(-1)
+    reaches every process pid 1 can see but itself, those of nested pid
+    namespaces too (pid 1 holds every capability of the sandbox's user
+    namespace, in which all of them are), and a fork it races with fails
+    (the parent has SIGKILL pending): once the word is written no process of
+    the test runs another instruction of its own. P needs no more to start
+    the next test; pid 1's own exit, and the kernel's teardown of the
+    namespaces, follow later, off the critical path (Sandbox.stopped)."""
+    with contextlib.suppress(OSError):
+        os.kill(-1, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.write(killed_fd, b"k")
+
+
+def _init_loop(test_pid: int, ctx: TestContext, killed_fd: int = -1) -> None:  # pragma: no cover
     """pid 1: reap every orphan; when the test process ends, report its status
     and exit, which makes the kernel kill whatever the test left behind."""
     _forward(test_pid)
@@ -1170,6 +1264,8 @@ def _init_loop(test_pid: int, ctx: TestContext) -> None:  # pragma: no cover
         except ChildProcessError:
             os._exit(0)
         if pid == test_pid:
+            if killed_fd >= 0:
+                _kill_all(killed_fd)
             with contextlib.suppress(OSError):
                 os.write(ctx.result_fd, encode_exit(status))
             os._exit(0)

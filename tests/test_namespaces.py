@@ -192,8 +192,9 @@ def test_double_forked_daemon_is_gone_after_the_test(pytester: pytest.Pytester) 
 DAEMON_PAIRS = 32
 
 
+@pytest.mark.parametrize("ballast", [0, 256], ids=["lean", "heavy-pytest"])
 def test_next_test_starts_after_the_previous_tests_daemon_is_gone(
-    pytester: pytest.Pytester,
+    pytester: pytest.Pytester, ballast: int
 ) -> None:
     # The daemon answers on a unix socket in its tmp_path (a host path): the
     # next test, on the host, asks right away whether it still runs user code.
@@ -255,8 +256,17 @@ def test_next_test_starts_after_the_previous_tests_daemon_is_gone(
         def test_{i}_next_test_on_the_host(tmp_path):
             assert not daemon_answers(tmp_path), "BUG-SYMPTOM: the previous test's daemon runs"
         """)
+    if ballast:
+        # MiB of pytest's memory written, so every copy of pytest's process
+        # (a rootless pid 1 is one) takes milliseconds to end: the daemon
+        # must be gone before the next test all the same, not only once pid
+        # 1 has ended (the kernel kills the rest of the namespace last).
+        pytester.makeconftest(f"BALLAST = b'x' * ({ballast} << 20)")
     pytester.makepyfile("".join(body))
-    result = run_isolated(pytester)
+    # pytest-rerunfailures runs a thread in pytest's process, which then forks
+    # its sandboxes with an outer process (sandbox.fork_born): not the shape
+    # whose pid 1 answers (Sandbox.stopped).
+    result = run_isolated(pytester, "-p", "no:rerunfailures")
     raise_on_bug_symptoms(result)
     result.assert_outcomes(passed=2 * DAEMON_PAIRS)
 
