@@ -300,6 +300,34 @@ def test_killing_init_and_everything_in_reach_spares_the_test_and_the_host(
     assert host_sleeper.poll() is None
 
 
+def test_asking_init_to_kill_everything_ends_only_this_test(
+    pytester: pytest.Pytester, host_sleeper: subprocess.Popen[bytes]
+) -> None:
+    # Rootless without a cgroup, pid 1 takes SIGRTMIN+5 (pytest's request to
+    # kill the rest of the namespace, sandbox.KILL_ALL_SIGNAL); elsewhere it
+    # ignores it. Either way only this test ends, and the next runs as usual.
+    pytester.makepyfile("""
+        import os, signal, time
+
+        def test_asks_init_to_kill_everything():
+            for sig in (signal.SIGRTMIN + 5, signal.SIGRTMIN + 3, signal.SIGRTMIN + 4):
+                os.kill(1, sig)
+            time.sleep(1)
+
+        def test_next():
+            pass
+    """)
+    result = run_isolated(pytester, "-v")
+    result.stdout.fnmatch_lines(["*::test_next PASSED*"])
+    outcomes = result.parseoutcomes()
+    if outcomes.get("failed"):
+        assert outcomes == {"failed": 1, "passed": 1}
+        result.stdout.fnmatch_lines(["*the test process was killed by SIGKILL (9)*"])
+    else:
+        assert outcomes == {"passed": 2}
+    assert host_sleeper.poll() is None
+
+
 # --------------------------------------------------------------------------- descriptors
 
 LEAKY_CONFTEST = """
