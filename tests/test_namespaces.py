@@ -256,17 +256,20 @@ def test_next_test_starts_after_the_previous_tests_daemon_is_gone(
         def test_{i}_next_test_on_the_host(tmp_path):
             assert not daemon_answers(tmp_path), "BUG-SYMPTOM: the previous test's daemon runs"
         """)
+    args: tuple[str, ...] = ()
     if ballast:
         # MiB of pytest's memory written, so every copy of pytest's process
         # (a rootless pid 1 is one) takes milliseconds to end: the daemon
         # must be gone before the next test all the same, not only once pid
         # 1 has ended (the kernel kills the rest of the namespace last).
         pytester.makeconftest(f"BALLAST = b'x' * ({ballast} << 20)")
+        # pytest-rerunfailures runs a thread in pytest's process, which then
+        # forks its sandboxes with an outer process (sandbox.fork_born): not
+        # the shape whose pid 1 answers (Sandbox.stopped). The lean run keeps
+        # whichever shape the environment gives.
+        args = ("-p", "no:rerunfailures")
     pytester.makepyfile("".join(body))
-    # pytest-rerunfailures runs a thread in pytest's process, which then forks
-    # its sandboxes with an outer process (sandbox.fork_born): not the shape
-    # whose pid 1 answers (Sandbox.stopped).
-    result = run_isolated(pytester, "-p", "no:rerunfailures")
+    result = run_isolated(pytester, *args)
     raise_on_bug_symptoms(result)
     result.assert_outcomes(passed=2 * DAEMON_PAIRS)
 
