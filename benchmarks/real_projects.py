@@ -528,7 +528,36 @@ class ProjectResult:
             a, b = plain.get(key), other.get(key)
             if a is None or b is None or a.status != b.status:
                 diffs.append((key, a, b))
+        # Subtests (pytest 9) are not in the junitxml: their counts, from the
+        # summary line, must match too.
+        plain_subtests = subtest_counts(self.runs["plain"].log)
+        other_subtests = subtest_counts(self.runs[mode].log)
+        for kind in sorted(set(plain_subtests) | set(other_subtests)):
+            a_n, b_n = plain_subtests.get(kind, 0), other_subtests.get(kind, 0)
+            if a_n != b_n:
+                diffs.append(
+                    (
+                        f"<subtests {kind}>",
+                        Outcome(f"{a_n} {kind}", "", "", 0.0),
+                        Outcome(f"{b_n} {kind}", "", "", 0.0),
+                    )
+                )
         return diffs
+
+
+_SUBTESTS = re.compile(r"(\d+) subtests? (\w+)")
+
+
+def subtest_counts(log: str) -> dict[str, int]:
+    """The subtests pytest's last summary line counts, by outcome (``log``:
+    the run's log file)."""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    lines = [line for line in text.splitlines() if _SUBTESTS.search(line) and " in " in line]
+    return {kind: int(n) for n, kind in _SUBTESTS.findall(lines[-1])} if lines else {}
 
 
 def _status(o: Outcome | None) -> str:

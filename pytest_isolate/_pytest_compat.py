@@ -10,6 +10,7 @@ loudly when a pytest release changes one of them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import sys
@@ -330,6 +331,49 @@ def run_phases(
     if item.session.shouldfail or item.session.shouldstop:
         nextitem = None
     send(call_and_report(item, "teardown", log=False, nextitem=nextitem))
+
+
+def _failed_subtests_counts(config: pytest.Config) -> Any:
+    """pytest 9's count of failed subtests per test (config.stash), which
+    makes a test whose subtests failed fail; None before pytest 9."""
+    try:
+        from _pytest.subtests import failed_subtests_key
+    except ImportError:
+        return None
+    return config.stash.get(failed_subtests_key, None)
+
+
+def failed_subtests(item: pytest.Item) -> int:
+    """How many of ``item``'s subtests this process counted as failed."""
+    counts = _failed_subtests_counts(item.config)
+    if counts is None:
+        return 0
+    return int(counts.get(getattr(item, "id", item.nodeid), 0))
+
+
+def add_failed_subtests(item: pytest.Item, count: int) -> None:
+    """In pytest's process: ``count`` subtests of ``item`` failed in its
+    sandbox (where pytest's subtests counted them), as if here."""
+    counts = _failed_subtests_counts(item.config)
+    if counts is not None and count > 0:
+        counts[getattr(item, "id", item.nodeid)] += count
+
+
+def keep_subtest_values(report: pytest.TestReport, data: dict[str, Any]) -> None:
+    """A subtest's report rebuilt from its JSON shows its values as the
+    sandbox wrote them (already repr()'d there), not repr()'d a second time
+    (pytest's SubtestContext does so on every rebuild)."""
+    context = getattr(report, "context", None)
+    sent = data.get("_subtest.context")
+    kwargs = sent.get("kwargs") if isinstance(sent, dict) else None
+    if (
+        context is None
+        or not isinstance(kwargs, dict)
+        or not all(isinstance(v, str) for v in kwargs.values())
+    ):
+        return
+    with contextlib.suppress(AttributeError, TypeError, dataclasses.FrozenInstanceError):
+        object.__setattr__(context, "kwargs", dict(kwargs))
 
 
 def reruns_expected(item: pytest.Item) -> bool:

@@ -104,7 +104,40 @@ def silence_plugins(config: pytest.Config) -> None:
         for fd in _channel_fds(plugin):
             with contextlib.suppress(OSError):
                 os.close(fd)
+    _log_reports_at_home(config)
     _SILENCED = True
+
+
+class _LogForwarder:
+    """In a sandbox, pytest_runtest_logreport's only implementation: a report
+    logged while a phase runs (pytest 9's subtests log one per subtest, from
+    inside the test) is sent to pytest's process, which logs it where the
+    plugins that count, print and keep reports live (Engine.take_logged)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if FORWARD_FD is None or not isinstance(report, pytest.TestReport):
+            return
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        if isinstance(data, dict):
+            send_message(FORWARD_FD, "logreport", data)
+
+
+def _log_reports_at_home(config: pytest.Config) -> None:
+    """Every other plugin's pytest_runtest_logreport leaves this process: here
+    it would print to pytest's terminal (the terminal reporter) or count in a
+    copy of pytest's state that dies with the test (the session's failures,
+    junitxml), and the report would never reach pytest's process."""
+    manager = config.pluginmanager
+    caller = manager.hook.pytest_runtest_logreport
+    remove = getattr(caller, "_remove_plugin", None)  # pluggy's, per hook
+    if remove is not None:
+        for impl in caller.get_hookimpls():
+            with contextlib.suppress(ValueError):
+                remove(impl.plugin)
+    manager.register(_LogForwarder(config), "isolate-logreport-forwarder")
 
 
 def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
@@ -139,6 +172,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
     def start() -> None:
         nextitem = decode_nextitem(item, ctx.go_data)
         coverage = start_in_sandbox(COVERAGE_DIR)
+        failed_subtests = compat.failed_subtests(item)
         try:
             with recording:
                 compat.run_phases(item, nextitem, send)
@@ -147,6 +181,9 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
                 ctx.result_fd, "session_exit", {"msg": str(exc.msg), "returncode": exc.returncode}
             )
         finally:
+            failed_subtests = compat.failed_subtests(item) - failed_subtests
+            if failed_subtests > 0:
+                send_message(ctx.result_fd, "subtests_failed", failed_subtests)
             stop_in_sandbox(coverage)
 
     return start

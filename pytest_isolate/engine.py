@@ -62,6 +62,8 @@ from .zygote import Zygote, ZygoteError
 __all__ = ["Engine", "IsolationUnavailable"]
 
 _PHASES = ("setup", "call", "teardown")
+#: Reports a test may log during its phases (subtests), and failed subtests it may count.
+_MAX_SUBTESTS = 1 << 20
 #: Pages a test process writes are learned from the first two sandboxes, then
 #: from one in this many (the suite's tests change; the cost is ~7 ms each),
 #: and only while tests run long enough to copy them ahead.
@@ -145,6 +147,8 @@ class Engine:
         self._prepared: _Prepared | None = None
         self._live: list[Sandbox] = []
         self._finished: list[Sandbox] = []
+        #: Reports the running test logged during its phases (take_logged).
+        self._logged: list[tuple[str, pytest.TestReport]] = []
         self._graveyard: list[Sandbox] = []
         self._cgroup_of: dict[int, Any] = {}
         self._staging: LockedDir | None = None
@@ -684,7 +688,9 @@ class Engine:
     def run(
         self, item: pytest.Item, nextitem: pytest.Item | None, spec: IsolationSpec
     ) -> list[pytest.TestReport]:
-        """runtestprotocol for one isolated item; returns its reports in order."""
+        """runtestprotocol for one isolated item; returns its reports in order
+        (and keeps those it logged during its phases: take_logged)."""
+        self._logged = []
         compat.init_request(item)
         if not compat.shared_ready(item):
             if not compat.quiet_setup(item):
@@ -874,6 +880,14 @@ class Engine:
                 report, problem = self._accept_report(item, msg, reports)
                 if report is not None:
                     reports.append(report)
+            elif msg.type == "logreport":
+                report, problem = self._accept_logged(item, msg)
+                if report is not None:
+                    self._logged.append((_next_phase(reports, item), report))
+            elif msg.type == "subtests_failed":
+                count = msg.payload
+                if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                    compat.add_failed_subtests(item, min(count, _MAX_SUBTESTS))
             elif msg.type == "warning":
                 problem = _replay_warning(item, msg.payload)
             elif msg.type == "done":
@@ -938,6 +952,37 @@ class Engine:
         data = msg.payload
         if not isinstance(data, dict) or data.get("$report_type") != "TestReport":
             return None, "a report frame does not hold a TestReport"
+        report, problem = self._rebuild(item, data)
+        if report is None:
+            return None, problem
+        if report.when != _next_phase(reports, item):
+            return None, f"a {report.when!r} report arrived out of order"
+        return _lean_copy(report, item), None
+
+    def _accept_logged(
+        self, item: pytest.Item, msg: Message
+    ) -> tuple[pytest.TestReport | None, str | None]:
+        """A report logged during a phase (a subtest's): rebuilt by whichever
+        plugin made it (pytest_report_from_serializable), kept as it is."""
+        data = msg.payload
+        if not isinstance(data, dict):
+            return None, "a logged report is not an object"
+        if len(self._logged) >= _MAX_SUBTESTS:
+            return None, f"logged more than {_MAX_SUBTESTS} reports"
+        report, problem = self._rebuild(item, data)
+        if report is not None:
+            compat.keep_subtest_values(report, data)
+        return report, problem
+
+    def take_logged(self) -> list[tuple[str, pytest.TestReport]]:
+        """The reports the last test logged during its phases, each with the
+        phase it came in, in order; pytest's process logs them (plugin.py)."""
+        logged, self._logged = self._logged, []
+        return logged
+
+    def _rebuild(
+        self, item: pytest.Item, data: dict[str, Any]
+    ) -> tuple[pytest.TestReport | None, str | None]:
         # JSON has no tuples; pytest expects them where execnet would keep them.
         for key in ("location", "longrepr"):
             value = data.get(key)
@@ -951,11 +996,11 @@ class Engine:
             return None, f"a report could not be rebuilt ({type(exc).__name__}: {exc})"
         if not isinstance(report, pytest.TestReport) or report.nodeid != item.nodeid:
             return None, f"a report names another test ({getattr(report, 'nodeid', None)!r})"
-        if report.when != _next_phase(reports, item):
-            return None, f"a {report.when!r} report arrived out of order"
+        if report.when not in _PHASES:
+            return None, f"a report has the phase {report.when!r}"
         if report.outcome not in ("passed", "failed", "skipped"):
             return None, f"a report has the outcome {report.outcome!r}"
-        return _lean_copy(report, item), None
+        return report, None
 
     def _report(
         self,

@@ -13,6 +13,7 @@ that lacks a feature errors (or skips) the test that needs it, naming the fix.
 
 from __future__ import annotations
 
+import collections
 import importlib.metadata
 import os
 import sys
@@ -264,15 +265,35 @@ def runtestprotocol(
         else:
             reports = engine.run(item, nextitem, spec)
     try:
-        if log:
-            for report in reports:
-                item.ihook.pytest_runtest_logreport(report=report)
+        _log(item, reports, engine.take_logged(), log)
     finally:
         engine.finish_item()
     exit_request, engine.pending_exit = engine.pending_exit, None
     if exit_request is not None:
         pytest.exit(exit_request[0], exit_request[1])
     return reports
+
+
+def _log(
+    item: pytest.Item,
+    reports: list[pytest.TestReport],
+    logged: list[tuple[str, pytest.TestReport]],
+    log: bool,
+) -> None:
+    """Log the reports the test logged during its phases (pytest 9's
+    subtests: always, as they would have been, whatever ``log`` says), each
+    before its phase's report, and with ``log`` the phase reports."""
+    if not log:
+        for _, report in logged:
+            item.ihook.pytest_runtest_logreport(report=report)
+        return
+    pending = collections.deque(logged)
+    for report in reports:
+        while pending and pending[0][0] == report.when:
+            item.ihook.pytest_runtest_logreport(report=pending.popleft()[1])
+        item.ihook.pytest_runtest_logreport(report=report)
+    for _, report in pending:
+        item.ihook.pytest_runtest_logreport(report=report)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -8,8 +8,13 @@ import inspect
 import _pytest.runner
 import pytest
 from _pytest.capture import CaptureManager, FDCapture, MultiCapture
+from _pytest.config import PytestPluginManager
 from _pytest.fixtures import FixtureDef, TopRequest
 from _pytest.runner import SetupState
+
+_SUBTESTS_ARE_PYTESTS = pytest.mark.skipif(
+    int(pytest.__version__.split(".")[0]) < 9, reason="subtests are pytest 9's own"
+)
 
 
 def test_setup_state_keeps_a_stack_of_nodes_with_finalizers_and_exceptions() -> None:
@@ -52,3 +57,19 @@ def test_the_installed_protocol_is_removed_at_the_end_of_a_session(
     pytester.makepyfile("def test_x(): pass")
     pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
     assert _pytest.runner.runtestprotocol is original
+
+
+def test_a_hook_caller_can_drop_one_plugins_implementation() -> None:
+    """child._log_reports_at_home: in a sandbox, only the forwarder logs."""
+    hook = PytestPluginManager().hook
+    assert callable(getattr(hook.pytest_runtest_logreport, "_remove_plugin", None))
+
+
+@_SUBTESTS_ARE_PYTESTS
+def test_subtests_count_failures_in_the_stash_and_repr_their_values() -> None:
+    import _pytest.subtests
+    from _pytest.subtests import SubtestContext, failed_subtests_key
+
+    assert "failed_subtests[self.request.node.id] += 1" in inspect.getsource(_pytest.subtests)
+    assert isinstance(failed_subtests_key, pytest.StashKey)
+    assert SubtestContext(msg=None, kwargs={"i": 1}).kwargs == {"i": "1"}

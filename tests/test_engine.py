@@ -19,6 +19,10 @@ from pytest_isolate.cgroups.common import session_lock_dir
 
 ISOLATE = ("--isolate", "-p", "no:cacheprovider")
 
+_SUBTESTS_ARE_PYTESTS = pytest.mark.skipif(
+    int(pytest.__version__.split(".")[0]) < 9, reason="subtests are pytest 9's own"
+)
+
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     return pytester.runpytest_subprocess(*ISOLATE, *args, timeout=120)
@@ -602,6 +606,81 @@ def test_500_mixed_tests_count_the_same_as_plain_pytest(
         "xfailed": 71,
         "xpassed": 71,
     }
+
+
+_SUBTESTS = """
+    import unittest
+    def test_fixture(subtests):
+        for i in range(3):
+            with subtests.test(msg="i", i=i):
+                print(f"sub {i}")
+                assert i != 1
+    def test_all_pass(subtests):
+        for i in range(2):
+            with subtests.test(i=i):
+                pass
+    class T(unittest.TestCase):
+        def test_unittest(self):
+            for i in range(3):
+                with self.subTest(i=i):
+                    self.assertNotEqual(i, 2)
+"""
+
+
+@_SUBTESTS_ARE_PYTESTS
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_failed_subtests_fail_as_without_isolation(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    """A subtest's report is logged from inside the test (pytest 9): it comes
+    to pytest's process and is logged there, before its phase's report, and
+    a failed subtest fails its test and the run, as without isolation. No
+    plugin logs it in the sandbox (the terminal reporter would print there)."""
+    pytester.makepyfile(test_s=_SUBTESTS)  # a short name: the summary fits in 80 columns
+    args = ("-p", "no:cacheprovider", *workers)
+    plain = pytester.runpytest_subprocess(*args, timeout=120)
+    isolated = run(pytester, *args)
+    assert isolated.ret == plain.ret == 1
+    assert isolated.parseoutcomes() == plain.parseoutcomes() == {"failed": 3, "passed": 2}
+    lines = [  # under xdist, pytest shows the values repr()'d: (i='1')
+        "SUBFAILED[[]i[]] (i=*1*) test_s.py::test_fixture - assert 1 != 1",
+        "FAILED test_s.py::test_fixture - contains 1 failed subtest",
+        "SUBFAILED(i=*2*) test_s.py::T::test_unittest - AssertionError: 2 == 2",
+    ]
+    plain.stdout.fnmatch_lines_random(lines)
+    isolated.stdout.fnmatch_lines_random(lines)
+    if not workers:
+        # A failed subtest's letter comes before its test's (passed ones show
+        # with -v), its output in its own report. Plain pytest (9.2) writes a
+        # unittest subtest's letter into that test's captured output instead.
+        plain.stdout.re_match_lines([r"^test_s\.py uF\.\. "])
+        isolated.stdout.re_match_lines([r"^test_s\.py uF\.u\. "])
+        for result in (plain, isolated):
+            result.stdout.fnmatch_lines(["*test_fixture [[]i[]] (i=1)*", "*", "sub 1"])
+
+
+@_SUBTESTS_ARE_PYTESTS
+def test_a_logged_report_for_another_test_is_a_malformed_result(
+    pytester: pytest.Pytester,
+) -> None:
+    """What the sandbox logs is checked as its phase reports are: a report
+    naming another test fails the test that sent it, and only that one."""
+    pytester.makepyfile("""
+        import pytest
+        def test_forges(request):
+            report = pytest.TestReport(
+                "elsewhere.py::test_x", ("elsewhere.py", 0, "x"), {}, "failed", "forged", "call"
+            )
+            request.node.ihook.pytest_runtest_logreport(report=report)
+        def test_next():
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*the isolated test sent a malformed result: a report names another test*"]
+    )
+    assert "elsewhere.py" not in result.stdout.str().replace("'elsewhere.py::test_x'", "")
 
 
 @requires("cgroup")
