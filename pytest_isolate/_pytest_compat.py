@@ -359,6 +359,16 @@ def add_failed_subtests(item: pytest.Item, count: int) -> None:
         counts[getattr(item, "id", item.nodeid)] += count
 
 
+def suite_properties(config: pytest.Config) -> list[tuple[str, str]] | None:
+    """junitxml's test suite properties (record_testsuite_property appends
+    to them, in whichever process the test runs); None without --junitxml."""
+    from _pytest.junitxml import xml_key
+
+    xml = config.stash.get(xml_key, None)
+    properties = getattr(xml, "global_properties", None)
+    return properties if isinstance(properties, list) else None
+
+
 def keep_subtest_values(report: pytest.TestReport, data: dict[str, Any]) -> None:
     """A subtest's report rebuilt from its JSON shows its values as the
     sandbox wrote them (already repr()'d there), not repr()'d a second time

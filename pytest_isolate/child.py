@@ -173,6 +173,8 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
         nextitem = decode_nextitem(item, ctx.go_data)
         coverage = start_in_sandbox(COVERAGE_DIR)
         failed_subtests = compat.failed_subtests(item)
+        properties = compat.suite_properties(config)
+        known_properties = len(properties) if properties is not None else 0
         try:
             with recording:
                 compat.run_phases(item, nextitem, send)
@@ -184,6 +186,8 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
             failed_subtests = compat.failed_subtests(item) - failed_subtests
             if failed_subtests > 0:
                 send_message(ctx.result_fd, "subtests_failed", failed_subtests)
+            if properties is not None and len(properties) > known_properties:
+                send_message(ctx.result_fd, "suite_properties", properties[known_properties:])
             stop_in_sandbox(coverage)
 
     return start

@@ -62,7 +62,8 @@ from .zygote import Zygote, ZygoteError
 __all__ = ["Engine", "IsolationUnavailable"]
 
 _PHASES = ("setup", "call", "teardown")
-#: Reports a test may log during its phases (subtests), and failed subtests it may count.
+#: Reports a test may log during its phases (subtests), failed subtests it may
+#: count, junitxml suite properties it may record.
 _MAX_SUBTESTS = 1 << 20
 #: Pages a test process writes are learned from the first two sandboxes, then
 #: from one in this many (the suite's tests change; the cost is ~7 ms each),
@@ -884,6 +885,8 @@ class Engine:
                 report, problem = self._accept_logged(item, msg)
                 if report is not None:
                     self._logged.append((_next_phase(reports, item), report))
+            elif msg.type == "suite_properties":
+                problem = _add_suite_properties(self.config, msg.payload)
             elif msg.type == "subtests_failed":
                 count = msg.payload
                 if isinstance(count, int) and not isinstance(count, bool) and count > 0:
@@ -1110,6 +1113,25 @@ def _run_time(reports: list[pytest.TestReport]) -> float:
 
 def _int(value: object, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _add_suite_properties(config: pytest.Config, payload: Any) -> str | None:
+    """junitxml's suite properties a test recorded (record_testsuite_property),
+    added to pytest's; a problem, if they are not pairs of strings."""
+    properties = compat.suite_properties(config)
+    if properties is None:
+        return None
+    if (
+        not isinstance(payload, list)
+        or len(payload) > _MAX_SUBTESTS
+        or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
+            for pair in payload
+        )
+    ):
+        return "junitxml suite properties that are not pairs of strings"
+    properties.extend((name, value) for name, value in payload)
+    return None
 
 
 def _next_phase(

@@ -40,6 +40,7 @@ MESSAGE_TYPES = frozenset(
         "report",  # test process: one pytest report, pytest_report_to_serializable form
         "logreport",  # test process: a report logged during a phase (a subtest's), same form
         "subtests_failed",  # test process: how many of its subtests failed (pytest 9)
+        "suite_properties",  # test process: junitxml suite properties it recorded
         "warning",  # test process: a warning recorded while the test ran
         "done",  # test process: every report was sent
         "setup_failed",  # any sandbox process: a setup step failed (step, error, errno)

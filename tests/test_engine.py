@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from xml.etree import ElementTree
 
 import pytest
 from conftest import requires
@@ -681,6 +682,33 @@ def test_a_logged_report_for_another_test_is_a_malformed_result(
         ["*the isolated test sent a malformed result: a report names another test*"]
     )
     assert "elsewhere.py" not in result.stdout.str().replace("'elsewhere.py::test_x'", "")
+
+
+def test_junitxml_suite_properties_recorded_in_a_test_reach_the_file(
+    pytester: pytest.Pytester,
+) -> None:
+    """record_testsuite_property adds to junitxml's state in the process the
+    test runs in: the sandbox sends what it added to pytest's process."""
+    pytester.makepyfile("""
+        def test_records(record_testsuite_property):
+            record_testsuite_property("build", "42")
+        def test_records_too(record_testsuite_property):
+            record_testsuite_property("arch", "x86 & <arm>")
+        def test_forges(request):
+            from _pytest.junitxml import xml_key
+            request.config.stash[xml_key].global_properties.append((1, ["x"]))
+    """)
+    result = run(pytester, "--junitxml=out.xml")
+    # Sent after the test's last report: refused (a note on that report).
+    result.assert_outcomes(passed=3)
+    suite = ElementTree.parse(pytester.path / "out.xml").getroot().find("testsuite")
+    assert suite is not None
+    properties = suite.find("properties")
+    assert properties is not None
+    assert [(p.get("name"), p.get("value")) for p in properties] == [
+        ("build", "42"),
+        ("arch", "x86 & <arm>"),
+    ]
 
 
 @requires("cgroup")
