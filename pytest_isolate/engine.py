@@ -303,11 +303,27 @@ class Engine:
 
     def _project_paths(self, strict: bool) -> list[str]:
         if strict not in self._project:
-            extra = [str(self.config.rootpath), str(self.config.invocation_params.dir), os.getcwd()]
+            targets = _collected_dirs(self.config)
+            extra = [
+                str(self.config.rootpath),
+                str(self.config.invocation_params.dir),
+                os.getcwd(),
+                *targets,
+            ]
+            # /tmp, /var/tmp and $HOME are the sandbox's own (private and
+            # writable), even when pytest runs there (its rootdir then too):
+            # only what it collects below them is bound. Unless it collects
+            # one of them whole: then that one is bound, read-only.
+            asked = {os.path.realpath(path) for path in targets}
+            scratch = [
+                path
+                for path in ("/tmp", "/var/tmp", os.environ.get("HOME") or "")
+                if path and os.path.realpath(path) not in asked
+            ]
             # Strict shows fewer system directories (no /opt, no /var): what
             # Python needs from those is bound on its own.
             self._project[strict] = project_paths(
-                extra, STRICT_SYSTEM_DIRS if strict else SYSTEM_DIRS
+                extra, STRICT_SYSTEM_DIRS if strict else SYSTEM_DIRS, scratch
             )
         return self._project[strict]
 
@@ -1113,6 +1129,19 @@ def _run_time(reports: list[pytest.TestReport]) -> float:
 
 def _int(value: object, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _collected_dirs(config: pytest.Config) -> list[str]:
+    """The directories pytest was asked to collect (its arguments, or
+    testpaths, or the invocation directory), a file's being its directory."""
+    found = []
+    for arg in config.args:
+        path = os.path.join(str(config.invocation_params.dir), str(arg).split("::", 1)[0])
+        if os.path.isdir(path):
+            found.append(os.path.abspath(path))
+        elif os.path.exists(path):
+            found.append(os.path.dirname(os.path.abspath(path)))
+    return found
 
 
 def _add_suite_properties(config: pytest.Config, payload: Any) -> str | None:

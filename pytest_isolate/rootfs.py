@@ -125,11 +125,20 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def project_paths(extra: Iterable[str], shown: Sequence[str] = SYSTEM_DIRS) -> list[str]:
+def project_paths(
+    extra: Iterable[str], shown: Sequence[str] = SYSTEM_DIRS, scratch: Iterable[str] = ()
+) -> list[str]:
     """Directories the test needs to import: sys.path, the interpreter, the
     project and the packages already imported (editable installs point outside
     sys.path). Collapsed so that no path is listed below another, and none
-    below a system directory the view already shows (``shown``)."""
+    below a system directory the view already shows (``shown``). A
+    ``scratch`` directory (/tmp, $HOME: the sandbox gets a private, writable
+    one) is never listed whole, only what the test needs below it: pytest
+    run from /tmp or from $HOME puts that directory on sys.path, and binding
+    it would show the host's whole /tmp or home and make the sandbox's own
+    read-only (tempfile, capfd)."""
+    skipped = {os.path.abspath(p) for p in scratch if p and os.path.isabs(p)}
+    skipped |= {os.path.realpath(p) for p in skipped}
     candidates: set[str] = set()
     for entry in (
         *sys.path,
@@ -161,6 +170,8 @@ def project_paths(extra: Iterable[str], shown: Sequence[str] = SYSTEM_DIRS) -> l
     kept: list[str] = []
     for path in sorted(candidates, key=lambda p: (p.count("/"), p)):
         if path == "/" or any(_under(path, d) for d in (*shown, "/proc", "/sys", "/dev")):
+            continue
+        if path in skipped:
             continue
         if any(_under(path, k) for k in kept):
             continue

@@ -189,6 +189,54 @@ def test_home_is_private_writable_empty_and_thrown_away(
     assert os.listdir(home) == ["host-secret.txt"]
 
 
+@pytest.mark.parametrize("where", ["home", "tmp"])
+def test_run_from_home_or_tmp_shows_only_what_it_collects_there(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """pytest run from $HOME or from /tmp itself (its rootdir then too, and on
+    sys.path): the sandbox still gets its own writable /tmp and $HOME (where
+    tempfile and capfd write), with only the directory pytest collects bound
+    in, not the host's whole /tmp or home."""
+    marker = f"isolate-host-marker-{uuid.uuid4().hex}"
+    if where == "home":
+        base = tmp_path / "home"
+        base.mkdir()
+        monkeypatch.setenv("HOME", str(base))
+        project = base / "proj"
+        project.mkdir()
+    else:
+        base = Path("/tmp")
+        project = pytester.path
+    (base / marker).write_text("the host's")
+    private = '("/tmp", os.environ["HOME"])' if where == "home" else '("/tmp",)'
+    (project / "test_inner.py").write_text(f"""
+import os, tempfile
+
+def test_scratch_is_private_and_writable(capfd):
+    for place in {private}:
+        assert not os.path.exists(os.path.join(place, {marker!r}))
+        with tempfile.NamedTemporaryFile(dir=place) as f:
+            f.write(b"x")
+    os.write(1, b"out")
+    assert capfd.readouterr().out == "out"
+
+def test_the_project_is_there_read_only():
+    assert os.path.isfile(__file__)
+    try:
+        open(__file__, "a").close()
+    except OSError as exc:
+        assert exc.errno == 30  # EROFS
+    else:
+        raise AssertionError("the project is writable")
+""")
+    monkeypatch.chdir(base)
+    try:
+        result = run_isolated(pytester, str(project))
+    finally:
+        (base / marker).unlink()
+    result.assert_outcomes(passed=2)
+
+
 def test_host_only_directories_are_empty(pytester: pytest.Pytester) -> None:
     # Unreadable ones (/root, rootless) are still checked for showing nothing
     # but the way to granted paths.
