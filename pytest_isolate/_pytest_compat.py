@@ -386,6 +386,30 @@ def keep_subtest_values(report: pytest.TestReport, data: dict[str, Any]) -> None
         object.__setattr__(context, "kwargs", dict(kwargs))
 
 
+def start_timeout(item: pytest.Item) -> bool:
+    """In the sandbox: pytest-timeout's timer for the whole test (setup, call
+    and teardown), armed as its pytest_runtest_protocol would have armed it
+    (in pytest's process, plugin.py kept it from doing so). True if armed.
+    A timer for the call alone (func_only) is armed by its own hook, which
+    runs here anyway."""
+    module: Any = sys.modules.get("pytest_timeout")
+    if module is None or not item.config.pluginmanager.has_plugin("timeout"):
+        return False
+    try:
+        settings = module._get_item_settings(item)
+    except Exception:
+        return False  # a malformed marker: pytest-timeout reports it in the call
+    timeout = getattr(settings, "timeout", None)
+    if not timeout or timeout <= 0 or getattr(settings, "func_only", False) is not False:
+        return False
+    item.config.hook.pytest_timeout_set_timer(item=item, settings=settings)
+    return True
+
+
+def cancel_timeout(item: pytest.Item) -> None:
+    item.config.hook.pytest_timeout_cancel_timer(item=item)
+
+
 def reruns_expected(item: pytest.Item) -> bool:
     """True when pytest-rerunfailures may run ``item`` again: pytest's process
     must then keep the wider fixtures until the last attempt is over."""

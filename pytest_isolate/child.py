@@ -34,6 +34,11 @@ FORWARD_FD: int | None = None
 COVERAGE_DIR: str | None = None
 
 
+def in_sandbox() -> bool:
+    """True in a test process (its results descriptor is set)."""
+    return FORWARD_FD is not None
+
+
 def forward_warning(warning_message: warnings.WarningMessage, when: str, nodeid: str) -> None:
     """Send a warning recorded in the sandbox to pytest's process."""
     if FORWARD_FD is None:
@@ -175,6 +180,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
         failed_subtests = compat.failed_subtests(item)
         properties = compat.suite_properties(config)
         known_properties = len(properties) if properties is not None else 0
+        timer = compat.start_timeout(item)
         try:
             with recording:
                 compat.run_phases(item, nextitem, send)
@@ -183,6 +189,8 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
                 ctx.result_fd, "session_exit", {"msg": str(exc.msg), "returncode": exc.returncode}
             )
         finally:
+            if timer:
+                compat.cancel_timeout(item)
             failed_subtests = compat.failed_subtests(item) - failed_subtests
             if failed_subtests > 0:
                 send_message(ctx.result_fd, "subtests_failed", failed_subtests)

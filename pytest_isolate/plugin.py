@@ -330,6 +330,39 @@ def pytest_report_teststatus(
     return result
 
 
+def _runs_in_a_sandbox(item: pytest.Item) -> bool:
+    """Whether runtestprotocol above runs ``item`` in a sandbox (seen from
+    pytest's process; a spec error fails it without one)."""
+    if _engine_key not in item.config.stash:
+        return False
+    try:
+        spec = spec_for(item)
+    except SpecError:
+        return False
+    return spec.enabled and not compat.evaluate_skip(item)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """pytest-timeout's timer for a whole isolated test is armed in its
+    sandbox (child.run_in_sandbox), where the test runs, and not here: the
+    alarm would interrupt pytest's process while it waits for the test."""
+    from .child import in_sandbox
+
+    if not in_sandbox() and _runs_in_a_sandbox(item):
+        return True
+    return None
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> bool | None:
+    from .child import in_sandbox
+
+    if not in_sandbox() and _runs_in_a_sandbox(item):
+        return True
+    return None
+
+
 def pytest_warning_recorded(warning_message: Any, when: str, nodeid: str) -> None:
     from .child import forward_warning
 

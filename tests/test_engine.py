@@ -711,6 +711,45 @@ def test_junitxml_suite_properties_recorded_in_a_test_reach_the_file(
     ]
 
 
+def test_pytest_timeout_runs_its_timer_in_the_sandbox(pytester: pytest.Pytester) -> None:
+    """pytest-timeout arms its timer around the whole protocol, in pytest's
+    process: there its alarm interrupted pytest while it waited for the
+    sandbox (INTERNALERROR, the run over). The timer now runs in the
+    sandbox, as it would in the test's process without isolation: the
+    signal method fails the test; the thread method ends its process (and
+    only that one: the run goes on, where without isolation it ends)."""
+    pytest.importorskip("pytest_timeout")
+    pytester.makepyfile(
+        test_t="""
+        import time, pytest
+        @pytest.mark.timeout(1)
+        def test_signal():
+            time.sleep(30)
+        @pytest.mark.timeout(1, method="thread")
+        def test_thread():
+            time.sleep(30)
+        @pytest.mark.timeout(1, func_only=True)
+        def test_func_only():
+            time.sleep(30)
+        @pytest.mark.timeout(20)
+        def test_in_time():
+            time.sleep(0.1)
+        def test_next():
+            pass
+    """
+    )
+    result = run(pytester)
+    assert "INTERNALERROR" not in result.stdout.str()
+    result.assert_outcomes(passed=2, failed=3)
+    result.stdout.fnmatch_lines_random(
+        [
+            "FAILED test_t.py::test_signal - Failed: Timeout (>1.0s) from pytest-timeout.",
+            "FAILED test_t.py::test_func_only - Failed: Timeout (>1.0s) from pytest-timeout.",
+            "FAILED test_t.py::test_thread - the test process exited with status 1*",
+        ]
+    )
+
+
 @requires("cgroup")
 def test_peak_memory_summary_lists_the_heaviest_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
