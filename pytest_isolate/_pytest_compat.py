@@ -410,6 +410,56 @@ def cancel_timeout(item: pytest.Item) -> None:
     item.config.hook.pytest_timeout_cancel_timer(item=item)
 
 
+def _fault_timer(config: pytest.Config) -> tuple[float, bool, int] | None:
+    """pytest's faulthandler_timeout: (seconds, exit on timeout, the stderr
+    descriptor pytest dumps to), or None when unset."""
+    try:
+        from _pytest import faulthandler as fh
+
+        timeout = fh.get_timeout_config_value(config)
+        fd = config.stash[fh.fault_handler_stderr_fd_key]
+        getter = getattr(fh, "get_exit_on_timeout_config_value", None)
+        exit_on_timeout = bool(getter(config)) if getter is not None else False
+    except (ImportError, AttributeError, KeyError, ValueError):
+        return None
+    return (timeout, exit_on_timeout, fd) if timeout > 0 else None
+
+
+def move_fault_timer(item: pytest.Item) -> None:
+    """In pytest's process, before an isolated test: pytest's faulthandler
+    timer (armed around the protocol) is cancelled here, where it would dump
+    (and with faulthandler_exit_on_timeout end) pytest's own process waiting
+    for the sandbox; start_fault_timer arms it in the sandbox."""
+    if _fault_timer(item.config) is not None:
+        import faulthandler
+
+        faulthandler.cancel_dump_traceback_later()
+
+
+def start_fault_timer(item: pytest.Item) -> bool:
+    """In the sandbox: pytest's faulthandler timer, as its
+    pytest_runtest_protocol arms it in the test's process without isolation.
+    True if armed (cancel with cancel_fault_timer)."""
+    timer = _fault_timer(item.config)
+    if timer is None:
+        return False
+    import faulthandler
+
+    timeout, exit_on_timeout, fd = timer
+    try:
+        os.fstat(fd)
+    except OSError:
+        fd = 2  # closed in this sandbox (strict): its stderr, captured
+    faulthandler.dump_traceback_later(timeout, file=fd, exit=exit_on_timeout)
+    return True
+
+
+def cancel_fault_timer() -> None:
+    import faulthandler
+
+    faulthandler.cancel_dump_traceback_later()
+
+
 def reruns_expected(item: pytest.Item) -> bool:
     """True when pytest-rerunfailures may run ``item`` again: pytest's process
     must then keep the wider fixtures until the last attempt is over."""

@@ -181,6 +181,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
         properties = compat.suite_properties(config)
         known_properties = len(properties) if properties is not None else 0
         timer = compat.start_timeout(item)
+        fault_timer = compat.start_fault_timer(item)
         try:
             with recording:
                 compat.run_phases(item, nextitem, send)
@@ -191,6 +192,8 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
         finally:
             if timer:
                 compat.cancel_timeout(item)
+            if fault_timer:
+                compat.cancel_fault_timer()
             failed_subtests = compat.failed_subtests(item) - failed_subtests
             if failed_subtests > 0:
                 send_message(ctx.result_fd, "subtests_failed", failed_subtests)

@@ -263,6 +263,7 @@ def runtestprotocol(
                 engine._teardown(item, nextitem, None),
             ]
         else:
+            compat.move_fault_timer(item)
             reports = engine.run(item, nextitem, spec)
     try:
         _log(item, reports, engine.take_logged(), log)

@@ -750,6 +750,39 @@ def test_pytest_timeout_runs_its_timer_in_the_sandbox(pytester: pytest.Pytester)
     )
 
 
+@pytest.mark.parametrize("exit_on_timeout", [False, True], ids=["dump", "exit"])
+def test_faulthandler_timeout_dumps_the_tests_stack(
+    pytester: pytest.Pytester, exit_on_timeout: bool
+) -> None:
+    """pytest's faulthandler_timeout is armed around the protocol, in pytest's
+    process: it dumped pytest waiting for the sandbox (and, with
+    faulthandler_exit_on_timeout, ended the run). It is armed in the sandbox
+    now: the dump shows the test, and an exit ends only the test's process."""
+    pytester.makepyfile(
+        test_f="""
+        import time
+        def test_slow_one():
+            time.sleep(3)
+        def test_next():
+            pass
+    """
+    )
+    options = ["-o", "faulthandler_timeout=1", "-p", "no:timeout"]
+    if exit_on_timeout:
+        if int(pytest.__version__.split(".")[0]) < 9:
+            pytest.skip("faulthandler_exit_on_timeout is pytest 9's")
+        options += ["-o", "faulthandler_exit_on_timeout=true"]
+    result = run(pytester, *options)
+    result.stderr.fnmatch_lines(["Timeout (0:00:01)!", "*", '*test_f.py", line 3 in test_slow_one'])
+    # Not pytest's process, waiting for the sandbox.
+    assert not re.search(r'sandbox\.py", line \d+ in collect', result.stderr.str())
+    if exit_on_timeout:
+        result.assert_outcomes(passed=1, failed=1)
+        result.stdout.fnmatch_lines(["FAILED test_f.py::test_slow_one - the test process exited*"])
+    else:
+        result.assert_outcomes(passed=2)
+
+
 @requires("cgroup")
 def test_peak_memory_summary_lists_the_heaviest_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
