@@ -333,7 +333,29 @@ def run_phases(
     send(call_and_report(item, "teardown", log=False, nextitem=nextitem))
 
 
+#: Session facts every test process needs, found once in a zygote before its
+#: forks (learn_session): each lookup writes pages of pytest's memory, which
+#: every test process would otherwise copy anew. Keyed by (name, config).
+_SESSION: dict[tuple[str, int], Any] = {}
+
+
+def learn_session(config: pytest.Config) -> None:
+    """In a zygote (or a test process forked without one), once: find the
+    facts below; they hold for the whole session."""
+    for name, find in _FACTS.items():
+        _SESSION[name, id(config)] = find(config)
+
+
+def _fact(name: str, config: pytest.Config) -> Any:
+    known = _SESSION.get((name, id(config)), _SESSION)
+    return _FACTS[name](config) if known is _SESSION else known
+
+
 def _failed_subtests_counts(config: pytest.Config) -> Any:
+    return _fact("subtests", config)
+
+
+def _find_failed_subtests_counts(config: pytest.Config) -> Any:
     """pytest 9's count of failed subtests per test (config.stash), which
     makes a test whose subtests failed fail; None before pytest 9."""
     try:
@@ -362,6 +384,10 @@ def add_failed_subtests(item: pytest.Item, count: int) -> None:
 def suite_properties(config: pytest.Config) -> list[tuple[str, str]] | None:
     """junitxml's test suite properties (record_testsuite_property appends
     to them, in whichever process the test runs); None without --junitxml."""
+    return _fact("junitxml", config)  # type: ignore[no-any-return]
+
+
+def _find_suite_properties(config: pytest.Config) -> list[tuple[str, str]] | None:
     from _pytest.junitxml import xml_key
 
     xml = config.stash.get(xml_key, None)
@@ -392,8 +418,8 @@ def start_timeout(item: pytest.Item) -> bool:
     (in pytest's process, plugin.py kept it from doing so). True if armed.
     A timer for the call alone (func_only) is armed by its own hook, which
     runs here anyway."""
-    module: Any = sys.modules.get("pytest_timeout")
-    if module is None or not item.config.pluginmanager.has_plugin("timeout"):
+    module: Any = _fact("pytest_timeout", item.config)
+    if module is None:
         return False
     try:
         settings = module._get_item_settings(item)
@@ -410,7 +436,17 @@ def cancel_timeout(item: pytest.Item) -> None:
     item.config.hook.pytest_timeout_cancel_timer(item=item)
 
 
+def _find_pytest_timeout(config: pytest.Config) -> Any:
+    """The pytest_timeout module, when its plugin runs in this session."""
+    module = sys.modules.get("pytest_timeout")
+    return module if module is not None and config.pluginmanager.has_plugin("timeout") else None
+
+
 def _fault_timer(config: pytest.Config) -> tuple[float, bool, int] | None:
+    return _fact("faulthandler", config)  # type: ignore[no-any-return]
+
+
+def _find_fault_timer(config: pytest.Config) -> tuple[float, bool, int] | None:
     """pytest's faulthandler_timeout: (seconds, exit on timeout, the stderr
     descriptor pytest dumps to), or None when unset."""
     try:
@@ -458,6 +494,14 @@ def cancel_fault_timer() -> None:
     import faulthandler
 
     faulthandler.cancel_dump_traceback_later()
+
+
+_FACTS: dict[str, Callable[[pytest.Config], Any]] = {
+    "subtests": _find_failed_subtests_counts,
+    "junitxml": _find_suite_properties,
+    "pytest_timeout": _find_pytest_timeout,
+    "faulthandler": _find_fault_timer,
+}
 
 
 def reruns_expected(item: pytest.Item) -> bool:

@@ -96,7 +96,9 @@ _SILENCED = False
 def silence_plugins(config: pytest.Config) -> None:
     """In a sandbox, or a zygote before its first fork: unregister the plugins
     that talk to another process (_PLUGINS_TO_SILENCE) and close their
-    channel's descriptors. Once per process."""
+    channel's descriptors; leave the logging of reports to pytest's process;
+    find the session's facts the test processes need (compat.learn_session).
+    Once per process."""
     global _SILENCED
     if _SILENCED:
         return
@@ -110,6 +112,7 @@ def silence_plugins(config: pytest.Config) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
     _log_reports_at_home(config)
+    compat.learn_session(config)
     _SILENCED = True
 
 
