@@ -240,7 +240,12 @@ def runtestprotocol(
     it): whichever plugin runs the protocol, and however often, every run of
     an isolated item is isolated.
     """
-    engine = item.config.stash[_engine_key]
+    engine = item.config.stash.get(_engine_key, None)
+    if engine is None:
+        # A session without this plugin running in the same process as one
+        # with it (pytester's runpytest_inprocess with -p no:isolate or
+        # PYTEST_DISABLE_PLUGIN_AUTOLOAD): the runner's lookup still finds us.
+        return _plain_runtestprotocol(item, log=log, nextitem=nextitem)
     try:
         spec = spec_for(item)
     except SpecError as exc:

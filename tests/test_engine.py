@@ -783,6 +783,29 @@ def test_faulthandler_timeout_dumps_the_tests_stack(
         result.assert_outcomes(passed=2)
 
 
+@pytest.mark.parametrize(
+    "outer", [["--isolate"], ["-p", "no:cacheprovider"]], ids=["isolated", "not"]
+)
+def test_an_inner_session_without_the_plugin_runs_plainly(
+    pytester: pytest.Pytester, outer: list[str]
+) -> None:
+    """A plugin's own suite runs pytest in-process (pytester) without this
+    plugin (-p no:isolate, or PYTEST_DISABLE_PLUGIN_AUTOLOAD): pytest's
+    runner still finds the protocol the outer session installed, which runs
+    that session's tests plainly (INTERNALERROR before)."""
+    pytester.makepyfile(
+        test_outer="""
+        pytest_plugins = ["pytester"]
+        def test_inner(pytester):
+            pytester.makepyfile(test_x="def test_a(): pass\\ndef test_b(): assert 0")
+            result = pytester.runpytest_inprocess("-p", "no:isolate", "-p", "no:cacheprovider")
+            result.assert_outcomes(passed=1, failed=1)
+    """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *outer, timeout=120)
+    result.assert_outcomes(passed=1)
+
+
 @requires("cgroup")
 def test_peak_memory_summary_lists_the_heaviest_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
