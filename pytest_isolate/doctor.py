@@ -431,7 +431,7 @@ def _mount_fix(err: int | None, rootless: bool) -> str:
 
 def run_checks() -> list[Check]:
     """Try every feature here; one Check per row of the doctor's table."""
-    rootless = os.geteuid() != 0
+    rootless = not sc.privileged()
     checks: list[Check] = []
     staging = tempfile.mkdtemp(prefix="pytest-isolate-doctor-")
     try:
@@ -954,7 +954,12 @@ def header_line(engine: Any) -> str:
     the rest comes from files and is cached; nothing forks.
     """
     uid = os.geteuid()
-    who = "root" if uid == 0 else f"rootless (uid {uid})"
+    if sc.privileged():
+        who = "root"
+    elif uid == 0:
+        who = "rootless (uid 0 without CAP_SYS_ADMIN)"
+    else:
+        who = f"rootless (uid {uid})"
     manager = engine.cgroups()
     if manager is not None:
         cgroups = manager.describe()

@@ -93,7 +93,7 @@ class Pod:
                 f"(holder pid {_registry[name].pid}); close it first or use another name"
             )
         self.name = name
-        self.rootless = os.geteuid() != 0
+        self.rootless = not sc.privileged()
         self._owner = os.getpid()
         self._closed = False
         self._relays: list[int] = []

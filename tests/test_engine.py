@@ -806,6 +806,45 @@ def test_an_inner_session_without_the_plugin_runs_plainly(
     result.assert_outcomes(passed=1)
 
 
+@requires("root", "userns")
+def test_root_without_cap_sys_admin_isolates_as_an_unprivileged_user_does(
+    pytester: pytest.Pytester,
+) -> None:
+    """Root without CAP_SYS_ADMIN (a container's root) cannot make the
+    sandboxes with the host's privileges (every test failed with EPERM):
+    it makes them in a user namespace, as an unprivileged user does, and the
+    header says so."""
+    pytester.makepyfile(
+        test_c="""
+        import os
+        def test_in_a_user_namespace_of_its_own():
+            with open("/proc/self/uid_map") as f:
+                assert f.read().split() == ["0", "0", "1"]
+            assert os.getpid() == 2
+        def test_next(tmp_path):
+            (tmp_path / "f").write_text("x")
+    """
+    )
+    command = [
+        "setpriv",
+        "--bounding-set=-sys_admin",
+        "--inh-caps=-sys_admin",
+        "--",
+        sys.executable,
+        "-m",
+        "pytest",
+        *ISOLATE,
+        "-v",
+        f"--basetemp={pytester.path / 'basetemp'}",
+    ]
+    done = subprocess.run(
+        command, check=False, cwd=pytester.path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "isolate: rootless (uid 0 without CAP_SYS_ADMIN);" in done.stdout
+    assert "2 passed" in done.stdout
+
+
 @requires("cgroup")
 def test_peak_memory_summary_lists_the_heaviest_tests(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
