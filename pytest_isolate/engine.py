@@ -55,7 +55,7 @@ from .sandbox import (
     spawn,
     start_sandbox,
 )
-from .scratchdirs import LockedDir
+from .scratchdirs import GENERATED, LockedDir
 from .spec import IsolationSpec, SpecError, format_size
 from .syscalls import fork_sibling
 from .zygote import Zygote, ZygoteError
@@ -154,6 +154,9 @@ class Engine:
         self._graveyard: list[Sandbox] = []
         self._cgroup_of: dict[int, Any] = {}
         self._staging: LockedDir | None = None
+        #: Files the sandboxes are shown (an /etc/hosts): beside the staging
+        #: directory, on which each sandbox mounts a tmpfs of its own.
+        self._generated: LockedDir | None = None
         #: Python's at-fork handler lists (forkhooks.py); False: not looked for yet.
         self._fork_handlers: ForkHandlers | Literal[False] | None = False
         self._project: dict[bool, list[str]] = {}
@@ -286,6 +289,9 @@ class Engine:
         if self._staging is not None:
             self._staging.remove()
             self._staging = None
+        if self._generated is not None:
+            self._generated.remove()
+            self._generated = None
 
     def merge_coverage(self) -> None:
         from . import child
@@ -301,6 +307,36 @@ class Engine:
             self._staging = LockedDir("pytest-isolate-run-")
             os.mkdir(os.path.join(self._staging.path, "root"))
         return os.path.join(self._staging.path, "root")
+
+    def _hosts_file(self, hostname: str) -> str | None:
+        """The host's /etc/hosts plus the sandbox's hostname, for the
+        sandboxes' /etc/hosts: code that resolves its own hostname
+        (gethostbyname(gethostname()), getfqdn()) finds it, as on the host
+        and in containers. A file of the session's staging directory, never
+        under a path a test can write to. None when it cannot be made."""
+        if self._generated is None:
+            try:
+                self._generated = LockedDir("pytest-isolate-run-")
+            except OSError:
+                return None
+        path = os.path.join(self._generated.path, f"{GENERATED}hosts-{hostname}")
+        if not os.path.exists(path):
+            try:
+                with open("/etc/hosts", encoding="utf-8", errors="replace") as f:
+                    text = f.read(1 << 20)
+                text = text if text.endswith("\n") or not text else text + "\n"
+                text += (
+                    "# pytest-isolate: the sandbox's hostname\n"
+                    f"127.0.0.1\t{hostname}\n::1\t{hostname}\n"
+                )
+                temporary = f"{path}.tmp"
+                with open(temporary, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.chmod(temporary, 0o644)
+                os.replace(temporary, path)
+            except OSError:
+                return None
+        return path
 
     def _project_paths(self, strict: bool) -> list[str]:
         if strict not in self._project:
@@ -367,6 +403,7 @@ class Engine:
                 image_root=image_root,
                 strict=spec.strict,
                 var_sockets=self._var_scan,
+                hosts=self._hosts_file(spec.hostname),
             )
         caps = None
         granted: frozenset[str] = frozenset()

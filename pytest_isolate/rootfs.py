@@ -302,13 +302,15 @@ def plan_rootfs(
     image_root: str | None = None,
     strict: bool = False,
     var_sockets: Callable[[], list[str]] | None = None,
+    hosts: str | None = None,
 ) -> RootfsPlan:
     """Build the ordered list of operations for the sandbox's root.
 
     Default: the host's system directories read-only. ``image_root``: an
     unpacked image instead (the host's Python and project still bound in).
     ``overlay``: every read-only view becomes an overlay whose writes land in
-    a private tmpfs and vanish with the sandbox.
+    a private tmpfs and vanish with the sandbox. ``hosts``: a file shown
+    read-only as /etc/hosts (the host's, plus the sandbox's hostname).
     """
     ops: list[Op] = []
     shown = "overlay" if overlay else "bind"
@@ -332,6 +334,8 @@ def plan_rootfs(
             if os.path.isdir(path):
                 ops.append(Op("mask_dir", path))
         ops.extend(Op("mask_file", p) for p in (var_sockets or _var_sockets)())
+        if hosts is not None and os.path.isfile("/etc/hosts"):
+            ops.append(Op("bind", "/etc/hosts", source=hosts))
     else:
         ops.append(Op("tmpfs", "/tmp", writable=True, size=tmpfs_size))
     if (

@@ -26,6 +26,9 @@ __all__ = ["PREFIXES", "LockedDir", "remove_stale"]
 
 #: Name prefixes of the directories made here (sandbox staging, init jails).
 PREFIXES = ("pytest-isolate-run-", "pytest-isolate-initd-")
+#: Files of ours in such a directory (an /etc/hosts for the sandboxes): the
+#: only files removed with it.
+GENERATED = "generated-"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _swept = False
@@ -117,7 +120,12 @@ def _remove_empty(fd: int, path: str) -> bool:
     them ``path``."""
     for name in os.listdir(fd):
         with contextlib.suppress(OSError):
-            os.rmdir(name, dir_fd=fd)
+            if name.startswith(GENERATED) and stat.S_ISREG(
+                os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            ):
+                os.unlink(name, dir_fd=fd)  # ours: a file the sandboxes are shown
+            else:
+                os.rmdir(name, dir_fd=fd)
     try:
         os.rmdir(path)
     except OSError:

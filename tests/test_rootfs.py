@@ -237,6 +237,37 @@ def test_the_project_is_there_read_only():
     result.assert_outcomes(passed=2)
 
 
+def test_the_sandboxs_hostname_resolves_to_its_loopback(pytester: pytest.Pytester) -> None:
+    """Code that resolves its own hostname (gethostbyname(gethostname()),
+    servers binding to it) finds it in the sandbox's /etc/hosts, as on the
+    host and in containers: the host's file, read-only, plus that name."""
+    with open("/etc/hosts", "rb") as f:
+        host_hosts = f.read()
+    pytester.makepyfile("""
+        import socket
+        import pytest
+
+        def test_default_name():
+            assert socket.gethostname() == "isolated"
+            assert socket.gethostbyname(socket.gethostname()) == "127.0.0.1"
+            assert socket.gethostbyname("localhost") == "127.0.0.1"
+
+        @pytest.mark.isolated(hostname="box-1.example")
+        def test_own_name():
+            assert socket.gethostbyname("box-1.example") == "127.0.0.1"
+            server = socket.create_server((socket.gethostname(), 0))
+            with socket.create_connection(server.getsockname()):
+                pass
+
+        def test_the_file_is_read_only():
+            with pytest.raises(OSError):
+                open("/etc/hosts", "a")
+    """)
+    run_isolated(pytester).assert_outcomes(passed=3)
+    with open("/etc/hosts", "rb") as f:
+        assert f.read() == host_hosts
+
+
 def test_host_only_directories_are_empty(pytester: pytest.Pytester) -> None:
     # Unreadable ones (/root, rootless) are still checked for showing nothing
     # but the way to granted paths.
