@@ -88,6 +88,27 @@ def test_only_empty_directories_of_ours_are_removed(tmp_path: Path) -> None:
         assert (tmp_path / "pytest-isolate-run-foreign").is_dir()
 
 
+def test_our_generated_files_go_with_their_directory_and_nothing_else(tmp_path: Path) -> None:
+    """A killed session's /etc/hosts for its sandboxes (a regular file named
+    generated-*) is removed with its directory; any other file keeps it, and
+    a link or directory named so is not followed or removed."""
+    ours = tmp_path / "pytest-isolate-run-ours"
+    ours.mkdir()
+    (ours / "generated-hosts-isolated").write_text("127.0.0.1 isolated")
+    (ours / "generated-hosts-isolated.tmp").write_text("half")
+    mixed = tmp_path / "pytest-isolate-run-mixed"
+    mixed.mkdir()
+    (mixed / "generated-hosts-x").write_text("x")
+    (mixed / "data").write_text("kept")
+    target = tmp_path / "target"
+    target.write_text("not ours")
+    (mixed / "generated-link").symlink_to(target)
+
+    assert remove_stale(str(tmp_path)) == [str(ours)]
+    assert sorted(os.listdir(mixed)) == ["data", "generated-link"]
+    assert target.read_text() == "not ours"
+
+
 def test_the_first_directory_a_process_makes_sweeps_and_remove_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
