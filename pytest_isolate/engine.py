@@ -312,8 +312,10 @@ class Engine:
         """The host's /etc/hosts plus the sandbox's hostname, for the
         sandboxes' /etc/hosts: code that resolves its own hostname
         (gethostbyname(gethostname()), getfqdn()) finds it, as on the host
-        and in containers. A file of the session's staging directory, never
-        under a path a test can write to. None when it cannot be made."""
+        and in containers. A file of the session's own directory for such
+        files (removed with it, or by the next session if this one is
+        killed), never under a path a test can write to. None when it
+        cannot be made."""
         if self._generated is None:
             try:
                 self._generated = LockedDir("pytest-isolate-run-")
