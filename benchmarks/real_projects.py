@@ -320,8 +320,7 @@ def prepare_project(
         log=log,
     )
     (archive,) = (os.path.join(download, n) for n in os.listdir(download))
-    with tarfile.open(archive) as tar:
-        tar.extractall(os.path.join(home, "src"), filter="data")
+    _extract(archive, os.path.join(home, "src"))
     (top,) = os.listdir(os.path.join(home, "src"))
     tree = os.path.join(home, "src", top)
     _run([*pip, "install", "-e", tree, PYTEST, *project.deps], log=log)
@@ -392,6 +391,27 @@ class RunResult:
 
     def counts(self) -> Counter[str]:
         return Counter(o.status for o in self.outcomes.values())
+
+
+def _extract(archive: str, dest: str) -> None:
+    """Unpack an sdist with tarfile's "data" filter (no absolute paths, no
+    way out of ``dest``, no devices). Pythons before 3.10.12 and 3.11.4 lack
+    the filter (Debian 12's python3 is 3.11.2): there the same checks by
+    hand, regular files and directories only."""
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+            return
+        root = os.path.realpath(dest)
+        members = []
+        for member in tar.getmembers():
+            target = os.path.realpath(os.path.join(dest, member.name))
+            if not (member.isfile() or member.isdir()):
+                continue
+            if os.path.isabs(member.name) or os.path.commonpath([root, target]) != root:
+                raise ValueError(f"{archive}: {member.name!r} would land outside {dest}")
+            members.append(member)
+        tar.extractall(dest, members=members)  # each member checked above
 
 
 def _first_line(text: str) -> str:
