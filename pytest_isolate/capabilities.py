@@ -216,6 +216,18 @@ def current_caps() -> dict[str, int]:
     return result
 
 
+def privileged() -> bool:
+    """Root with CAP_SYS_ADMIN: the sandboxes are made with the host's
+    privileges. Root without it (a container's root) makes them as an
+    unprivileged user does, in a user namespace of its own."""
+    if os.geteuid() != 0:
+        return False
+    try:
+        return bool(current_caps()["CapEff"] & caps_to_mask(["SYS_ADMIN"]))
+    except (OSError, KeyError, ValueError):
+        return True
+
+
 @cache
 def _prctl() -> ModuleType:
     # Imported on first use: normalize_cap_names runs in the parent during spec

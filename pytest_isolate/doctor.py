@@ -34,7 +34,7 @@ from functools import cache
 from typing import Any
 
 from . import syscalls as sc
-from .capabilities import apply_capabilities, current_caps, resolve_caps
+from .capabilities import apply_capabilities, current_caps, privileged, resolve_caps
 from .cgroups import CgroupUnavailable, Limits, open_cgroups, place_current_process
 from .cgroups.common import CONTROLLERS
 from .cgroups.v2 import FIX_DELEGATE
@@ -431,7 +431,7 @@ def _mount_fix(err: int | None, rootless: bool) -> str:
 
 def run_checks() -> list[Check]:
     """Try every feature here; one Check per row of the doctor's table."""
-    rootless = not sc.privileged()
+    rootless = not privileged()
     checks: list[Check] = []
     staging = tempfile.mkdtemp(prefix="pytest-isolate-doctor-")
     try:
@@ -954,7 +954,7 @@ def header_line(engine: Any) -> str:
     the rest comes from files and is cached; nothing forks.
     """
     uid = os.geteuid()
-    if sc.privileged():
+    if privileged():
         who = "root"
     elif uid == 0:
         who = "rootless (uid 0 without CAP_SYS_ADMIN)"

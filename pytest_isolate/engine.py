@@ -34,7 +34,7 @@ from typing import Any, Literal
 import pytest
 
 from . import _pytest_compat as compat
-from . import syscalls as sc
+from .capabilities import privileged
 from .child import run_in_sandbox, silence_plugins
 from .forkhooks import ForkHandlers, find_handlers
 from .initd import InitFactory, InitFactoryError
@@ -143,7 +143,7 @@ class Engine:
     def __init__(self, config: pytest.Config, spec_for: Callable[[pytest.Item], IsolationSpec]):
         self.config = config
         self.spec_for = spec_for
-        self.rootless = not sc.privileged()
+        self.rootless = not privileged()
         self._plans: dict[IsolationSpec, SandboxPlan] = {}
         self._filters: dict[frozenset[str], bytes] = {}
         self._prepared: _Prepared | None = None

@@ -38,6 +38,7 @@ from types import TracebackType
 from typing import Any, NoReturn
 
 from . import syscalls as sc
+from .capabilities import privileged
 from .spec import SpecError, parse_option
 
 __all__ = ["Pod", "PodError", "lookup_pod", "pod"]
@@ -93,7 +94,7 @@ class Pod:
                 f"(holder pid {_registry[name].pid}); close it first or use another name"
             )
         self.name = name
-        self.rootless = not sc.privileged()
+        self.rootless = not privileged()
         self._owner = os.getpid()
         self._closed = False
         self._relays: list[int] = []

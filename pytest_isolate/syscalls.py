@@ -294,27 +294,6 @@ def landlock_writes_beneath(root: str) -> bool:
     return True
 
 
-#: CAP_SYS_ADMIN's bit in /proc/self/status's capability masks.
-_CAP_SYS_ADMIN = 21
-
-
-def privileged() -> bool:
-    """Root with CAP_SYS_ADMIN: the sandboxes are made with the host's
-    privileges. Root without it (a container's root, or pytest itself run
-    in an isolated test) makes them as an unprivileged user does, in a user
-    namespace of its own."""
-    if os.geteuid() != 0:
-        return False
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return True
-
-
 def unshare(flags: int) -> None:
     if _libc.unshare(flags) != 0:
         _raise(f"unshare({flag_names(flags, _CLONE_NAMES)})")
