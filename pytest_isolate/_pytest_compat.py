@@ -333,22 +333,27 @@ def run_phases(
     send(call_and_report(item, "teardown", log=False, nextitem=nextitem))
 
 
-#: Session facts every test process needs, found once in a zygote before its
-#: forks (learn_session): each lookup writes pages of pytest's memory, which
-#: every test process would otherwise copy anew. Keyed by (name, config).
-_SESSION: dict[tuple[str, int], Any] = {}
+#: Session facts the test processes need (and pytest's process, per test),
+#: in the config's stash: found on first use (in pytest's process, while
+#: tests run, so every plugin is configured) or by learn_session.
+_facts_key = pytest.StashKey[dict[str, Any]]()
 
 
 def learn_session(config: pytest.Config) -> None:
-    """In a zygote (or a test process forked without one), once: find the
-    facts below; they hold for the whole session."""
-    for name, find in _FACTS.items():
-        _SESSION[name, id(config)] = find(config)
+    """In a zygote (or a test process forked without one), once: find every
+    fact before the forks, or each test process would look them up anew
+    (each lookup writes pages of pytest's memory, copied per test)."""
+    for name in _FACTS:
+        _fact(name, config)
 
 
 def _fact(name: str, config: pytest.Config) -> Any:
-    known = _SESSION.get((name, id(config)), _SESSION)
-    return _FACTS[name](config) if known is _SESSION else known
+    facts = config.stash.get(_facts_key, None)
+    if facts is None:
+        facts = config.stash[_facts_key] = {}
+    if name not in facts:
+        facts[name] = _FACTS[name](config)
+    return facts[name]
 
 
 def _failed_subtests_counts(config: pytest.Config) -> Any:
