@@ -254,7 +254,7 @@ def runtestprotocol(
             engine._teardown(item, nextitem, None),
         ]
     else:
-        if not spec.enabled or compat.evaluate_skip(item):
+        if _runs_plainly(item, spec):
             engine.generation += 1  # pytest's process runs this one: its state moves on
             return _plain_runtestprotocol(item, log=log, nextitem=nextitem)
         if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
@@ -336,16 +336,14 @@ def pytest_report_teststatus(
     return result
 
 
-def _runs_in_a_sandbox(item: pytest.Item) -> bool:
-    """Whether runtestprotocol above runs ``item`` in a sandbox (seen from
-    pytest's process; a spec error fails it without one)."""
-    if _engine_key not in item.config.stash:
-        return False
-    try:
-        spec = spec_for(item)
-    except SpecError:
-        return False
-    return spec.enabled and not compat.evaluate_skip(item)
+def _runs_plainly(item: pytest.Item, spec: IsolationSpec) -> bool:
+    """runtestprotocol runs ``item`` in pytest's process: isolation is off
+    for it, or a skip marker skips it (no fixture, no fork)."""
+    return not spec.enabled or compat.evaluate_skip(item)
+
+
+#: pytest-timeout's timer for this item was left to its sandbox.
+_timer_in_sandbox_key = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -355,16 +353,24 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
     alarm would interrupt pytest's process while it waits for the test."""
     from .child import in_sandbox
 
-    if not in_sandbox() and _runs_in_a_sandbox(item):
-        return True
-    return None
+    if in_sandbox() or _engine_key not in item.config.stash:
+        return None
+    try:
+        if _runs_plainly(item, spec_for(item)):
+            return None
+    except SpecError:
+        return None
+    item.stash[_timer_in_sandbox_key] = True
+    return True
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_timeout_cancel_timer(item: pytest.Item) -> bool | None:
     from .child import in_sandbox
 
-    if not in_sandbox() and _runs_in_a_sandbox(item):
+    # In the sandbox the timer is its own (a copy of the stash may say otherwise).
+    if not in_sandbox() and item.stash.get(_timer_in_sandbox_key, False):
+        del item.stash[_timer_in_sandbox_key]
         return True
     return None
 
