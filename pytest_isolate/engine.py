@@ -63,9 +63,9 @@ from .zygote import Zygote, ZygoteError
 __all__ = ["Engine", "IsolationUnavailable"]
 
 _PHASES = ("setup", "call", "teardown")
-#: Reports a test may log during its phases (subtests), failed subtests it may
-#: count, junitxml suite properties it may record.
-_MAX_SUBTESTS = 1 << 20
+#: The most a test may send of each: reports logged during its phases
+#: (subtests), failed subtests counted, junitxml suite properties.
+_MAX_LOGGED = 1 << 20
 #: Pages a test process writes are learned from the first two sandboxes, then
 #: from one in this many (the suite's tests change; the cost is ~7 ms each),
 #: and only while tests run long enough to copy them ahead.
@@ -946,7 +946,7 @@ class Engine:
             elif msg.type == "subtests_failed":
                 count = msg.payload
                 if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-                    compat.add_failed_subtests(item, min(count, _MAX_SUBTESTS))
+                    compat.add_failed_subtests(item, min(count, _MAX_LOGGED))
             elif msg.type == "warning":
                 problem = _replay_warning(item, msg.payload)
             elif msg.type == "done":
@@ -1026,8 +1026,8 @@ class Engine:
         data = msg.payload
         if not isinstance(data, dict):
             return None, "a logged report is not an object"
-        if len(self._logged) >= _MAX_SUBTESTS:
-            return None, f"logged more than {_MAX_SUBTESTS} reports"
+        if len(self._logged) >= _MAX_LOGGED:
+            return None, f"logged more than {_MAX_LOGGED} reports"
         report, problem = self._rebuild(item, data)
         if report is not None:
             compat.keep_subtest_values(report, data)
@@ -1192,7 +1192,7 @@ def _add_suite_properties(config: pytest.Config, payload: Any) -> str | None:
         return None
     if (
         not isinstance(payload, list)
-        or len(payload) > _MAX_SUBTESTS
+        or len(payload) > _MAX_LOGGED
         or not all(
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)
             for pair in payload
