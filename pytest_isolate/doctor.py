@@ -397,7 +397,7 @@ def userns_fix() -> str:
         fixes.append(_CONTAINER_FIX + " (the default seccomp profile refuses unshare)")
     if not fixes:
         fixes.append(
-            "run as root, or allow unprivileged user namespaces "
+            "run as root with CAP_SYS_ADMIN, or allow unprivileged user namespaces "
             "(sysctl user.max_user_namespaces > 0)"
         )
     return "; ".join(fixes)
@@ -882,9 +882,18 @@ def format_table(checks: list[Check]) -> list[str]:
     return lines
 
 
-def _host_line() -> str:
+def _who() -> str:
+    """Root, or rootless and as whom: how the sandboxes are made here."""
     uid = os.geteuid()
-    who = "root" if uid == 0 else f"rootless (uid {uid})"
+    if privileged():
+        return "root"
+    if uid == 0:
+        return "rootless (uid 0 without CAP_SYS_ADMIN)"
+    return f"rootless (uid {uid})"
+
+
+def _host_line() -> str:
+    who = _who()
     where = ", in a container" if in_container() else ""
     return (
         f"pytest-isolate doctor: {who}{where}; Linux {platform.release()} "
@@ -953,13 +962,7 @@ def header_line(engine: Any) -> str:
     Cheap: the cgroup manager is the engine's own (opened once per session),
     the rest comes from files and is cached; nothing forks.
     """
-    uid = os.geteuid()
-    if privileged():
-        who = "root"
-    elif uid == 0:
-        who = "rootless (uid 0 without CAP_SYS_ADMIN)"
-    else:
-        who = f"rootless (uid {uid})"
+    who = _who()
     manager = engine.cgroups()
     if manager is not None:
         cgroups = manager.describe()

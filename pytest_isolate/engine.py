@@ -352,7 +352,8 @@ class Engine:
             # /tmp, /var/tmp and $HOME are the sandbox's own (private and
             # writable), even when pytest runs there (its rootdir then too):
             # only what it collects below them is bound. Unless it collects
-            # one of them whole: then that one is bound, read-only.
+            # one of them whole: then that one is the project (run from
+            # there, bound read-only over the sandbox's own).
             asked = {os.path.realpath(path) for path in targets}
             scratch = [
                 path
