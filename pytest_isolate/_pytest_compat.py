@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -294,15 +295,36 @@ def basetemp(config: pytest.Config) -> str | None:
     return str(factory.getbasetemp())
 
 
+#: The warning filters outside every test (remember_session_warnings).
+_session_filters_key = pytest.StashKey[tuple[Any, ...]]()
+
+
+def remember_session_warnings(config: pytest.Config) -> None:
+    """In pytest's process, before the first test: the warning filters of the
+    session, outside every test's. A sandbox is forked while another test's
+    protocol runs in pytest's process, inside pytest's warning capture for
+    that test, with its ``filterwarnings`` marks applied: the sandbox starts
+    from these instead (record_warnings)."""
+    config.stash[_session_filters_key] = tuple(warnings.filters)
+
+
 def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
     """In the sandbox, before "go": pytest's warning capture for the item's
     run, entered now (the item's filters applied, recording started); the
     returned stack, used as a context manager around run_phases, ends it and
     hands each recorded warning to pytest_warning_recorded. pytest records
     around pytest_runtest_protocol, which runs in pytest's process; the
-    sandbox records its own and the hook forwards them."""
+    sandbox records its own and the hook forwards them. The filters it
+    starts from are the session's, as in pytest's process between two
+    tests, not those of the test whose protocol forked the sandbox."""
     from _pytest.warnings import catch_warnings_for_item
 
+    session_filters = item.config.stash.get(_session_filters_key, None)
+    if session_filters is not None:
+        warnings.filters[:] = session_filters
+        mutated = getattr(warnings, "_filters_mutated", None)
+        if mutated is not None:
+            mutated()  # the cached "already shown" entries are stale
     stack = contextlib.ExitStack()
     stack.enter_context(
         catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item)

@@ -185,7 +185,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
     """Merge the sandboxes' coverage before pytest-cov's own wrapper (outside
-    this one) saves and reports."""
+    this one) saves and reports. Before any test: the session's warning
+    filters, which every sandbox starts from (compat.record_warnings)."""
+    compat.remember_session_warnings(session.config)
     try:
         return (yield)
     finally:

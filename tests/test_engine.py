@@ -475,6 +475,45 @@ def test_warning_filters_of_each_test_apply_inside(pytester: pytest.Pytester) ->
     result.stdout.no_fnmatch_line("*ignored here*")
 
 
+def test_a_tests_warning_filters_stay_out_of_the_next_sandboxes(pytester: pytest.Pytester) -> None:
+    """The next sandbox is forked (by pytest or by a zygote forked then) while
+    a test's protocol runs in pytest's process, inside pytest's warning
+    capture for that test: its filterwarnings marks must not apply to the
+    tests after it, which start from the session's filters as without
+    isolation."""
+    pytester.makepyfile("""
+        import warnings, pytest
+
+        @pytest.mark.filterwarnings("error::UserWarning")
+        def test_strict():
+            pass
+
+        def test_warns_after_strict():
+            warnings.warn("after the strict one", UserWarning)
+
+        def test_warns_again():
+            warnings.warn("and again", UserWarning)
+
+        @pytest.mark.filterwarnings("ignore::UserWarning")
+        def test_deaf():
+            warnings.warn("not heard", UserWarning)
+
+        def test_warns_after_deaf():
+            warnings.warn("after the deaf one", UserWarning)
+    """)
+    for args in ((), ("-p", "no:rerunfailures")):
+        result = run(pytester, *args)
+        result.assert_outcomes(passed=5, warnings=3)
+        result.stdout.fnmatch_lines(
+            [
+                "*UserWarning: after the strict one",
+                "*UserWarning: and again",
+                "*UserWarning: after the deaf one",
+            ]
+        )
+        result.stdout.no_fnmatch_line("*not heard*")
+
+
 @requires("cgroup")
 def test_verbose_shows_which_isolation_applied(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
