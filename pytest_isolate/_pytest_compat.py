@@ -321,7 +321,9 @@ def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
 
     session_filters = item.config.stash.get(_session_filters_key, None)
     if session_filters is not None:
-        warnings.filters[:] = session_filters
+        # A list at runtime (typeshed says Sequence): replaced in place, as
+        # warnings.catch_warnings saved this very object.
+        warnings.filters[:] = session_filters  # type: ignore[index]
         mutated = getattr(warnings, "_filters_mutated", None)
         if mutated is not None:
             mutated()  # the cached "already shown" entries are stale
