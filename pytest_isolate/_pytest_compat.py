@@ -308,6 +308,47 @@ def remember_session_warnings(config: pytest.Config) -> None:
     config.stash[_session_filters_key] = tuple(warnings.filters)
 
 
+#: In a zygote or a test process: the list warnings are recorded into since
+#: start_session_warnings (None: record_warnings does it all per test).
+_session_log: list[warnings.WarningMessage] | None = None
+#: ... and what keeps that recording open for the process's life.
+_session_recording: contextlib.ExitStack | None = None
+
+
+def _restore_session_filters(config: pytest.Config) -> None:
+    session_filters = config.stash.get(_session_filters_key, None)
+    if session_filters is not None:
+        # A list at runtime (typeshed says Sequence): replaced in place, as
+        # warnings.catch_warnings saved this very object.
+        warnings.filters[:] = session_filters  # type: ignore[index]
+        mutated = getattr(warnings, "_filters_mutated", None)
+        if mutated is not None:
+            mutated()  # the cached "already shown" entries are stale
+
+
+def start_session_warnings(config: pytest.Config) -> None:
+    """In a zygote before its first fork (or a test process forked without
+    one): the part of pytest's warning capture that is the same for every
+    test, done once for all the test processes it forks: the session's
+    filters (remember_session_warnings), pytest's configured ones applied
+    and recording started (pytest 9's Config._catch_configured_warnings,
+    kept open until the process ends). Each test process then only applies
+    its item's marks (record_warnings): otherwise each would apply the
+    configured filters again, writing pages of pytest's memory (each one
+    copied per test). Before pytest 9, record_warnings does it all."""
+    global _session_log, _session_recording
+    configured = getattr(config, "_catch_configured_warnings", None)
+    if configured is None or _session_recording is not None:
+        return
+    _restore_session_filters(config)
+    stack = contextlib.ExitStack()
+    log = stack.enter_context(configured(record=True))
+    if not isinstance(log, list):
+        stack.close()
+        return
+    _session_log, _session_recording = log, stack
+
+
 def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
     """In the sandbox, before "go": pytest's warning capture for the item's
     run, entered now (the item's filters applied, recording started); the
@@ -317,20 +358,36 @@ def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
     sandbox records its own and the hook forwards them. The filters it
     starts from are the session's, as in pytest's process between two
     tests, not those of the test whose protocol forked the sandbox."""
-    from _pytest.warnings import catch_warnings_for_item
-
-    session_filters = item.config.stash.get(_session_filters_key, None)
-    if session_filters is not None:
-        # A list at runtime (typeshed says Sequence): replaced in place, as
-        # warnings.catch_warnings saved this very object.
-        warnings.filters[:] = session_filters  # type: ignore[index]
-        mutated = getattr(warnings, "_filters_mutated", None)
-        if mutated is not None:
-            mutated()  # the cached "already shown" entries are stale
     stack = contextlib.ExitStack()
-    stack.enter_context(
-        catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item)
-    )
+    log = _session_log
+    if log is None:
+        from _pytest.warnings import catch_warnings_for_item
+
+        _restore_session_filters(item.config)
+        stack.enter_context(
+            catch_warnings_for_item(item.config, ihook=item.ihook, when="runtest", item=item)
+        )
+        return stack
+    # What catch_warnings_for_item adds to the configured filters.
+    from _pytest.config import parse_warning_filter
+
+    del log[:]  # nothing the zygote itself recorded
+    for mark in item.iter_markers(name="filterwarnings"):
+        for arg in mark.args:
+            warnings.filterwarnings(*parse_warning_filter(arg, escape=False))
+
+    def hand_over() -> None:
+        for warning_message in log:
+            item.ihook.pytest_warning_recorded.call_historic(
+                kwargs={
+                    "warning_message": warning_message,
+                    "nodeid": item.nodeid,
+                    "when": "runtest",
+                    "location": None,
+                }
+            )
+
+    stack.callback(hand_over)
     return stack
 
 

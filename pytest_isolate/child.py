@@ -97,8 +97,9 @@ def silence_plugins(config: pytest.Config) -> None:
     """In a sandbox, or a zygote before its first fork: unregister the plugins
     that talk to another process (_PLUGINS_TO_SILENCE) and close their
     channel's descriptors; leave the logging of reports to pytest's process;
-    find the session's facts the test processes need (compat.learn_session).
-    Once per process."""
+    find the session's facts the test processes need (compat.learn_session);
+    start recording warnings with the session's filters
+    (compat.start_session_warnings). Once per process."""
     global _SILENCED
     if _SILENCED:
         return
@@ -113,6 +114,7 @@ def silence_plugins(config: pytest.Config) -> None:
                 os.close(fd)
     _log_reports_at_home(config)
     compat.learn_session(config)
+    compat.start_session_warnings(config)
     _SILENCED = True
 
 
