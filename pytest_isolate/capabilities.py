@@ -314,6 +314,31 @@ def drop_bounding_once(names: Iterable[str]) -> None:
         except OSError:
             return
     BOUNDING_DROPPED = wanted
+    _APPLY.clear()  # planned with the bits dropped before
+
+
+#: What apply_capabilities does for a kept set: the bounding-set bits still
+#: to drop, the kept bits, their mask. Made where the forks happen (a
+#: zygote, for each plan it serves: prepare_capabilities), so that a test
+#: process does not work them out again.
+_APPLY: dict[frozenset[str], tuple[tuple[int, ...], tuple[int, ...], int]] = {}
+_PR_CAPBSET_READ = 23
+_libc_capset = _libc.capset
+
+
+def prepare_capabilities(keep: frozenset[str]) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """apply_capabilities' plan for ``keep`` (made once per process)."""
+    found = _APPLY.get(keep)
+    if found is None:
+        dropped = keep | BOUNDING_DROPPED
+        drop = tuple(bit for bit in range(CAP_LAST_CAP + 1) if _name(bit) not in dropped)
+        keep_bits = tuple(sorted(_BIT[name] for name in keep))
+        found = _APPLY[keep] = (drop, keep_bits, caps_to_mask(keep))
+    return found
+
+
+def _name(bit: int) -> str:
+    return _KERNEL_CAP_NAMES[bit] if bit < len(_KERNEL_CAP_NAMES) else f"CAP_{bit}"
 
 
 def apply_capabilities(keep: frozenset[str]) -> None:
@@ -323,25 +348,19 @@ def apply_capabilities(keep: frozenset[str]) -> None:
     ambient are empty, and no exec (setuid binary, file capabilities) can
     raise privileges again. Raises OSError naming the step and the capability.
     """
-    prctl = _prctl()
+    drop, keep_bits, want = prepare_capabilities(keep)
 
     # 1. The bounding set first: dropping from it needs CAP_SETPCAP, which the
     #    next steps may take away. It is what uid 0 regains on every execve, so
     #    it must equal `keep` or a test could exec its way back to more.
     #    Dropping a capability that is not there is a no-op, so no read first.
-    for bit in range(CAP_LAST_CAP + 1):
-        name = _KERNEL_CAP_NAMES[bit] if bit < len(_KERNEL_CAP_NAMES) else f"CAP_{bit}"
-        if name in keep or name in BOUNDING_DROPPED:
-            continue
+    for bit in drop:
         try:
-            if bit <= prctl.CAP_LAST_CAP:
-                prctl.prctl(prctl.PR_CAPBSET_DROP, bit)
-            else:  # newer than the libcap python-prctl was built against
-                syscalls.prctl(_PR_CAPBSET_DROP, bit)
+            syscalls.prctl(_PR_CAPBSET_DROP, bit)
         except OSError as exc:
             raise OSError(
                 exc.errno,
-                f"apply_capabilities: dropping {name} from the "
+                f"apply_capabilities: dropping {_name(bit)} from the "
                 f"bounding set (prctl PR_CAPBSET_DROP): {exc.strerror}; "
                 f"CAP_SETPCAP is needed for that",
             ) from exc
@@ -358,39 +377,39 @@ def apply_capabilities(keep: frozenset[str]) -> None:
                 f"(prctl PR_CAP_AMBIENT_CLEAR_ALL): {exc.strerror}",
             ) from exc
 
-    # 3. Inheritable empty, permitted and effective = keep, in one capset(2):
-    #    lowering permitted is always allowed, and effective must stay within
-    #    it. A non-empty inheritable set let programs with inheritable file
-    #    capabilities gain them at execve in Moby/containerd (CVE-2022-24769).
-    keep_bits = [_BIT[name] for name in keep]
-    other_bits = [
-        bit for bit in range(min(CAP_LAST_CAP, prctl.CAP_LAST_CAP) + 1) if bit not in keep_bits
-    ]
-    try:
-        prctl.set_caps(keep_bits, keep_bits, [], other_bits, other_bits, keep_bits + other_bits)
-    except OSError as exc:
+    # 3. Inheritable empty, permitted and effective = keep, in one capset(2)
+    #    of all 64 bits: lowering permitted is always allowed, and effective
+    #    must stay within it. A non-empty inheritable set let programs with
+    #    inheritable file capabilities gain them at execve in Moby/containerd
+    #    (CVE-2022-24769).
+    _CAP_HEADER.version = _LINUX_CAPABILITY_VERSION_3
+    _CAP_HEADER.pid = 0
+    for word, data in enumerate(_CAP_DATA):
+        data.effective = data.permitted = (want >> (32 * word)) & 0xFFFFFFFF
+        data.inheritable = 0
+    if _libc_capset(_CAP_HEADER_REF, _CAP_DATA) != 0:
+        err = ctypes.get_errno()
         message = _missing_message(keep) or (
             f"apply_capabilities: setting permitted and effective to "
-            f"{_describe(caps_to_mask(keep))} (capset): {exc.strerror}"
+            f"{_describe(want)} (capset): {os.strerror(err)}"
         )
-        raise OSError(exc.errno, message) from exc
+        raise OSError(err, message)
 
     # 4. no_new_privs, always: setuid/setgid bits and file capabilities stop
     #    granting anything on execve, and it is what lets an unprivileged
     #    process load the seccomp filter next.
     try:
-        prctl.prctl(prctl.PR_SET_NO_NEW_PRIVS, 1)
+        syscalls.prctl(syscalls.PR_SET_NO_NEW_PRIVS, 1)
     except OSError as exc:
         raise OSError(
             exc.errno,
             f"apply_capabilities: setting no_new_privs (prctl PR_SET_NO_NEW_PRIVS): {exc.strerror}",
         ) from exc
 
-    # 5. Check the kernel's view: libcap sets only the bits it knows, and a
-    #    capability missing from the bounding set passes steps 1-3 silently.
-    want = caps_to_mask(keep)
+    # 5. Check the kernel's view: a capability missing from the bounding set
+    #    passes steps 1-3 silently.
     effective, permitted, inheritable = _capget()
-    in_bounding = all(prctl.prctl(prctl.PR_CAPBSET_READ, bit) for bit in keep_bits)
+    in_bounding = all(syscalls.prctl(_PR_CAPBSET_READ, bit) for bit in keep_bits)
     if (effective, permitted, inheritable) != (want, want, 0) or not in_bounding:
         raise OSError(
             errno.EPERM,

@@ -877,7 +877,8 @@ def prepare_zygote(plans: Iterable[SandboxPlan]) -> int:
     pytest's process) are closed; the capabilities that none of its plans
     keeps leave its bounding set, which limits only what its children can
     regain by execve (capabilities.drop_bounding_once). A plan without the
-    capability layer keeps the whole set: then nothing is dropped. The
+    capability layer keeps the whole set: then nothing is dropped. What
+    each test process's capability drop does is worked out here too. The
     handlers that dump a test's stack on a timeout are installed here too.
     Returns a descriptor of the zygote's own pid namespace, kept to return
     to after each fork (fork_into_pid_namespace's ``own_pidns``)."""
@@ -891,11 +892,14 @@ def prepare_zygote(plans: Iterable[SandboxPlan]) -> int:
     _DUMP_FD = fd
     kept = [plan.caps for plan in plans]
     if kept and all(caps is not None for caps in kept):
-        from .capabilities import ALL_CAPS, drop_bounding_once
+        from .capabilities import ALL_CAPS, drop_bounding_once, prepare_capabilities
 
         dropped = frozenset(ALL_CAPS).difference(*(caps for caps in kept if caps is not None))
         with contextlib.suppress(Exception):  # no CAP_SETPCAP (rootless): each child drops
             drop_bounding_once(dropped)
+        for caps in kept:
+            if caps is not None:
+                prepare_capabilities(caps)
     return os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
 
