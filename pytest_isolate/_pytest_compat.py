@@ -216,9 +216,30 @@ def teardown_shared(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     item.session._setupstate.teardown_exact(nextitem)
 
 
+#: In a zygote or a test process: the setup stack's finalizers were released
+#: (release_collector_finalizers), and the stack stays as it is.
+_collectors_released = False
+
+
+def release_collector_finalizers(session: pytest.Session) -> None:
+    """Once per process (a zygote, before its first fork, for every test
+    process it forks): release_parent_finalizers for the collectors on the
+    setup stack, which is every node on it (a test's own setup runs in its
+    sandbox), and which a zygote never changes."""
+    global _collectors_released
+    stack = session._setupstate.stack
+    if any(isinstance(node, pytest.Item) for node in stack):
+        return
+    for node, (_, exc) in list(stack.items()):
+        stack[node] = ([], exc)
+    _collectors_released = True
+
+
 def release_parent_finalizers(item: pytest.Item) -> None:
     """In the sandbox: keep only the item's own finalizers, so its teardown
     never runs those of wider fixtures, which belong to pytest's process."""
+    if _collectors_released:
+        return
     stack = item.session._setupstate.stack
     for node, (_, exc) in list(stack.items()):
         if node is not item:
@@ -247,26 +268,52 @@ def call_in_phase(
     return report
 
 
+#: In a zygote or a test process, once silence_plugins ran: what
+#: redirect_capture does (capture_redirects).
+_redirects: tuple[tuple[int, int], ...] | None = None
+
+
+def learn_capture(config: pytest.Config) -> None:
+    """Once per process (a zygote, before its first fork): the descriptors
+    redirect_capture points at each test's own files; pytest's capture
+    stays as it is in a zygote, which only forks."""
+    global _redirects
+    _redirects = capture_redirects(config)
+
+
+def capture_redirects(config: pytest.Config) -> tuple[tuple[int, int], ...]:
+    """For pytest's fd-level capture of stdout, then stderr: (the capture
+    file's descriptor, the captured descriptor if capture is started, else
+    -1), or (-1, -1) where there is nothing to redirect (sys-level capture
+    lives in memory)."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    capturing = getattr(capman, "_global_capturing", None)
+    if capturing is None:
+        return ()
+    found: list[tuple[int, int]] = []
+    for capture in (capturing.out, capturing.err):
+        tmpfile = getattr(capture, "tmpfile", None)
+        targetfd = getattr(capture, "targetfd", None)
+        number = -1
+        if tmpfile is not None and isinstance(targetfd, int) and hasattr(tmpfile, "fileno"):
+            with contextlib.suppress(OSError, ValueError):
+                number = tmpfile.fileno()
+        started = number >= 0 and getattr(capture, "_state", None) == "started"
+        found.append((number, targetfd if started and isinstance(targetfd, int) else -1))
+    return tuple(found)
+
+
 def redirect_capture(config: pytest.Config, out_fd: int, err_fd: int) -> None:
     """In the sandbox: point pytest's fd-level capture files at descriptors
     pytest's process owns, so output survives a crash and is never mixed with
     another sandbox's (CaptureManager._global_capturing, FDCapture.tmpfile)."""
-    capman = config.pluginmanager.getplugin("capturemanager")
-    capturing = getattr(capman, "_global_capturing", None)
-    if capturing is None:
-        return
-    for capture, fd in ((capturing.out, out_fd), (capturing.err, err_fd)):
-        tmpfile = getattr(capture, "tmpfile", None)
-        targetfd = getattr(capture, "targetfd", None)
-        if tmpfile is None or not isinstance(targetfd, int) or not hasattr(tmpfile, "fileno"):
-            continue  # sys-level capture lives in memory: nothing to redirect
-        try:
-            number = tmpfile.fileno()
-        except (OSError, ValueError):
+    redirects = _redirects if _redirects is not None else capture_redirects(config)
+    for (number, targetfd), fd in zip(redirects, (out_fd, err_fd), strict=False):
+        if number < 0:
             continue
         # Same descriptor number, new file: every object holding it follows.
         os.dup2(fd, number)
-        if getattr(capture, "_state", None) == "started":
+        if targetfd >= 0:
             os.dup2(number, targetfd)
 
 

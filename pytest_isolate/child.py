@@ -93,16 +93,20 @@ def _channel_fds(plugin: object) -> set[int]:
 _SILENCED = False
 
 
-def silence_plugins(config: pytest.Config) -> None:
+def silence_plugins(session: pytest.Session) -> None:
     """In a sandbox, or a zygote before its first fork: unregister the plugins
     that talk to another process (_PLUGINS_TO_SILENCE) and close their
     channel's descriptors; leave the logging of reports to pytest's process;
     find the session's facts the test processes need (compat.learn_session);
     start recording warnings with the session's filters
-    (compat.start_session_warnings). Once per process."""
+    (compat.start_session_warnings); find where pytest's capture must be
+    redirected (compat.learn_capture); release the setup stack's
+    finalizers, which belong to pytest's process
+    (compat.release_collector_finalizers). Once per process."""
     global _SILENCED
     if _SILENCED:
         return
+    config = session.config
     manager = config.pluginmanager
     for plugin in _plugins_to_silence(manager):
         manager.unregister(plugin)
@@ -115,6 +119,8 @@ def silence_plugins(config: pytest.Config) -> None:
     _log_reports_at_home(config)
     compat.learn_session(config)
     compat.start_session_warnings(config)
+    compat.learn_capture(config)
+    compat.release_collector_finalizers(session)
     _SILENCED = True
 
 
@@ -165,7 +171,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
     teardown, sending each report, once "go" came."""
     global FORWARD_FD
     config = item.config
-    silence_plugins(config)
+    silence_plugins(item.session)
     FORWARD_FD = ctx.result_fd
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
     compat.release_parent_finalizers(item)

@@ -660,7 +660,7 @@ class Engine:
             # What each test process would otherwise work out for itself:
             # pytest's capture descriptors, the plugins to silence.
             _CAPTURE_FDS.update(compat.capture_fds(self.config))
-            silence_plugins(self.config)
+            silence_plugins(session)
             if self._fork_handlers:
                 _AFTER_FORK[0] = self._fork_handlers.quiet()
         pid = fork_into_pid_namespace(
