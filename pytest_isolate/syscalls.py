@@ -121,6 +121,12 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
 ]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+# Every function a test process calls is looked up here, in pytest's process:
+# ctypes makes a function object on first access and stores it in the
+# library's __dict__, which a forked child doing that would copy pages of.
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 _libc.syscall.restype = ctypes.c_long
 _libc.prctl.argtypes = [
     ctypes.c_int,
@@ -357,6 +363,10 @@ _libc.pthread_self.restype = ctypes.c_ulong
 #: syscall() through PyDLL: the GIL stays held across the call, as os.fork()
 #: holds it across fork().
 _syscall_holding_gil = ctypes.PyDLL(None, use_errno=True).syscall
+# Resolved here, as _libc's (PyOS_AfterFork_Child is only ever called in a child).
+_before_fork = ctypes.pythonapi.PyOS_BeforeFork
+_after_fork_child = ctypes.pythonapi.PyOS_AfterFork_Child
+_after_fork_parent = ctypes.pythonapi.PyOS_AfterFork_Parent
 _syscall_holding_gil.restype = ctypes.c_long
 _syscall_holding_gil.argtypes = [ctypes.c_long, ctypes.c_ulong] + [ctypes.c_void_p] * 4
 
@@ -437,8 +447,7 @@ def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True, flags: int = 0) -
     if cgroup_fd >= 0 and _SYS_CLONE3 is None:
         raise OSError(errno.ENOSYS, f"clone3 is only wired for x86_64, this is {_MACHINE}")
     flags |= _CLONE_CHILD_SETTID | (_CLONE_PARENT if sibling else 0)
-    api = ctypes.pythonapi
-    api.PyOS_BeforeFork()
+    _before_fork()
     if cgroup_fd >= 0:
         args = _CloneArgs(
             flags=flags | CLONE_INTO_CGROUP,
@@ -454,10 +463,10 @@ def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True, flags: int = 0) -
     else:
         pid = _syscall_holding_gil(_SYS_CLONE, flags | _SIGCHLD, None, None, tid, None)
     if pid == 0:
-        api.PyOS_AfterFork_Child()
+        _after_fork_child()
         return 0
     err = ctypes.get_errno()
-    api.PyOS_AfterFork_Parent()
+    _after_fork_parent()
     if pid < 0:
         names = _CLONE_NAMES | {CLONE_INTO_CGROUP: "CLONE_INTO_CGROUP"}
         shown = flags & ~(_CLONE_CHILD_SETTID | _CLONE_PARENT)
