@@ -392,6 +392,18 @@ class Engine:
                     image_root = prepare_image(spec.rootfs, default_cache_dir())
                 except ImageError as exc:
                     raise IsolationUnavailable(str(exc)) from None
+            for bind in spec.binds:
+                if bind.writable and not os.path.lexists(bind.source):
+                    # As Docker does: a writable grant of a path that is not
+                    # there yet (the project's .hypothesis on a first run) is
+                    # a directory made for it, by pytest's process.
+                    try:
+                        os.makedirs(bind.source, exist_ok=True)
+                    except OSError as exc:
+                        raise IsolationUnavailable(
+                            f"the writable bind's host path {bind.source} does not exist and "
+                            f"could not be made: {exc.strerror}"
+                        ) from None
             rootfs = plan_rootfs(
                 staging=self._staging_dir(),
                 cwd=os.getcwd(),

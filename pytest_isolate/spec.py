@@ -250,19 +250,27 @@ def _parse_binds(value: object) -> tuple[Bind, ...]:
             continue
         parts = str(entry).strip().split(":")
         mode = "ro"
-        if len(parts) == 3:
+        # HOST:CONTAINER:MODE, HOST:MODE (a container path is absolute, so
+        # never "ro" or "rw"), HOST:CONTAINER, HOST.
+        if len(parts) == 3 or (len(parts) == 2 and parts[1] in ("ro", "rw")):
             mode = parts.pop()
+        if not parts[0]:
+            raise SpecError(f"invalid bind {entry!r}: no host path")
+        # A relative host path is one below pytest's working directory, as
+        # for the plugin's other paths (the project's .hypothesis, say).
+        parts[0] = os.path.abspath(parts[0])
         if len(parts) == 1:
             parts.append(parts[0])
         if len(parts) != 2 or mode not in ("ro", "rw"):
             raise SpecError(
-                f"invalid bind {entry!r}; use 'HOST:CONTAINER', 'HOST:CONTAINER:ro' or "
-                "'HOST:CONTAINER:rw'"
+                f"invalid bind {entry!r}; use 'HOST', 'HOST:ro', 'HOST:rw', 'HOST:CONTAINER', "
+                "'HOST:CONTAINER:ro' or 'HOST:CONTAINER:rw'"
             )
         source, target = parts
-        for role, path in (("host path", source), ("container path", target)):
-            if not os.path.isabs(path):
-                raise SpecError(f"invalid bind {entry!r}: the {role} {path!r} must be absolute")
+        if not os.path.isabs(target):
+            raise SpecError(
+                f"invalid bind {entry!r}: the container path {target!r} must be absolute"
+            )
         if os.path.normpath(target) == "/":
             raise SpecError(f"invalid bind {entry!r}: cannot bind over the container's /")
         binds.append(Bind(os.path.normpath(source), os.path.normpath(target), mode == "rw"))

@@ -669,6 +669,30 @@ def test_bind_of_a_missing_host_path_is_a_clear_error(pytester: pytest.Pytester)
     result.stdout.fnmatch_lines(["*/nonexistent-pytest-isolate*"])
 
 
+def test_writable_bind_of_a_missing_host_path_is_made_and_relative_paths_are_the_projects(
+    pytester: pytest.Pytester,
+) -> None:
+    """A writable grant of a host directory that is not there yet (the
+    project's .hypothesis on a first run) is made for it, as Docker does, and
+    a relative host path is below the directory pytest runs in; a read-only
+    grant of a missing path stays an error (above)."""
+    pytester.makepyfile("""
+        import os
+        import pytest
+
+        @pytest.mark.isolated(binds=[".state:rw"])
+        def test_writes_its_state():
+            here = os.getcwd()
+            with open(os.path.join(here, ".state", "example"), "w") as f:
+                f.write("kept")
+            with pytest.raises(OSError):
+                open(os.path.join(here, "elsewhere"), "w")
+    """)
+    run_isolated(pytester).assert_outcomes(passed=1)
+    assert (pytester.path / ".state" / "example").read_text() == "kept"
+    assert not (pytester.path / "elsewhere").exists()
+
+
 @requires("root")
 def test_strict_profile_shows_sys_path_entries_under_opt(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pytest_isolate.spec import (
@@ -76,11 +78,26 @@ def test_positional_arguments_other_than_a_bool_are_refused() -> None:
         _resolve((("100M",), {}))
 
 
-def test_binds_parse_modes_and_refuse_relative_paths() -> None:
+def test_binds_parse_modes_and_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     spec = _resolve(((), {"binds": ["/data:/mnt/data:rw", "/etc/hosts"]}))
     assert spec.binds == (Bind("/data", "/mnt/data", True), Bind("/etc/hosts", "/etc/hosts"))
-    with pytest.raises(SpecError, match="must be absolute"):
-        _resolve(((), {"binds": ["data:/x"]}))
+    # HOST:MODE, the container path the same; a relative host path is below
+    # pytest's working directory.
+    monkeypatch.chdir(tmp_path)
+    spec = _resolve(((), {"binds": ["/out:rw", ".hypothesis:rw", "data:/x", "/in:ro"]}))
+    here = str(tmp_path)
+    assert spec.binds == (
+        Bind("/out", "/out", True),
+        Bind(f"{here}/.hypothesis", f"{here}/.hypothesis", True),
+        Bind(f"{here}/data", "/x"),
+        Bind("/in", "/in"),
+    )
+    with pytest.raises(SpecError, match="container path 'x' must be absolute"):
+        _resolve(((), {"binds": ["/data:x"]}))
+    with pytest.raises(SpecError, match="no host path"):
+        _resolve(((), {"binds": [":/x"]}))
+    with pytest.raises(SpecError, match="use 'HOST', 'HOST:ro'"):
+        _resolve(((), {"binds": ["/a:/b:rx"]}))
 
 
 def test_strict_from_command_line_is_a_ceiling_for_markers() -> None:
