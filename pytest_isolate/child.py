@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -156,6 +157,12 @@ def _log_reports_at_home(config: pytest.Config) -> None:
     manager.register(_LogForwarder(config), "isolate-logreport-forwarder")
 
 
+def _where(exc: BaseException) -> str:
+    """Where ``exc`` was raised: "file:line"."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
 def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
     if len(data) != 4:
         return None
@@ -200,6 +207,11 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
             send_message(
                 ctx.result_fd, "session_exit", {"msg": str(exc.msg), "returncode": exc.returncode}
             )
+        except KeyboardInterrupt as exc:
+            # Raised by the test (a real Ctrl-C reaches pytest's process, not
+            # this one: the sandbox has its own session). pytest's process
+            # stops the run as pytest would (Engine.pending_interrupt).
+            send_message(ctx.result_fd, "interrupted", {"where": _where(exc)})
         finally:
             if timer:
                 compat.cancel_timeout(item)

@@ -66,6 +66,8 @@ _PHASES = ("setup", "call", "teardown")
 #: The most a test may send of each: reports logged during its phases
 #: (subtests), failed subtests counted, junitxml suite properties.
 _MAX_LOGGED = 1 << 20
+#: The longest "file:line" a test's KeyboardInterrupt is reported at.
+_MAX_WHERE = 4096
 #: Pages a test process writes are learned from the first two sandboxes, then
 #: from one in this many (the suite's tests change; the cost is ~7 ms each),
 #: and only while tests run long enough to copy them ahead.
@@ -177,6 +179,8 @@ class Engine:
         self._last_init_failure = ""
         #: A test called pytest.exit(): (message, returncode), raised after its reports.
         self.pending_exit: tuple[str, int] | None = None
+        #: Where the last test raised KeyboardInterrupt (plugin.py stops the run).
+        self.pending_interrupt: str | None = None
         self._deferred_teardown: tuple[pytest.Item, pytest.Item | None] | None = None
         self._var_scan: Callable[[], list[str]] | None = None
         #: Bumped whenever pytest's process runs setup or teardown code, or a
@@ -945,6 +949,7 @@ class Engine:
         done = False
         setup_failure: dict[str, Any] | None = None
         exit_request: tuple[str, int] | None = None
+        interrupted: str | None = None
         for msg in outcome.messages:
             if msg.type == "report":
                 report, problem = self._accept_report(item, msg, reports)
@@ -966,6 +971,8 @@ class Engine:
                 done = True
             elif msg.type == "setup_failed" and isinstance(msg.payload, dict):
                 setup_failure = msg.payload
+            elif msg.type == "interrupted" and isinstance(msg.payload, dict):
+                interrupted = str(msg.payload.get("where", "?"))[:_MAX_WHERE]
             elif msg.type == "session_exit" and isinstance(msg.payload, dict):
                 exit_request = (
                     str(msg.payload.get("msg", "")),
@@ -1011,6 +1018,12 @@ class Engine:
                     f"{format_size(spec.memory) if spec.memory else 'unset'})",
                 )
             )
+        if interrupted is not None and text is None:
+            # As pytest: the phases logged so far, no teardown (the wider
+            # fixtures are torn down as the session ends), and the run stops.
+            self.pending_interrupt = interrupted
+            _annotate(reports, spec, stats)
+            return reports
         child_teardown = reports.pop() if reports and reports[-1].when == "teardown" else None
         reports.append(self._teardown(item, nextitem, child_teardown))
         _annotate(reports, spec, stats)

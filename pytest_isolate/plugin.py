@@ -279,6 +279,9 @@ def runtestprotocol(
     exit_request, engine.pending_exit = engine.pending_exit, None
     if exit_request is not None:
         pytest.exit(exit_request[0], exit_request[1])
+    interrupted, engine.pending_interrupt = engine.pending_interrupt, None
+    if interrupted is not None:
+        raise KeyboardInterrupt(f"raised by {item.nodeid} at {interrupted}")
     return reports
 
 

@@ -46,6 +46,7 @@ MESSAGE_TYPES = frozenset(
         "setup_failed",  # any sandbox process: a setup step failed (step, error, errno)
         "exit",  # init (pid 1): the test process's wait status
         "session_exit",  # test process: the test called pytest.exit()
+        "interrupted",  # test process: the test raised KeyboardInterrupt
     }
 )
 

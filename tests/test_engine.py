@@ -427,6 +427,42 @@ def test_pytest_exit_inside_an_isolated_test_stops_the_session(pytester: pytest.
     assert "test_never" not in result.stdout.str().split("short test summary")[0] or True
 
 
+def test_keyboard_interrupt_raised_by_a_test_stops_the_run_as_without_isolation(
+    pytester: pytest.Pytester,
+) -> None:
+    """A test that raises KeyboardInterrupt ends the run (exit code 2) with the
+    reports logged so far and no teardown report, as pytest does; the place
+    it was raised is named. It was a crash report naming os._exit()."""
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.fixture
+        def resource():
+            yield
+            print("TORN DOWN IN THE SANDBOX")
+
+        def test_before():
+            pass
+
+        def test_interrupts(resource):
+            raise KeyboardInterrupt
+
+        def test_never():
+            pass
+    """)
+    result = run(pytester, "-rA")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*KeyboardInterrupt: raised by test_keyboard_interrupt_raised_by_a_test*"
+            "::test_interrupts at *test_keyboard_interrupt_raised_by_a_test*.py:12*",
+        ]
+    )
+    assert "test_never" not in result.stdout.str()
+    assert "exited with status" not in result.stdout.str()
+
+
 def test_dash_x_stops_after_the_first_failure(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         def test_a(): assert 0
