@@ -373,6 +373,11 @@ def _restore_session_filters(config: pytest.Config) -> None:
             mutated()  # the cached "already shown" entries are stale
 
 
+def _recording(config: pytest.Config) -> bool:
+    """pytest's warnings plugin records warnings (not ``-p no:warnings``)."""
+    return config.pluginmanager.has_plugin("warnings")
+
+
 def start_session_warnings(config: pytest.Config) -> None:
     """In a zygote before its first fork (or a test process forked without
     one): the part of pytest's warning capture that is the same for every
@@ -385,7 +390,7 @@ def start_session_warnings(config: pytest.Config) -> None:
     copied per test). Before pytest 9, record_warnings does it all."""
     global _session_log, _session_recording
     configured = getattr(config, "_catch_configured_warnings", None)
-    if configured is None or _session_recording is not None:
+    if configured is None or _session_recording is not None or not _recording(config):
         return
     _restore_session_filters(config)
     stack = contextlib.ExitStack()
@@ -406,6 +411,8 @@ def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
     starts from are the session's, as in pytest's process between two
     tests, not those of the test whose protocol forked the sandbox."""
     stack = contextlib.ExitStack()
+    if not _recording(item.config):
+        return stack  # -p no:warnings: Python's own handling, as in pytest's process
     log = _session_log
     if log is None:
         from _pytest.warnings import catch_warnings_for_item

@@ -511,6 +511,27 @@ def test_warning_filters_of_each_test_apply_inside(pytester: pytest.Pytester) ->
     result.stdout.no_fnmatch_line("*ignored here*")
 
 
+def test_without_pytests_warnings_plugin_warnings_are_not_recorded(
+    pytester: pytest.Pytester,
+) -> None:
+    """-p no:warnings: pytest records no warning, so neither does a sandbox;
+    Python prints it to the (captured) stderr, as without isolation."""
+    pytester.makepyfile("""
+        import warnings
+
+        def test_warns():
+            warnings.warn("unrecorded", UserWarning)
+
+        def test_warns_and_fails():
+            warnings.warn("on stderr", UserWarning)
+            assert 0
+    """)
+    result = run(pytester, "-p", "no:warnings")
+    result.assert_outcomes(passed=1, failed=1)
+    assert "warnings summary" not in result.stdout.str()
+    result.stdout.fnmatch_lines(["*Captured stderr call*", "*UserWarning: on stderr"])
+
+
 def test_a_tests_warning_filters_stay_out_of_the_next_sandboxes(pytester: pytest.Pytester) -> None:
     """The next sandbox is forked (by pytest or by a zygote forked then) while
     a test's protocol runs in pytest's process, inside pytest's warning
