@@ -1022,7 +1022,8 @@ class Engine:
             # As pytest: the phases logged so far, no teardown (the wider
             # fixtures are torn down as the session ends), and the run stops.
             self.pending_interrupt = interrupted
-            _annotate(reports, spec, stats)
+            if reports:  # none when it came from the setup
+                _annotate(reports, spec, stats)
             return reports
         child_teardown = reports.pop() if reports and reports[-1].when == "teardown" else None
         reports.append(self._teardown(item, nextitem, child_teardown))

@@ -463,6 +463,28 @@ def test_keyboard_interrupt_raised_by_a_test_stops_the_run_as_without_isolation(
     assert "exited with status" not in result.stdout.str()
 
 
+def test_keyboard_interrupt_raised_by_a_fixture_stops_the_run(pytester: pytest.Pytester) -> None:
+    """From the setup: no report at all for that test, as without isolation."""
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.fixture
+        def interrupting():
+            raise KeyboardInterrupt
+
+        def test_interrupted(interrupting):
+            pass
+
+        def test_never():
+            pass
+    """)
+    result = run(pytester)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.assert_outcomes()
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt: raised by *::test_interrupted at *.py:5*"])
+    assert "INTERNALERROR" not in result.stdout.str()
+
+
 def test_dash_x_stops_after_the_first_failure(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         def test_a(): assert 0
