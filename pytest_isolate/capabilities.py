@@ -6,8 +6,13 @@ that python-prctl ships rather than its ``prctl.py`` wrapper: that wrapper
 importing it raises NameError on any host whose libcap knows a capability the
 wrapper cannot name, and it also lists the constant CAP_LAST_CAP as a
 capability called ``last_cap``. ``_prctl`` is a thin layer over prctl(2) and
-libcap's cap_set_proc(3) with none of those problems. The ambient set is not
-covered by python-prctl 1.8.1 at all, so it goes through ``syscalls.prctl``.
+libcap's cap_set_proc(3) with none of those problems. It drops the bounding
+set in a zygote (drop_bounding_once). A test process's own drop
+(apply_capabilities) makes its few calls through ctypes, prepared before the
+fork: prctl(2) through ``syscalls.prctl`` (python-prctl 1.8.1 does not cover
+the ambient set at all) and one capset(2) of all 64 bits, which each test
+process would otherwise have paid libcap's allocations and python-prctl's
+argument lists for.
 
 Names are the kernel's, upper case, without the ``CAP_`` prefix
 (``"SYS_ADMIN"``); the bit number of a name is its index in the kernel's list.
