@@ -257,8 +257,9 @@ def _parse_binds(value: object) -> tuple[Bind, ...]:
         if not parts[0]:
             raise SpecError(f"invalid bind {entry!r}: no host path")
         # A relative host path is one below pytest's working directory, as
-        # for the plugin's other paths (the project's .hypothesis, say).
-        parts[0] = os.path.abspath(parts[0])
+        # for the plugin's other paths (the project's .hypothesis, say); "~"
+        # is the home directory (never a directory named "~" made there).
+        parts[0] = os.path.abspath(os.path.expanduser(parts[0]))
         if len(parts) == 1:
             parts.append(parts[0])
         if len(parts) != 2 or mode not in ("ro", "rw"):

@@ -92,6 +92,9 @@ def test_binds_parse_modes_and_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         Bind(f"{here}/data", "/x"),
         Bind("/in", "/in"),
     )
+    monkeypatch.setenv("HOME", "/home/someone")
+    spec = _resolve(((), {"binds": ["~/.cache:rw"]}))
+    assert spec.binds == (Bind("/home/someone/.cache", "/home/someone/.cache", True),)
     with pytest.raises(SpecError, match="container path 'x' must be absolute"):
         _resolve(((), {"binds": ["/data:x"]}))
     with pytest.raises(SpecError, match="no host path"):
