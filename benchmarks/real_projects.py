@@ -269,6 +269,17 @@ def ensure_engine(vpython: str, engine: Engine, log: str) -> None:
                 return
     pip = [vpython, "-m", "pip", "--disable-pip-version-check", "-q", "install"]
     if engine.editable:
+        # A plain install replaced by an editable one leaves its package
+        # directory behind with what pip did not record (pytest's rewritten
+        # bytecode): a namespace package there then shadows the editable
+        # one's subpackages ("cannot import name ... (unknown location)").
+        purelib = subprocess.run(
+            [vpython, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        shutil.rmtree(os.path.join(purelib, "pytest_isolate"), ignore_errors=True)
         _run([*pip, "-e", engine.path], log=log)
     else:
         # A plain install copies the files: the snapshot directory may go.
