@@ -355,6 +355,23 @@ def remember_session_warnings(config: pytest.Config) -> None:
     config.stash[_session_filters_key] = tuple(warnings.filters)
 
 
+#: In pytest's process: the item whose protocol is forking its sandbox, and
+#: the warning filters pytest's process has for it then (note_protocol_filters).
+_protocol_filters: tuple[object, tuple[Any, ...]] | None = None
+
+
+def note_protocol_filters(item: pytest.Item) -> None:
+    """In pytest's process, in ``item``'s protocol, once its wider fixtures
+    are set up and before its sandbox is forked: the filters it runs with
+    without isolation, exactly (the session's, the configured ones, its
+    marks, and whatever a wider fixture set up for it just now changed:
+    pytest undoes that when this protocol ends, so only this test sees it).
+    A sandbox forked now (or by a zygote forked now) for this very item
+    starts from these (record_warnings); any other from the session's."""
+    global _protocol_filters
+    _protocol_filters = (item, tuple(warnings.filters))
+
+
 #: In a zygote or a test process: the list warnings are recorded into since
 #: start_session_warnings (None: record_warnings does it all per test).
 _session_log: list[warnings.WarningMessage] | None = None
@@ -362,15 +379,19 @@ _session_log: list[warnings.WarningMessage] | None = None
 _session_recording: contextlib.ExitStack | None = None
 
 
+def _set_filters(filters: tuple[Any, ...]) -> None:
+    # A list at runtime (typeshed says Sequence): replaced in place, as
+    # warnings.catch_warnings saved this very object.
+    warnings.filters[:] = filters  # type: ignore[index]
+    mutated = getattr(warnings, "_filters_mutated", None)
+    if mutated is not None:
+        mutated()  # the cached "already shown" entries are stale
+
+
 def _restore_session_filters(config: pytest.Config) -> None:
     session_filters = config.stash.get(_session_filters_key, None)
     if session_filters is not None:
-        # A list at runtime (typeshed says Sequence): replaced in place, as
-        # warnings.catch_warnings saved this very object.
-        warnings.filters[:] = session_filters  # type: ignore[index]
-        mutated = getattr(warnings, "_filters_mutated", None)
-        if mutated is not None:
-            mutated()  # the cached "already shown" entries are stale
+        _set_filters(session_filters)
 
 
 def _recording(config: pytest.Config) -> bool:
@@ -409,11 +430,23 @@ def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
     around pytest_runtest_protocol, which runs in pytest's process; the
     sandbox records its own and the hook forwards them. The filters it
     starts from are the session's, as in pytest's process between two
-    tests, not those of the test whose protocol forked the sandbox."""
+    tests, not those of the test whose protocol forked the sandbox; or,
+    forked in the item's own protocol, exactly the item's there
+    (note_protocol_filters)."""
     stack = contextlib.ExitStack()
     if not _recording(item.config):
         return stack  # -p no:warnings: Python's own handling, as in pytest's process
     log = _session_log
+    noted = _protocol_filters
+    if noted is not None and noted[0] is item:
+        # Forked in this item's own protocol: its filters as they were there.
+        _set_filters(noted[1])
+        if log is None:
+            log = stack.enter_context(warnings.catch_warnings(record=True))
+        else:
+            del log[:]
+        stack.callback(_hand_over, item, log)
+        return stack
     if log is None:
         from _pytest.warnings import catch_warnings_for_item
 
@@ -430,19 +463,21 @@ def record_warnings(item: pytest.Item) -> contextlib.ExitStack:
         for arg in mark.args:
             warnings.filterwarnings(*parse_warning_filter(arg, escape=False))
 
-    def hand_over() -> None:
-        for warning_message in log:
-            item.ihook.pytest_warning_recorded.call_historic(
-                kwargs={
-                    "warning_message": warning_message,
-                    "nodeid": item.nodeid,
-                    "when": "runtest",
-                    "location": None,
-                }
-            )
-
-    stack.callback(hand_over)
+    stack.callback(_hand_over, item, log)
     return stack
+
+
+def _hand_over(item: pytest.Item, log: list[warnings.WarningMessage]) -> None:
+    """What catch_warnings_for_item does with each warning recorded."""
+    for warning_message in log:
+        item.ihook.pytest_warning_recorded.call_historic(
+            kwargs={
+                "warning_message": warning_message,
+                "nodeid": item.nodeid,
+                "when": "runtest",
+                "location": None,
+            }
+        )
 
 
 def run_phases(

@@ -773,6 +773,7 @@ class Engine:
             if not setup.passed:
                 self._discard_prepared()
                 return [setup, self._teardown(item, nextitem, None, hooks=True)]
+        compat.note_protocol_filters(item)
         try:
             sandbox, cgroup = self._take_or_spawn(item, spec)
         except Exception as exc:  # never INTERNALERROR: an error on this test

@@ -533,6 +533,40 @@ def test_warning_filters_of_each_test_apply_inside(pytester: pytest.Pytester) ->
     result.stdout.no_fnmatch_line("*ignored here*")
 
 
+def test_a_warning_filter_a_wider_fixture_sets_applies_to_the_test_that_set_it_up(
+    pytester: pytest.Pytester,
+) -> None:
+    """Without isolation, a filter a module-scoped fixture sets applies to the
+    test whose setup ran the fixture (inside pytest's warning capture for
+    that test, which undoes it at its end), and to no other: the same with
+    isolation, where that fixture runs in pytest's process."""
+    pytester.makepyfile("""
+        import warnings, pytest
+
+        @pytest.fixture(scope="module")
+        def strict():
+            warnings.simplefilter("error", UserWarning)
+            yield
+
+        def test_first(strict):
+            warnings.warn("first", UserWarning)
+
+        def test_second(strict):
+            warnings.warn("second", UserWarning)
+
+        @pytest.mark.filterwarnings("ignore::UserWarning")
+        def test_third(strict):
+            warnings.warn("third", UserWarning)
+
+        def test_fourth(strict):
+            warnings.warn("fourth", UserWarning)
+    """)
+    for args in ((), ("-p", "no:rerunfailures")):
+        result = run(pytester, "-rA", *args)
+        result.assert_outcomes(passed=3, failed=1, warnings=2)
+        result.stdout.fnmatch_lines(["*UserWarning: first", "FAILED *::test_first*"])
+
+
 def test_without_pytests_warnings_plugin_warnings_are_not_recorded(
     pytester: pytest.Pytester,
 ) -> None:
