@@ -42,6 +42,23 @@ def test_the_runner_looks_up_runtestprotocol_in_its_module() -> None:
     assert "call_and_report" in dir(_pytest.runner)
 
 
+def test_the_warning_capture_is_the_configured_filters_then_the_items_marks() -> None:
+    """record_warnings: pytest 9 applies the configured filters in
+    Config._catch_configured_warnings, which catch_warnings_for_item wraps
+    before applying the item's filterwarnings marks with parse_warning_filter;
+    before pytest 9, catch_warnings_for_item does it all."""
+    import _pytest.warnings
+    from _pytest.config import Config, parse_warning_filter
+
+    source = inspect.getsource(_pytest.warnings.catch_warnings_for_item)
+    assert 'iter_markers(name="filterwarnings")' in source
+    assert callable(parse_warning_filter)
+    if int(pytest.__version__.split(".")[0]) >= 9:
+        assert "_catch_configured_warnings(record=record)" in source
+        configured = inspect.getsource(Config._catch_configured_warnings)
+        assert "apply_warning_filters" in configured and "yield log" in configured
+
+
 def test_the_temp_path_factory_hangs_off_the_config(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         def test_x(request):
