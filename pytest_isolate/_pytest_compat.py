@@ -691,6 +691,124 @@ def reruns_expected(item: pytest.Item) -> bool:
         return False
 
 
+#: pytest-rerunfailures' per-attempt state on an item (set by its makereport
+#: wrapper, in the sandbox), which its rerun loop reads in pytest's process.
+_RERUN_FLAGS = ("_test_failed_statuses", "_terminal_errors", "_test_xfailed")
+
+
+def _rerunfailures(item: pytest.Item) -> Any:
+    """pytest-rerunfailures' module when it may run ``item`` again (its
+    rerun loop, which reads the state below, runs only then)."""
+    return sys.modules.get("pytest_rerunfailures") if reruns_expected(item) else None
+
+
+def rerun_state(item: pytest.Item) -> dict[str, Any] | None:
+    """In the sandbox, after the phases: what pytest-rerunfailures' rerun
+    loop in pytest's process reads on the item, which its makereport wrapper
+    set here: each phase's failed, terminal-error (``--only-rerun``,
+    ``--rerun-except``) and xfailed flags, and the ``condition=`` of its
+    marker evaluated now, while the exceptions are here (they do not travel;
+    their count per phase does). None without the plugin."""
+    module = _rerunfailures(item)
+    if module is None:
+        return None
+    with contextlib.suppress(Exception):
+        module.get_reruns_condition(item, module._get_reruns_condition_failures(item))
+    state: dict[str, Any] = {}
+    for name in _RERUN_FLAGS:
+        value = getattr(item, name, None)
+        if isinstance(value, dict):
+            state[name] = {str(key): bool(flag) for key, flag in value.items()}
+    results = getattr(item, "_rerun_condition_results", None)
+    if isinstance(results, dict):
+        state["condition_results"] = [
+            [key[0], key[1], bool(value)]
+            for key, value in results.items()
+            if isinstance(key, tuple) and len(key) == 2
+        ]
+    excinfos = getattr(item, "_rerun_condition_excinfos", None)
+    if isinstance(excinfos, dict):
+        state["failures"] = {str(key): len(value) for key, value in excinfos.items()}
+    return state
+
+
+def reset_rerun_state(item: pytest.Item) -> None:
+    """In pytest's process, before an attempt: pytest-rerunfailures' state
+    as its makereport wrapper leaves it after a setup that recorded nothing,
+    so that its rerun loop finds it even when the sandbox sends none (a
+    crash)."""
+    if _rerunfailures(item) is None:
+        return
+    for name in (*_RERUN_FLAGS, "_rerun_condition_excinfos", "_rerun_condition_results"):
+        setattr(item, name, {})
+
+
+def note_rerun_reports(item: pytest.Item, reports: list[pytest.TestReport]) -> None:
+    """In pytest's process, the attempt's reports made: each one's failure
+    and xfail noted as pytest-rerunfailures' makereport would, for reports
+    pytest's process made itself too (a crash's, a spec error's)."""
+    if _rerunfailures(item) is None:
+        return
+    failed = getattr(item, "_test_failed_statuses", None)
+    xfailed = getattr(item, "_test_xfailed", None)
+    if not isinstance(failed, dict) or not isinstance(xfailed, dict):
+        reset_rerun_state(item)
+        failed, xfailed = item._test_failed_statuses, item._test_xfailed  # type: ignore[attr-defined]
+    for report in reports:
+        failed[report.when] = bool(failed.get(report.when)) or report.failed
+        xfailed[report.when] = bool(xfailed.get(report.when)) or hasattr(report, "wasxfail")
+
+
+def apply_rerun_state(item: pytest.Item, state: object) -> str | None:
+    """In pytest's process: the state rerun_state sent, checked (it comes
+    from the test), set on the item. Returns what was wrong with it."""
+    if _rerunfailures(item) is None:
+        return None
+    return _set_rerun_state(item, state)
+
+
+def _set_rerun_state(item: Any, state: object) -> str | None:
+    if not isinstance(state, dict):
+        return "a rerun state that is not an object"
+    phases = ("setup", "call", "teardown")
+    for name in _RERUN_FLAGS:
+        flags = state.get(name, {})
+        if not isinstance(flags, dict) or not all(
+            key in phases and isinstance(value, bool) for key, value in flags.items()
+        ):
+            return f"a rerun state with a malformed {name}"
+        setattr(item, name, dict(flags))
+    results = state.get("condition_results", [])
+    failures = state.get("failures", {})
+    if not isinstance(results, list) or len(results) > 3 * _MAX_RERUN_FAILURES:
+        return "a rerun state with malformed condition results"
+    if not isinstance(failures, dict) or not all(
+        key in phases and isinstance(n, int) and 0 <= n <= _MAX_RERUN_FAILURES
+        for key, n in failures.items()
+    ):
+        return "a rerun state with malformed failures"
+    condition_results = {}
+    for entry in results:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and entry[0] in ("attempt", *phases)
+            and isinstance(entry[1], int)
+            and isinstance(entry[2], bool)
+        ):
+            return "a rerun state with malformed condition results"
+        condition_results[(entry[0], entry[1])] = entry[2]
+    item._rerun_condition_results = condition_results
+    # The exceptions stay in the sandbox: one placeholder each, so that the
+    # plugin finds the same (phase, index) keys, whose results are above.
+    item._rerun_condition_excinfos = {phase: [None] * count for phase, count in failures.items()}
+    return None
+
+
+#: The most failures per phase a rerun state may name.
+_MAX_RERUN_FAILURES = 1024
+
+
 def install_protocol(
     isolated_protocol: Callable[..., list[pytest.TestReport]],
 ) -> Callable[[], None]:

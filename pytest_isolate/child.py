@@ -222,6 +222,9 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
                 send_message(ctx.result_fd, "subtests_failed", failed_subtests)
             if properties is not None and len(properties) > known_properties:
                 send_message(ctx.result_fd, "suite_properties", properties[known_properties:])
+            rerun = compat.rerun_state(item)
+            if rerun is not None:
+                send_message(ctx.result_fd, "rerun_state", rerun)
             stop_in_sandbox(coverage)
 
     return start

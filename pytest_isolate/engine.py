@@ -972,6 +972,8 @@ class Engine:
                 done = True
             elif msg.type == "setup_failed" and isinstance(msg.payload, dict):
                 setup_failure = msg.payload
+            elif msg.type == "rerun_state":
+                problem = compat.apply_rerun_state(item, msg.payload)
             elif msg.type == "interrupted" and isinstance(msg.payload, dict):
                 interrupted = str(msg.payload.get("where", "?"))[:_MAX_WHERE]
             elif msg.type == "session_exit" and isinstance(msg.payload, dict):

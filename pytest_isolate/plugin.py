@@ -271,7 +271,9 @@ def runtestprotocol(
             ]
         else:
             compat.move_fault_timer(item)
+            compat.reset_rerun_state(item)
             reports = engine.run(item, nextitem, spec)
+    compat.note_rerun_reports(item, reports)
     try:
         _log(item, reports, engine.take_logged(), log)
     finally:

@@ -47,6 +47,7 @@ MESSAGE_TYPES = frozenset(
         "exit",  # init (pid 1): the test process's wait status
         "session_exit",  # test process: the test called pytest.exit()
         "interrupted",  # test process: the test raised KeyboardInterrupt
+        "rerun_state",  # test process: pytest-rerunfailures' state of the attempt
     }
 )
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 from xml.etree import ElementTree
 
 import pytest
@@ -1086,6 +1087,95 @@ def test_a_test_survives_the_death_of_nothing_when_pytest_is_killed(
     )
     assert again.returncode == 0, again.stdout
     assert not [name for name in os.listdir(tmp) if name.startswith(scratchdirs.PREFIXES)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--reruns", "2"),
+        ("--reruns", "2", "--only-rerun", "AssertionError"),
+        ("--reruns", "2", "--rerun-except", "ValueError"),
+    ],
+)
+def test_pytest_rerunfailures_decides_as_without_isolation(
+    pytester: pytest.Pytester, options: tuple[str, ...]
+) -> None:
+    """Its rerun loop runs in pytest's process and reads per-attempt state its
+    makereport wrapper sets on the item, in the sandbox: without that state
+    the first failure of a test that was not its module's first ended the
+    run in INTERNALERROR (AttributeError: _terminal_errors). The sandbox
+    sends it, --only-rerun, --rerun-except and a marker's condition included."""
+    pytest.importorskip("pytest_rerunfailures")
+    pytester.makepyfile("""
+        import sys, pytest
+
+        def _count(tmp_path_factory, name):
+            p = tmp_path_factory.getbasetemp() / name
+            n = int(p.read_text()) + 1 if p.exists() else 1
+            p.write_text(str(n))
+            return n
+
+        def test_first_ok():
+            pass
+
+        def test_flaky(tmp_path_factory):
+            assert _count(tmp_path_factory, "flaky") >= 2
+
+        def test_value_error():
+            raise ValueError("not an assertion")
+
+        def test_assertion():
+            assert 0, "always"
+
+        @pytest.mark.xfail
+        def test_xfail():
+            assert 0
+
+        @pytest.mark.flaky(reruns=2, condition=sys.platform.startswith("linux"))
+        def test_marker_rerun(tmp_path_factory):
+            assert _count(tmp_path_factory, "marker") >= 3
+
+        @pytest.mark.flaky(reruns=2, condition=sys.platform.startswith("win"))
+        def test_marker_no_rerun():
+            assert 0
+
+        @pytest.fixture
+        def bad_teardown():
+            yield
+            raise RuntimeError("teardown broke")
+
+        def test_teardown_fails(bad_teardown):
+            pass
+    """)
+    plain = pytester.runpytest("-p", "no:isolate", "-p", "no:cacheprovider", *options)
+    isolated = run(pytester, *options)
+    assert "INTERNALERROR" not in isolated.stdout.str()
+    assert isolated.parseoutcomes() == plain.parseoutcomes()
+    assert isolated.parseoutcomes()["rerun"] >= 5
+
+
+def test_a_forged_rerun_state_is_refused() -> None:
+    """The rerun state comes from the test's process: checked like a report."""
+    from types import SimpleNamespace
+
+    from pytest_isolate._pytest_compat import _set_rerun_state
+
+    item: Any = SimpleNamespace()
+    assert _set_rerun_state(item, []) == "a rerun state that is not an object"
+    forged = {"_terminal_errors": {"elsewhere": True}}
+    assert "malformed _terminal_errors" in str(_set_rerun_state(item, forged))
+    assert "malformed failures" in str(_set_rerun_state(item, {"failures": {"call": 10**9}}))
+    bad_results = {"condition_results": [["call", "x", True]]}
+    assert "condition results" in str(_set_rerun_state(item, bad_results))
+    good = {
+        "_terminal_errors": {"call": True},
+        "failures": {"call": 2},
+        "condition_results": [["call", 1, False]],
+    }
+    assert _set_rerun_state(item, good) is None
+    assert item._terminal_errors == {"call": True}
+    assert item._rerun_condition_excinfos == {"call": [None, None]}
+    assert item._rerun_condition_results == {("call", 1): False}
 
 
 def test_reruns_of_pytest_rerunfailures_are_isolated_too(pytester: pytest.Pytester) -> None:
