@@ -809,6 +809,31 @@ def _set_rerun_state(item: Any, state: object) -> str | None:
 _MAX_RERUN_FAILURES = 1024
 
 
+def record_dependency_results(item: pytest.Item, reports: list[pytest.TestReport]) -> bool:
+    """In pytest's process, an isolated test's reports made: what
+    pytest-dependency's makereport wrapper does with each (it ran in the
+    sandbox, whose copy of its managers ends with it): the outcome recorded
+    in the managers of the item's session, package, module and class, where
+    the later tests' setups (and its ``depends()``) look. True when recorded:
+    pytest's state then moved (Engine.results_recorded)."""
+    module = sys.modules.get("pytest_dependency")
+    if module is None or not item.config.pluginmanager.has_plugin("dependency"):
+        return False
+    manager_class = getattr(module, "DependencyManager", None)
+    marker = item.get_closest_marker("dependency")
+    if manager_class is None or (marker is None and not getattr(module, "_automark", False)):
+        return False
+    name = marker.kwargs.get("name") if marker is not None else None
+    with contextlib.suppress(Exception):  # another version's internals: as before
+        for report in reports:
+            for scope in manager_class.ScopeCls:
+                manager = manager_class.getManager(item, scope=scope)
+                if manager:
+                    manager.addResult(item, name, report)
+        return True
+    return False
+
+
 def install_protocol(
     isolated_protocol: Callable[..., list[pytest.TestReport]],
 ) -> Callable[[], None]:

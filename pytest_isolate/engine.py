@@ -128,6 +128,8 @@ class _Prepared:
     snapshot: tuple[int, ...]
     sandbox: Sandbox
     cgroup: Any
+    #: Engine.results_epoch when it was forked.
+    epoch: int = 0
 
 
 #: Engine.counts key -> the InitFactory attribute it sums over the session.
@@ -189,6 +191,10 @@ class Engine:
         #: (compat.quiet_setup, quiet_teardown): the setup stack is all they
         #: change, and a sandbox puts that right itself.
         self.generation = 0
+        #: Moves on when pytest's process records a test's results where the
+        #: next tests read them (results_recorded): sandboxes and zygotes
+        #: forked before hold the old ones.
+        self.results_epoch = 0
         #: For -vv's summary: sandboxes, by_zygote, zygotes, prepared.
         self.counts: collections.Counter[str] = collections.Counter()
         self._zygote: Zygote | None = None
@@ -587,7 +593,7 @@ class Engine:
         compat.quiet_setup). None: pytest forks."""
         if self.zygote_unavailable is not None:
             return None
-        key = self.generation
+        key = (self.generation, self.results_epoch)
         zygote = self._zygote
         if zygote is not None and (not zygote.alive or zygote.key != key):
             self._retire_zygote()
@@ -805,6 +811,13 @@ class Engine:
         self._last_run = _run_time(reports)
         return reports
 
+    def results_recorded(self) -> None:
+        """pytest's process recorded a test's results where later tests read
+        them (pytest-dependency's managers, compat.record_dependency_results):
+        the prepared sandbox and the zygote hold the state before, so the
+        next sandbox is forked from the state now."""
+        self.results_epoch += 1
+
     def finish_protocol(self, item: pytest.Item) -> pytest.TestReport | None:
         """After every attempt at ``item``: the teardown deferred for reruns."""
         deferred, self._deferred_teardown = self._deferred_teardown, None
@@ -859,6 +872,7 @@ class Engine:
             if (
                 prepared.item is item
                 and prepared.spec == spec
+                and prepared.epoch == self.results_epoch
                 and compat.shared_snapshot(item) == prepared.snapshot
                 and prepared.sandbox.pid > 0
             ):
@@ -895,7 +909,7 @@ class Engine:
             sandbox, cgroup = self._spawn(nextitem, spec, ahead=ahead, prepared_from=item)
         except Exception:
             return  # it fails again, with a report, when its turn comes
-        self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup)
+        self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup, self.results_epoch)
 
     def _teardown(
         self,

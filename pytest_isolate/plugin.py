@@ -274,6 +274,8 @@ def runtestprotocol(
             compat.reset_rerun_state(item)
             reports = engine.run(item, nextitem, spec)
     compat.note_rerun_reports(item, reports)
+    if compat.record_dependency_results(item, reports):
+        engine.results_recorded()
     try:
         _log(item, reports, engine.take_logged(), log)
     finally:

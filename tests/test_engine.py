@@ -1154,6 +1154,63 @@ def test_pytest_rerunfailures_decides_as_without_isolation(
     assert isolated.parseoutcomes()["rerun"] >= 5
 
 
+def test_pytest_dependency_sees_the_results_of_isolated_tests(pytester: pytest.Pytester) -> None:
+    """pytest-dependency records each outcome in its makereport wrapper, which
+    runs in the sandbox, and a dependent test's setup reads it: pytest's
+    process records it too, and the next sandbox is forked after that (the
+    one prepared while the test ran holds the state before). Without it a
+    test depending on one that passed was skipped."""
+    pytest.importorskip("pytest_dependency")
+    pytester.makepyfile(
+        test_first="""
+        import pytest
+
+        @pytest.mark.dependency()
+        def test_a():
+            pass
+
+        @pytest.mark.dependency()
+        def test_b():
+            assert 0
+
+        @pytest.mark.dependency(depends=["test_a"])
+        def test_needs_a():
+            pass
+
+        @pytest.mark.dependency(depends=["test_b"])
+        def test_needs_b():
+            pass
+
+        @pytest.mark.dependency(name="named")
+        def test_named():
+            pass
+
+        def test_depends_at_runtime(request):
+            from pytest_dependency import depends
+            depends(request, ["test_a", "named"])
+        """,
+        test_second="""
+        import pytest
+
+        @pytest.mark.dependency(depends=["test_first.py::test_a"], scope="session")
+        def test_across_modules():
+            pass
+        """,
+    )
+    plain = pytester.runpytest("-p", "no:isolate", "-p", "no:cacheprovider", "-rA")
+    isolated = run(pytester, "-rA")
+    assert (
+        isolated.parseoutcomes()
+        == plain.parseoutcomes()
+        == {
+            "passed": 5,
+            "failed": 1,
+            "skipped": 1,
+        }
+    )
+    isolated.stdout.fnmatch_lines(["*test_needs_b depends on test_b*"])
+
+
 def test_a_forged_rerun_state_is_refused() -> None:
     """The rerun state comes from the test's process: checked like a report."""
     from types import SimpleNamespace
