@@ -671,12 +671,63 @@ def cancel_fault_timer() -> None:
     faulthandler.cancel_dump_traceback_later()
 
 
+def _find_allure_listener(config: pytest.Config) -> Any:
+    """allure-pytest's listener, when it records this session (--alluredir)."""
+    for plugin in config.pluginmanager.get_plugins():
+        if (
+            type(plugin).__name__ == "AllureListener"
+            and hasattr(plugin, "_cache")
+            and hasattr(plugin, "allure_logger")
+        ):
+            return plugin
+    return None
+
+
 _FACTS: dict[str, Callable[[pytest.Config], Any]] = {
     "subtests": _find_failed_subtests_counts,
     "junitxml": _find_suite_properties,
     "pytest_timeout": _find_pytest_timeout,
     "faulthandler": _find_fault_timer,
+    "allure": _find_allure_listener,
 }
+
+
+def close_allure_result(item: pytest.Item) -> bool:
+    """In the sandbox, after the phases: allure-pytest's result for ``item``,
+    which its listener filled in here (title, steps, status, attachments),
+    written here, as its protocol wrapper in pytest's process would have
+    written it (a test without a status is "skipped"). The results directory
+    must be granted writable (its fixtures' files are written here too).
+    True when written: pytest's process then drops its own copy, which the
+    phases never filled in (drop_allure_result)."""
+    listener = _fact("allure", item.config)
+    if listener is None:
+        return False
+    try:
+        uuid = listener._cache.get(item.nodeid)
+        if not uuid:
+            return False
+        result = listener.allure_logger.get_test(uuid)
+        if result is not None and getattr(result, "status", None) is None:
+            result.status = "skipped"
+        listener.allure_logger.close_test(uuid)
+        listener._cache.pop(item.nodeid)
+    except Exception:  # not writable (its own error already failed the test), or another version
+        return False
+    return True
+
+
+def drop_allure_result(item: pytest.Item) -> None:
+    """In pytest's process: the sandbox wrote allure-pytest's result for
+    ``item`` (close_allure_result); the listener's own, opened around the
+    protocol here and never filled in, is dropped unwritten."""
+    listener = _fact("allure", item.config)
+    if listener is None:
+        return
+    with contextlib.suppress(Exception):
+        uuid = listener._cache.pop(item.nodeid)
+        if uuid:
+            listener.allure_logger.drop_test(uuid)
 
 
 def reruns_expected(item: pytest.Item) -> bool:

@@ -225,6 +225,8 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
             rerun = compat.rerun_state(item)
             if rerun is not None:
                 send_message(ctx.result_fd, "rerun_state", rerun)
+            if compat.close_allure_result(item):
+                send_message(ctx.result_fd, "allure_written", {})
             stop_in_sandbox(coverage)
 
     return start

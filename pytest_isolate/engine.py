@@ -988,6 +988,8 @@ class Engine:
                 setup_failure = msg.payload
             elif msg.type == "rerun_state":
                 problem = compat.apply_rerun_state(item, msg.payload)
+            elif msg.type == "allure_written":
+                compat.drop_allure_result(item)
             elif msg.type == "interrupted" and isinstance(msg.payload, dict):
                 interrupted = str(msg.payload.get("where", "?"))[:_MAX_WHERE]
             elif msg.type == "session_exit" and isinstance(msg.payload, dict):

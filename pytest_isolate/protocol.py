@@ -48,6 +48,7 @@ MESSAGE_TYPES = frozenset(
         "session_exit",  # test process: the test called pytest.exit()
         "interrupted",  # test process: the test raised KeyboardInterrupt
         "rerun_state",  # test process: pytest-rerunfailures' state of the attempt
+        "allure_written",  # test process: it wrote allure-pytest's result itself
     }
 )
 

@@ -3,6 +3,7 @@ pytest would, with the exact lines a user sees."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -1209,6 +1210,60 @@ def test_pytest_dependency_sees_the_results_of_isolated_tests(pytester: pytest.P
         }
     )
     isolated.stdout.fnmatch_lines(["*test_needs_b depends on test_b*"])
+
+
+def test_allure_results_are_those_of_a_plain_run(pytester: pytest.Pytester) -> None:
+    """allure-pytest fills each test's result in in the phases (title, steps,
+    status, attachments), in the sandbox, and wrote it in pytest's process
+    unfilled: a failed test had no status. The sandbox now writes it (its
+    results directory granted writable, as its fixtures' files need), and
+    pytest's process drops its own."""
+    pytest.importorskip("allure_pytest")
+    pytester.makepyfile("""
+        import allure, pytest
+
+        @allure.title("a titled test")
+        def test_titled():
+            with allure.step("step one"):
+                pass
+
+        def test_fails():
+            assert 0
+
+        @pytest.fixture
+        def thing():
+            yield 1
+
+        def test_with_a_fixture(thing):
+            allure.attach("some text", name="note", attachment_type=allure.attachment_type.TEXT)
+    """)
+
+    def results(directory: str) -> list[tuple[Any, ...]]:
+        found = []
+        for path in (pytester.path / directory).glob("*-result.json"):
+            data = json.loads(path.read_text())
+            found.append(
+                (
+                    data["name"],
+                    data.get("status"),
+                    [step["name"] for step in data.get("steps", [])],
+                    bool((data.get("statusDetails") or {}).get("message")),
+                    len(data.get("attachments", [])),
+                )
+            )
+        return sorted(found)
+
+    pytester.runpytest("-p", "no:isolate", "-p", "no:cacheprovider", "--alluredir=plain")
+    run(pytester, "--alluredir=isolated", "--isolate-binds=isolated:rw")
+    assert (
+        results("isolated")
+        == results("plain")
+        == [
+            ("a titled test", "passed", ["step one"], False, 0),
+            ("test_fails", "failed", [], True, 0),
+            ("test_with_a_fixture", "passed", [], False, 1),
+        ]
+    )
 
 
 def test_a_forged_rerun_state_is_refused() -> None:
