@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,13 +103,28 @@ def test_only_tests_with_the_default_capabilities_share_a_template(tmp_path: Pat
 @pytest.fixture
 def staging() -> Iterator[Path]:
     # Not under tmp_path: /tmp is the sandbox's own tmpfs, and the staging
-    # directory only needs to exist on the host.
-    parent = Path(os.environ.get("TMPDIR", "/tmp")) / f"pytest-isolate-template-{os.getpid()}"
-    (parent / "root").mkdir(parents=True)
+    # directory only needs to exist on the host. A name of its own: never
+    # one a killed run left behind.
+    parent = Path(tempfile.mkdtemp(prefix="pytest-isolate-template-"))
+    (parent / "root").mkdir()
     try:
         yield parent / "root"
     finally:
         shutil.rmtree(parent)
+
+
+@pytest.fixture
+def factory(staging: Path) -> Iterator[InitFactory]:
+    """conftest's factory, closed before ``staging`` is removed: it builds
+    inits ahead, in the background, whose mount points a build still
+    running made in a staging directory removed under it (the next test
+    of that xdist worker then found it there: FileExistsError)."""
+    made = InitFactory()
+    made.start()
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 @contextlib.contextmanager
