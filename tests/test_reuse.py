@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,9 +35,10 @@ pytestmark = pytest.mark.isolated(False)
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[RootfsPlan, str, bool, bool]]:
     # The staging directory only needs to exist on the host, not under /tmp
-    # (the sandbox's own tmpfs when these tests run isolated).
-    parent = Path(os.environ.get("TMPDIR", "/tmp")) / f"pytest-isolate-reuse-{os.getpid()}"
-    (parent / "root").mkdir(parents=True)
+    # (the sandbox's own tmpfs when these tests run isolated). A name of its
+    # own: never one a killed run left behind.
+    parent = Path(tempfile.mkdtemp(prefix="pytest-isolate-reuse-"))
+    (parent / "root").mkdir()
     project = tmp_path / "project"
     project.mkdir()
     plan = host_plan(parent / "root", project)
@@ -44,6 +46,20 @@ def setup(tmp_path: Path) -> Iterator[tuple[RootfsPlan, str, bool, bool]]:
         yield (plan, "box", True, True)
     finally:
         shutil.rmtree(parent)
+
+
+@pytest.fixture
+def factory(setup: tuple[RootfsPlan, str, bool, bool]) -> Iterator[InitFactory]:
+    """conftest's factory, closed before ``setup``'s staging directory is
+    removed: it builds templates ahead, in the background, and one still
+    building would make its mount points in a directory removed under it
+    (test_template.py's FileExistsError under load)."""
+    made = InitFactory()
+    made.start()
+    try:
+        yield made
+    finally:
+        made.close()
 
 
 def _namespaces(pid: int) -> dict[str, int]:
@@ -209,8 +225,8 @@ def test_a_mount_the_host_makes_meanwhile_does_not_fail_the_reset(tmp_path: Path
     fail it (the test above)."""
     from pytest_isolate.rootfs import Op
 
-    parent = Path(os.environ.get("TMPDIR", "/tmp")) / f"pytest-isolate-reuse-host-{os.getpid()}"
-    (parent / "root").mkdir(parents=True)
+    parent = Path(tempfile.mkdtemp(prefix="pytest-isolate-reuse-host-"))
+    (parent / "root").mkdir()
     (tmp_path / "project").mkdir()
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)
