@@ -49,17 +49,13 @@ def setup(tmp_path: Path) -> Iterator[tuple[RootfsPlan, str, bool, bool]]:
 
 
 @pytest.fixture
-def factory(setup: tuple[RootfsPlan, str, bool, bool]) -> Iterator[InitFactory]:
-    """conftest's factory, closed before ``setup``'s staging directory is
-    removed: it builds templates ahead, in the background, and one still
-    building would make its mount points in a directory removed under it
-    (test_template.py's FileExistsError under load)."""
-    made = InitFactory()
-    made.start()
-    try:
-        yield made
-    finally:
-        made.close()
+def factory(setup: tuple[RootfsPlan, str, bool, bool], factory: InitFactory) -> InitFactory:
+    """conftest's factory, made after ``setup``'s staging directory and so closed before
+    it is removed: the factory builds templates ahead, in the background,
+    and one still building made its mount points in a staging directory
+    removed under it (the next test of that xdist worker then failed with
+    FileExistsError, in CI under load)."""
+    return factory
 
 
 def _namespaces(pid: int) -> dict[str, int]:

@@ -114,17 +114,13 @@ def staging() -> Iterator[Path]:
 
 
 @pytest.fixture
-def factory(staging: Path) -> Iterator[InitFactory]:
-    """conftest's factory, closed before ``staging`` is removed: it builds
-    inits ahead, in the background, whose mount points a build still
-    running made in a staging directory removed under it (the next test
-    of that xdist worker then found it there: FileExistsError)."""
-    made = InitFactory()
-    made.start()
-    try:
-        yield made
-    finally:
-        made.close()
+def factory(staging: Path, factory: InitFactory) -> InitFactory:
+    """conftest's factory, made after ``staging`` and so closed before
+    it is removed: the factory builds templates ahead, in the background,
+    and one still building made its mount points in a staging directory
+    removed under it (the next test of that xdist worker then failed with
+    FileExistsError, in CI under load)."""
+    return factory
 
 
 @contextlib.contextmanager
