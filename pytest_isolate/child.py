@@ -35,6 +35,10 @@ FORWARD_FD: int | None = None
 COVERAGE_DIR: str | None = None
 
 
+#: How many of a warning category's bases are sent with it.
+_MAX_BASES = 8
+
+
 def in_sandbox() -> bool:
     """True in a test process (its results descriptor is set)."""
     return FORWARD_FD is not None
@@ -51,6 +55,13 @@ def forward_warning(warning_message: warnings.WarningMessage, when: str, nodeid:
         {
             "message": str(warning_message.message),
             "category": f"{category.__module__}.{category.__qualname__}",
+            # Its bases, nearest first: pytest's process takes the first it
+            # has (a class of a module only the test imported it has not).
+            "bases": [
+                f"{base.__module__}.{base.__qualname__}"
+                for base in category.__mro__[1:]
+                if issubclass(base, Warning) and base is not Warning
+            ][:_MAX_BASES],
             "filename": str(warning_message.filename),
             "lineno": int(warning_message.lineno or 0),
             "when": when,

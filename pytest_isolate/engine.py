@@ -68,6 +68,8 @@ _PHASES = ("setup", "call", "teardown")
 _MAX_LOGGED = 1 << 20
 #: The longest "file:line" a test's KeyboardInterrupt is reported at.
 _MAX_WHERE = 4096
+#: How many of a warning category's bases are read.
+_MAX_BASES = 8
 #: Pages a test process writes are learned from the first two sandboxes, then
 #: from one in this many (the suite's tests change; the cost is ~7 ms each),
 #: and only while tests run long enough to copy them ahead.
@@ -1327,30 +1329,60 @@ def _output_sections(phase: str, out: str, err: str) -> list[tuple[str, str]]:
     return sections
 
 
+def _known_warning_class(name: object) -> type[Warning] | None:
+    """The warning class ``name`` ("module.QualName") names, if pytest's
+    process has it: looked up in the modules already imported, never by
+    importing one or running a module's ``__getattr__`` (the name comes from
+    the sandbox)."""
+    if not isinstance(name, str) or len(name) > 1000:
+        return None
+    module_name, _, qualname = name.rpartition(".")
+    found: object = None
+    # The longest imported module the name starts with; the rest is the
+    # class's qualified name (classes nested in classes included).
+    while module_name:
+        module = sys.modules.get(module_name)
+        if module is not None:
+            found = module
+            for part in qualname.split("."):
+                found = vars(found).get(part) if hasattr(found, "__dict__") else None
+            break
+        module_name, _, head = module_name.rpartition(".")
+        qualname = f"{head}.{qualname}"
+    if isinstance(found, type) and issubclass(found, Warning):
+        return found
+    return None
+
+
+def _warning_instance(category: type[Warning], message: str) -> tuple[type[Warning], Warning]:
+    """``category(message)``, or where its constructor wants more than a
+    message (or its instance cannot be printed), the nearest base whose
+    constructor takes one."""
+    for base in category.__mro__:
+        if isinstance(base, type) and issubclass(base, Warning):
+            try:
+                instance = base(message)
+                str(instance)  # pytest's summary prints it
+            except Exception:
+                continue
+            return base, instance
+    return UserWarning, UserWarning(message)
+
+
 def _replay_warning(item: pytest.Item, payload: Any) -> str | None:
     if not isinstance(payload, dict):
         return "a warning frame is not an object"
     message = str(payload.get("message", ""))[:10000]
-    category_name = str(payload.get("category", ""))
-    category: type[Warning] = UserWarning
-    for candidate in (
-        pytest.PytestWarning,
-        DeprecationWarning,
-        PendingDeprecationWarning,
-        RuntimeWarning,
-        UserWarning,
-        FutureWarning,
-        ResourceWarning,
-        SyntaxWarning,
-        ImportWarning,
-        UnicodeWarning,
-        BytesWarning,
-    ):
-        if category_name.endswith("." + candidate.__qualname__):
-            category = candidate
-            break
+    names = [payload.get("category")]
+    bases = payload.get("bases")
+    if isinstance(bases, list):
+        names.extend(bases[:_MAX_BASES])
+    category = next(
+        (found for found in map(_known_warning_class, names) if found is not None), UserWarning
+    )
+    category, instance = _warning_instance(category, message)
     warning = warnings.WarningMessage(
-        category(message),
+        instance,
         category,
         str(payload.get("filename", "?")),
         _int(payload.get("lineno"), 0),

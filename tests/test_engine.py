@@ -507,6 +507,46 @@ def test_warnings_raised_inside_reach_the_summary(pytester: pytest.Pytester) -> 
     result.stdout.fnmatch_lines(["*UserWarning: careful in the sandbox"])
 
 
+def test_a_warnings_category_reaches_the_summary_as_it_was(pytester: pytest.Pytester) -> None:
+    """A subclass keeps its name (pytest's own, the project's); one of a
+    module only the test imported is shown as its nearest base pytest's
+    process knows; one whose constructor wants more than a message too."""
+    pytester.makepyfile(
+        mywarnings="""
+            class ProjectDeprecation(DeprecationWarning):
+                pass
+            class Picky(UserWarning):
+                def __init__(self, message, code):
+                    super().__init__(message)
+        """,
+        late="""
+            class LateWarning(FutureWarning):
+                pass
+        """,
+        test_w="""
+            import warnings
+            import pytest
+            import mywarnings
+            def test_warns():
+                warnings.warn("project", mywarnings.ProjectDeprecation)
+                warnings.warn("pytest's", pytest.PytestExperimentalApiWarning)
+                warnings.warn(mywarnings.Picky("picky", 3))
+                import late
+                warnings.warn("late", late.LateWarning)
+        """,
+    )
+    result = run(pytester, "-W", "always")
+    result.assert_outcomes(passed=1, warnings=4)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*: ProjectDeprecation: project",
+            "*: PytestExperimentalApiWarning: pytest's",
+            "*: UserWarning: picky",
+            "*: FutureWarning: late",
+        ]
+    )
+
+
 def test_warning_filters_of_each_test_apply_inside(pytester: pytest.Pytester) -> None:
     """Warnings are recorded from before "go" (with the item's own filters),
     in sandboxes forked by the zygote too: a filterwarnings mark still turns
