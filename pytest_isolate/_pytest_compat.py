@@ -906,3 +906,143 @@ def install_protocol(
             target.runtestprotocol = original
 
     return restore
+
+
+# ------------------------------------------------------ reports kept on the item
+
+#: At most this many attributes and stash entries of reports are carried.
+_MAX_KEPT_REPORTS = 16
+_PHASE_NAMES = ("setup", "call", "teardown")
+
+
+def report_refs(item: pytest.Item, sent: list[pytest.TestReport]) -> dict[str, Any] | None:
+    """In the sandbox, after the phases: the reports that a
+    pytest_runtest_makereport wrapper kept on the item, the pattern of
+    pytest's documentation ("making test result information available in
+    fixtures"): ``setattr(item, "rep_" + rep.when, rep)`` or
+    ``item.stash.setdefault(key, {})[rep.when] = rep``. The wrapper ran
+    here; pytest's process sets the same names to its own copies of those
+    reports (apply_report_refs), for what reads them there (a module or
+    session fixture's teardown, pytest_sessionfinish). A stash key is named
+    by the module global that holds it, in a conftest or the test's module.
+    Uses ``Stash._storage`` (private). None: nothing kept."""
+    phase_of: dict[int, str] = {id(report): report.when for report in sent}
+    attrs = {
+        name: phase_of[id(value)]
+        for name, value in vars(item).items()
+        if id(value) in phase_of and isinstance(value, pytest.TestReport)
+    }
+    stash = []
+    storage: dict[Any, Any] = getattr(item.stash, "_storage", {})
+    for key, value in storage.items():
+        kept = _kept_phases(value, phase_of)
+        home = _global_name(key, item) if kept is not None else None
+        if home is not None:
+            stash.append([*home, kept])
+    if not attrs and not stash:
+        return None
+    return {
+        "attrs": dict(list(attrs.items())[:_MAX_KEPT_REPORTS]),
+        "stash": stash[:_MAX_KEPT_REPORTS],
+    }
+
+
+def _kept_phases(value: object, phase_of: dict[int, str]) -> str | dict[str, str] | None:
+    if isinstance(value, pytest.TestReport):
+        return phase_of.get(id(value))
+    if not isinstance(value, dict) or not value or len(value) > len(_PHASE_NAMES):
+        return None
+    kept = {}
+    for name, report in value.items():
+        when = phase_of.get(id(report)) if isinstance(report, pytest.TestReport) else None
+        if not isinstance(name, str) or when is None:
+            return None
+        kept[name] = when
+    return kept
+
+
+def _key_homes(item: pytest.Item) -> list[Any]:
+    """Where a stash key a makereport wrapper uses may be defined: the
+    test's module and the conftest modules."""
+    module = getattr(item, "module", None)
+    homes = [module] if module is not None else []
+    for candidate in list(sys.modules.values()):
+        path = getattr(candidate, "__file__", None)
+        if isinstance(path, str) and os.path.basename(path) == "conftest.py":
+            homes.append(candidate)
+    return homes
+
+
+def _global_name(key: object, item: pytest.Item) -> tuple[str, str] | None:
+    for module in _key_homes(item):
+        for name, value in vars(module).items():
+            if value is key:
+                return module.__name__, name
+    return None
+
+
+def apply_report_refs(
+    item: pytest.Item, refs: object, reports: dict[str, pytest.TestReport]
+) -> str | None:
+    """In pytest's process: what report_refs sent, set on the item with
+    pytest's process's own reports of those phases (``reports``; a phase
+    not among them is left for a later call: the teardown's report exists
+    only after the wider fixtures' teardown, which may read the call's).
+    The names come from the sandbox: only new attributes (or ones holding a
+    report), never a private one or one of the item's class, and only stash
+    keys that are globals of a conftest or of the test's module. Returns a
+    problem when the frame is malformed."""
+    if not isinstance(refs, dict):
+        return "a kept-reports frame is not an object"
+    attrs, stash = refs.get("attrs"), refs.get("stash")
+    if not isinstance(attrs, dict) or not isinstance(stash, list):
+        return "a kept-reports frame lacks its attributes or stash entries"
+    if len(attrs) > _MAX_KEPT_REPORTS or len(stash) > _MAX_KEPT_REPORTS:
+        return "a kept-reports frame has too many entries"
+    own = vars(item)
+    for name, when in attrs.items():
+        report = reports.get(when) if isinstance(when, str) else None
+        if (
+            report is None
+            or not isinstance(name, str)
+            or not name.isidentifier()
+            or name.startswith("_")
+            or hasattr(type(item), name)
+            or not isinstance(own.get(name, report), pytest.TestReport)
+        ):
+            continue
+        own[name] = report
+    for entry in stash:
+        if not isinstance(entry, list) or len(entry) != 3:
+            return "a kept-reports stash entry is not [module, name, phases]"
+        key = _known_stash_key(item, entry[0], entry[1])
+        if key is None:
+            continue
+        kept, current = entry[2], item.stash.get(key, None)
+        if isinstance(kept, str):
+            if kept in reports and (current is None or isinstance(current, pytest.TestReport)):
+                item.stash[key] = reports[kept]
+        elif isinstance(kept, dict) and len(kept) <= len(_PHASE_NAMES):
+            if current is None:
+                current = item.stash[key] = {}
+            if not isinstance(current, dict) or not all(
+                isinstance(value, pytest.TestReport) for value in current.values()
+            ):
+                continue
+            for name, when in kept.items():
+                if isinstance(name, str) and isinstance(when, str) and when in reports:
+                    current[name] = reports[when]
+    return None
+
+
+def _known_stash_key(item: pytest.Item, module_name: object, name: object) -> Any:
+    module = sys.modules.get(module_name) if isinstance(module_name, str) else None
+    if module is None or not isinstance(name, str):
+        return None
+    path = getattr(module, "__file__", None)
+    if module is not getattr(item, "module", None) and not (
+        isinstance(path, str) and os.path.basename(path) == "conftest.py"
+    ):
+        return None
+    key = vars(module).get(name)
+    return key if isinstance(key, pytest.StashKey) else None

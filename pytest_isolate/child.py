@@ -195,11 +195,14 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
     compat.release_parent_finalizers(item)
     compat.leave_other_collectors(item)
 
+    sent: list[pytest.TestReport] = []
+
     def send(report: pytest.TestReport) -> None:
         data: dict[str, Any] = config.hook.pytest_report_to_serializable(
             config=config, report=report
         )
         send_message(ctx.result_fd, "report", data)
+        sent.append(report)
 
     recording = compat.record_warnings(item)
 
@@ -233,6 +236,9 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
                 send_message(ctx.result_fd, "subtests_failed", failed_subtests)
             if properties is not None and len(properties) > known_properties:
                 send_message(ctx.result_fd, "suite_properties", properties[known_properties:])
+            kept = compat.report_refs(item, sent)
+            if kept is not None:
+                send_message(ctx.result_fd, "kept_reports", kept)
             rerun = compat.rerun_state(item)
             if rerun is not None:
                 send_message(ctx.result_fd, "rerun_state", rerun)

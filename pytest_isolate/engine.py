@@ -967,6 +967,7 @@ class Engine:
         setup_failure: dict[str, Any] | None = None
         exit_request: tuple[str, int] | None = None
         interrupted: str | None = None
+        kept: object = None
         for msg in outcome.messages:
             if msg.type == "report":
                 report, problem = self._accept_report(item, msg, reports)
@@ -990,6 +991,8 @@ class Engine:
                 setup_failure = msg.payload
             elif msg.type == "rerun_state":
                 problem = compat.apply_rerun_state(item, msg.payload)
+            elif msg.type == "kept_reports":
+                kept = msg.payload
             elif msg.type == "allure_written":
                 compat.drop_allure_result(item)
             elif msg.type == "interrupted" and isinstance(msg.payload, dict):
@@ -1047,7 +1050,16 @@ class Engine:
                 _annotate(reports, spec, stats)
             return reports
         child_teardown = reports.pop() if reports and reports[-1].when == "teardown" else None
+        if kept is not None:
+            # Before the wider fixtures' teardown, which may read them.
+            problem = compat.apply_report_refs(item, kept, {r.when: r for r in reports})
         reports.append(self._teardown(item, nextitem, child_teardown))
+        if kept is not None and not problem:
+            compat.apply_report_refs(item, kept, {r.when: r for r in reports})
+        elif problem:
+            reports[-1].sections.append(
+                ("isolation", f"the isolated test sent a malformed result: {problem}")
+            )
         _annotate(reports, spec, stats)
         if exit_request is not None:
             self.pending_exit = exit_request

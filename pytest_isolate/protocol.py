@@ -49,6 +49,7 @@ MESSAGE_TYPES = frozenset(
         "interrupted",  # test process: the test raised KeyboardInterrupt
         "rerun_state",  # test process: pytest-rerunfailures' state of the attempt
         "allure_written",  # test process: it wrote allure-pytest's result itself
+        "kept_reports",  # test process: the reports a makereport wrapper kept on the item
     }
 )
 

@@ -1330,6 +1330,98 @@ def test_a_forged_rerun_state_is_refused() -> None:
     assert item._rerun_condition_results == {("call", 1): False}
 
 
+def test_reports_a_makereport_wrapper_keeps_on_the_item_reach_pytests_process(
+    pytester: pytest.Pytester,
+) -> None:
+    """pytest's documented pattern (an attribute per phase, or a stash key
+    in a conftest): what reads them in pytest's process (a module fixture's
+    teardown, pytest_sessionfinish) sees the isolated tests' reports, as
+    without isolation."""
+    pytester.makeconftest("""
+        import pytest
+        phase_key = pytest.StashKey()
+
+        @pytest.hookimpl(wrapper=True, tryfirst=True)
+        def pytest_runtest_makereport(item, call):
+            rep = yield
+            setattr(item, "rep_" + rep.when, rep)
+            item.stash.setdefault(phase_key, {})[rep.when] = rep
+            return rep
+
+        @pytest.fixture(scope="module")
+        def watcher(request):
+            yield
+            for item in request.session.items:
+                print("MODULE", item.name, item.rep_setup.outcome, item.rep_call.outcome,
+                      sorted(item.stash[phase_key]))
+
+        def pytest_sessionfinish(session):
+            for item in session.items:
+                phases = item.stash[phase_key]
+                print("FINISH", item.name, item.rep_call.outcome, item.rep_teardown.outcome,
+                      [phases[when].outcome for when in ("setup", "call", "teardown")])
+    """)
+    pytester.makepyfile("""
+        def test_passes(watcher): pass
+        def test_fails(watcher): assert 0
+    """)
+    plain = pytester.runpytest_subprocess("-s", "-p", "no:cacheprovider")
+    result = run(pytester, "-s")
+    result.assert_outcomes(passed=1, failed=1)
+    expected = [
+        "MODULE test_passes passed passed ['call', 'setup', 'teardown']",
+        "MODULE test_fails passed failed ['call', 'setup']",
+        "FINISH test_passes passed passed ['passed', 'passed', 'passed']",
+        "FINISH test_fails failed passed ['passed', 'failed', 'passed']",
+    ]
+    for output in (plain, result):
+        found = [re.search(r"(MODULE|FINISH) .*", line) for line in output.outlines]
+        assert [match.group(0) for match in found if match] == expected
+    assert "malformed" not in result.stdout.str()
+
+
+def test_forged_kept_reports_are_refused_or_ignored() -> None:
+    """The names come from the test's process: never a private attribute,
+    one of the item's class or one holding something else than a report,
+    never a stash key outside a conftest or the test's module."""
+    import _pytest.skipping
+
+    from pytest_isolate._pytest_compat import apply_report_refs
+
+    class Item:
+        module = None
+
+        def __init__(self) -> None:
+            self.config = "the config"
+            self.stash = pytest.Stash()
+
+    item: Any = Item()
+    report: Any = pytest.TestReport("t.py::t", ("t.py", 0, "t"), {}, "passed", None, "call")
+    reports = {"call": report}
+    assert apply_report_refs(item, [], reports) == "a kept-reports frame is not an object"
+    assert "lacks" in str(apply_report_refs(item, {"attrs": []}, reports))
+    many = {"attrs": {f"rep_{n}": "call" for n in range(100)}, "stash": []}
+    assert "too many" in str(apply_report_refs(item, many, reports))
+    bad_entry = {"attrs": {}, "stash": [["m", "k"]]}
+    assert "stash entry" in str(apply_report_refs(item, bad_entry, reports))
+    forged = {
+        "attrs": {
+            "config": "call",  # holds something else
+            "_private": "call",
+            "module": "call",  # the class's
+            "rep_x": "nophase",
+            "rep_call": "call",
+        },
+        "stash": [["_pytest.skipping", "xfailed_key", "call"]],  # pytest's own module
+    }
+    assert apply_report_refs(item, forged, reports) is None
+    assert item.config == "the config"
+    assert not hasattr(item, "_private")
+    assert not hasattr(item, "rep_x")
+    assert item.rep_call is report
+    assert _pytest.skipping.xfailed_key not in item.stash
+
+
 def test_reruns_of_pytest_rerunfailures_are_isolated_too(pytester: pytest.Pytester) -> None:
     pytest.importorskip("pytest_rerunfailures")
     pytester.makepyfile("""
