@@ -63,14 +63,26 @@ def evaluate_skip(item: pytest.Item) -> bool:
 
 
 def _wider_fixtures(item: pytest.Item) -> list[Any]:
+    """The item's fixtures of wider than function scope, which pytest's
+    process sets up. A class-scoped fixture of a test outside a class is
+    not one: pytest registers its teardown on the test itself (the scope's
+    node falls back to the item), so it is set up and torn down for each
+    test, in the sandbox (pytest-django's autouse ``_django_setup_unittest``)."""
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
         return []
+    in_class: bool | None = None
     defs = []
     for name in getattr(item, "fixturenames", ()):
         chain = info.name2fixturedefs.get(name)
-        if chain and chain[-1].scope != "function":
-            defs.append((name, chain[-1]))
+        if not chain or chain[-1].scope == "function":
+            continue
+        if chain[-1].scope == "class":
+            if in_class is None:
+                in_class = item.getparent(pytest.Class) is not None
+            if not in_class:
+                continue
+        defs.append((name, chain[-1]))
     return defs
 
 

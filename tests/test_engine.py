@@ -253,6 +253,45 @@ def test_wider_fixtures_are_set_up_once_in_pytest_and_torn_down_once(
     ]
 
 
+def test_a_class_fixture_of_a_test_outside_a_class_is_the_tests_own(
+    pytester: pytest.Pytester,
+) -> None:
+    """pytest sets up a class-scoped fixture of a test outside a class, and
+    tears it down, for each such test (its teardown is registered on the
+    test): in the sandbox, then. Inside a class it is the class's, set up
+    once in pytest's process (pytest-django's autouse ``_django_setup_unittest``
+    made every test outside a class error before)."""
+    pytester.makeconftest("""
+        import os, pytest
+        @pytest.fixture(scope="class", autouse=True)
+        def per_class(request):
+            where = "sandbox" if os.getpid() == 2 else "pytest"
+            print("SETUP", request.node.name, where)
+            yield
+            print("TEARDOWN", request.node.name)
+    """)
+    pytester.makepyfile("""
+        def test_one(): pass
+        def test_two(): pass
+        class TestGroup:
+            def test_three(self): pass
+            def test_four(self): pass
+    """)
+    result = run(pytester, "-s", "-p", "no:randomly")
+    result.assert_outcomes(passed=4)
+    lines = [
+        m.group(0) for m in map(re.compile(r"(SETUP|TEARDOWN) .*").search, result.outlines) if m
+    ]
+    assert lines == [
+        "SETUP test_one sandbox",
+        "TEARDOWN test_one",
+        "SETUP test_two sandbox",
+        "TEARDOWN test_two",
+        "SETUP TestGroup pytest",
+        "TEARDOWN TestGroup",
+    ]
+
+
 def test_a_failing_session_fixture_errors_the_tests_that_need_it(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
