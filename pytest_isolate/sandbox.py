@@ -706,6 +706,7 @@ def fork_sandbox(
     a new one) and, where it can be, in the cgroup v2 directory
     ``clone_into`` (rootless: in its new namespaces, born_flags), runs
     ``start`` (start_sandbox) and never returns."""
+    flush_std_streams()
     fork = os.fork
     into = clone_into if _CLONE_INTO[0] else None
     flags = born_flags(plan)
@@ -1359,15 +1360,34 @@ def _test_main(
         _fail(ctx, step, exc)
     try:
         start()
+        flush_std_streams()
         send_message(ctx.result_fd, "done", {})
         ctx.ring()
         while linger:
             time.sleep(3600)  # until P has read what it wanted and kills us
     except KeyboardInterrupt:
+        flush_std_streams()
         os._exit(130)
     except BaseException as exc:
+        flush_std_streams()
         _fail(ctx, "run the test protocol", exc)
     os._exit(0)
+
+
+def flush_std_streams() -> None:
+    """What Python still buffers of the standard streams, written.
+
+    - In the test process, what the test printed: ``os._exit`` would drop
+      it. With ``-s`` and output to a pipe or file (a CI log),
+      ``sys.stdout`` is block-buffered, and every line a test printed was
+      lost. Before "done", since P may end the process once it has read it.
+    - In pytest's process, before each fork (a zygote, a sandbox): a child
+      that flushes would write the buffered text of its parent a second
+      time."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
 
 
 def _install_dump_handlers(stack_fd: int) -> None:

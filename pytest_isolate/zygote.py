@@ -67,6 +67,9 @@ class Zygote:
     def start(self, serve: Serve, close: set[int]) -> None:
         """Fork the zygote; ``close``: pytest's descriptors it must not keep
         (other sandboxes' pipes, the init factory's socket)."""
+        from .sandbox import flush_std_streams
+
+        flush_std_streams()  # its test processes flush theirs (the test's output)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             with warnings.catch_warnings():

@@ -292,6 +292,76 @@ def test_a_class_fixture_of_a_test_outside_a_class_is_the_tests_own(
     ]
 
 
+def test_a_wider_fixture_a_test_requests_itself_is_torn_down_in_its_sandbox(
+    pytester: pytest.Pytester,
+) -> None:
+    """First requested by ``request.getfixturevalue`` inside the test, a
+    session fixture is set up in the sandbox: its teardown runs there too,
+    at the end of the test's teardown (it never ran before), and an error
+    there is the test's teardown error."""
+    pytester.makeconftest("""
+        import os, pytest
+        @pytest.fixture(scope="session")
+        def service():
+            print("SETUP", os.getpid())
+            yield 5
+            print("TEARDOWN", os.getpid())
+        @pytest.fixture(scope="session")
+        def broken():
+            yield
+            raise RuntimeError("cleanup failed")
+    """)
+    pytester.makepyfile("""
+        def test_one(request):
+            assert request.getfixturevalue("service") == 5
+        def test_two(request):
+            request.getfixturevalue("broken")
+    """)
+    result = run(pytester, "-s", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, errors=1)
+    lines = [
+        m.group(0) for m in map(re.compile(r"(SETUP|TEARDOWN) \d+").search, result.outlines) if m
+    ]
+    assert lines == ["SETUP 2", "TEARDOWN 2"]
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_two*", "E   *RuntimeError: cleanup failed"]
+    )
+
+
+def test_with_dash_s_what_tests_print_to_a_pipe_arrives_once(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-s`` with output to a pipe (a CI log): Python buffers
+    ``sys.stdout`` in blocks, and a sandbox ends with ``os._exit``: what a
+    test printed was lost. What pytest's process had buffered when it
+    forked must not come out of every sandbox either."""
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    pytester.makeconftest("""
+        import pytest
+        @pytest.fixture(scope="module")
+        def shared():
+            print("MODULE", "FIXTURE")
+            return 1
+    """)
+    pytester.makepyfile("""
+        import sys
+        def test_one(shared):
+            print("PRINTED", "one")
+            sys.stderr.write("ERR one\\n")
+        def test_two(shared):
+            print("PRINTED", "two")
+        def test_three(shared):
+            print("PRINTED", "three")
+            assert 0
+    """)
+    result = run(pytester, "-s", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=1)
+    out = result.stdout.str()
+    for line in ("MODULE FIXTURE", "PRINTED one", "PRINTED two", "PRINTED three"):
+        assert out.count(line) == 1, (line, out)
+    assert result.stderr.str().count("ERR one") == 1
+
+
 def test_a_failing_session_fixture_errors_the_tests_that_need_it(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest
