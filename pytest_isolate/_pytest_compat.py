@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import pluggy
 import pytest
 from _pytest.nodes import Node
 
@@ -93,6 +94,7 @@ def setup_shared(item: pytest.Item) -> None:
     """Set up, in pytest's process, the collectors above the item and every
     fixture of wider than function scope it uses: they are created once and
     inherited by every sandbox (SetupState.setup, FixtureRequest)."""
+    __tracebackhide__ = True  # pytest leaves this frame out of failure reports
     session = item.session
     parent = item.parent
     assert parent is not None
@@ -228,6 +230,7 @@ def shared_ready(item: pytest.Item) -> bool:
 
 def teardown_shared(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Tear down, in pytest's process, what ``nextitem`` does not need."""
+    __tracebackhide__ = True  # pytest leaves this frame out of failure reports
     item.session._setupstate.teardown_exact(nextitem)
 
 
@@ -268,6 +271,7 @@ def run_sandbox_finalizers(item: pytest.Item) -> None:
     here: a wider fixture the test requested dynamically. Run innermost
     node first, last registered first, errors raised as pytest's
     SetupState.teardown_exact raises them (SetupState.stack)."""
+    __tracebackhide__ = True  # pytest leaves this frame out of failure reports
     stack = item.session._setupstate.stack
     errors: list[BaseException] = []
     for node in reversed(list(stack)):
@@ -284,13 +288,27 @@ def run_sandbox_finalizers(item: pytest.Item) -> None:
         raise BaseExceptionGroup("errors during test teardown", errors[::-1])
 
 
+#: pluggy's warning that a hook wrapper raised (pluggy 1.4+).
+_PLUGGY_TEARDOWN_RAISED: type[Warning] = getattr(pluggy, "PluggyTeardownRaisedWarning", UserWarning)
+
+
 def call_in_phase(
-    item: pytest.Item, when: str, func: Callable[[], None], *, hooks: bool = True
+    item: pytest.Item,
+    when: str,
+    func: Callable[[], None],
+    *,
+    hooks: bool = True,
+    hooks_if_passed: bool = True,
 ) -> pytest.TestReport:
     """Run ``func`` as (part of) phase ``when`` with pytest's per-item capture,
     and make the report pytest would make for it. ``hooks=False`` builds it
     without pytest_runtest_makereport: plugins' wrappers of that hook saw the
-    phase in the sandbox already and may expect state only set up there."""
+    phase in the sandbox already and may expect state only set up there.
+    ``hooks_if_passed=False``: only a failure's report (the one that will
+    be logged) goes through the hook. The hook runs plugins' wrappers that
+    may rely on their own pytest_runtest_<phase> wrapper, which did not run
+    here (pytest-json-report's KeyError): where one raises, the report is
+    built without the hook rather than ending the run."""
     capman = item.config.pluginmanager.getplugin("capturemanager")
     reraise: tuple[type[BaseException], ...] = (pytest.exit.Exception,)
     if not item.config.getoption("usepdb", False):
@@ -300,9 +318,22 @@ def call_in_phase(
             call = CallInfo.from_call(func, when=when, reraise=reraise)  # type: ignore[arg-type]
     else:
         call = CallInfo.from_call(func, when=when, reraise=reraise)  # type: ignore[arg-type]
-    if not hooks:
+    if not hooks or (not hooks_if_passed and call.excinfo is None):
         return pytest.TestReport.from_item_and_call(item, call)
-    report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
+    try:
+        with warnings.catch_warnings():
+            # pluggy warns of the wrapper that raises below: ours to handle.
+            warnings.simplefilter("ignore", _PLUGGY_TEARDOWN_RAISED)
+            report: pytest.TestReport = item.ihook.pytest_runtest_makereport(item=item, call=call)
+    except Exception:
+        if call.excinfo is not None:
+            # The failed attempt already cut the traceback pytest shows:
+            # start again from the exception itself.
+            fresh = pytest.ExceptionInfo.from_exception(call.excinfo.value)
+            call = CallInfo(
+                None, fresh, call.start, call.stop, call.duration, call.when, _ispytest=True
+            )
+        return pytest.TestReport.from_item_and_call(item, call)
     return report
 
 
@@ -1084,3 +1115,63 @@ def _known_stash_key(item: pytest.Item, module_name: object, name: object) -> An
         return None
     key = vars(module).get(name)
     return key if isinstance(key, pytest.StashKey) else None
+
+
+# ------------------------------------------- what protocol wrappers put on the item
+
+#: The item whose protocol runs in pytest's process, and how many attributes
+#: it had when its outermost protocol wrapper (ours, tryfirst) began.
+_protocol_start: tuple[Any, int] | None = None
+#: The bound of what is carried to a sandbox with "go" (the go pipe's
+#: capacity is 64 KiB, and nothing else is in it then).
+_MAX_PROTOCOL_ATTRS = 60000
+
+
+def note_protocol_start(item: pytest.Item) -> None:
+    """In pytest's process, first in pytest_runtest_protocol: how many
+    attributes the item has before other plugins' protocol wrappers run."""
+    global _protocol_start
+    _protocol_start = (item, len(vars(item)))
+
+
+def protocol_attrs(item: pytest.Item) -> bytes:
+    """In pytest's process, at "go" for a sandbox forked before this
+    protocol began (prepared during the previous test, or by a zygote): the
+    attributes other plugins' pytest_runtest_protocol wrappers set on the
+    item since (pytest-json-report's ``_json_report_extra``, which its
+    makereport wrapper in the sandbox needs), pickled for the sandbox's copy
+    of the item (apply_protocol_attrs). Those that cannot be pickled are
+    left out. Empty: none."""
+    start = _protocol_start
+    if start is None or start[0] is not item:
+        return b""
+    names = list(vars(item))[start[1] :]
+    if not names:
+        return b""
+    import pickle
+
+    carried: dict[str, bytes] = {}
+    size = 0
+    for name in names:
+        try:
+            data = pickle.dumps(vars(item)[name], protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            continue
+        size += len(name) + len(data)
+        if size > _MAX_PROTOCOL_ATTRS:
+            break
+        carried[name] = data
+    return pickle.dumps(carried, protocol=pickle.HIGHEST_PROTOCOL) if carried else b""
+
+
+def apply_protocol_attrs(item: pytest.Item, data: bytes) -> None:
+    """In the sandbox, before the phases: what protocol_attrs sent (from
+    pytest's process, which the sandbox trusts), set on its item."""
+    if not data:
+        return
+    import pickle
+
+    with contextlib.suppress(Exception):
+        for name, value in pickle.loads(data).items():
+            with contextlib.suppress(Exception):
+                setattr(item, name, pickle.loads(value))

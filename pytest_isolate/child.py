@@ -163,6 +163,7 @@ class _SandboxFixturesTeardown:
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        __tracebackhide__ = True  # pytest leaves this frame out of failure reports
         compat.run_sandbox_finalizers(item)
 
 
@@ -188,9 +189,11 @@ def _where(exc: BaseException) -> str:
 
 
 def decode_nextitem(item: pytest.Item, data: bytes) -> pytest.Item | None:
-    if len(data) != 4:
+    """The next item, from the first 4 bytes of "go"'s data (the rest: what
+    compat.protocol_attrs sent)."""
+    if len(data) < 4:
         return None
-    (index,) = struct.unpack("<i", data)
+    (index,) = struct.unpack("<i", data[:4])
     items = item.session.items
     return items[index] if 0 <= index < len(items) else None
 
@@ -221,6 +224,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
 
     def start() -> None:
         nextitem = decode_nextitem(item, ctx.go_data)
+        compat.apply_protocol_attrs(item, ctx.go_data[4:])
         coverage = start_in_sandbox(COVERAGE_DIR)
         failed_subtests = compat.failed_subtests(item)
         properties = compat.suite_properties(config)

@@ -538,6 +538,10 @@ class Engine:
                 sandbox.set_cleanup(None)
                 self._release(sandbox)
                 sandbox = self._fork(item, plan, cgroup, ahead, None)
+                forker = None
+        # Forked by pytest's process in the item's own protocol: its copy of
+        # the item is the item as it is now (compat.protocol_attrs).
+        sandbox.item_current = forker is None and prepared_from is None
         self.counts["sandboxes"] += 1
         if cgroup is not None:
             self._cgroup_of[id(sandbox)] = cgroup
@@ -777,7 +781,11 @@ class Engine:
         if not compat.shared_ready(item):
             if not compat.quiet_setup(item):
                 self.generation += 1
-            setup = compat.call_in_phase(item, "setup", lambda: compat.setup_shared(item))
+            # Passed, its report is dropped (the sandbox makes the test's
+            # setup report): only a failure's goes through the hook.
+            setup = compat.call_in_phase(
+                item, "setup", partial(compat.setup_shared, item), hooks_if_passed=False
+            )
             if not setup.passed:
                 self._discard_prepared()
                 return [setup, self._teardown(item, nextitem, None, hooks=True)]
@@ -788,7 +796,8 @@ class Engine:
             report = self._report(item, "setup", _setup_error_text(item, exc), spec=spec)
             return [report, self._teardown(item, nextitem, None)]
         learn = self._learning_due(sandbox)
-        sandbox.go(struct.pack("<i", self._index_of(nextitem)), linger=learn)
+        carried = b"" if sandbox.item_current else compat.protocol_attrs(item)
+        sandbox.go(struct.pack("<i", self._index_of(nextitem)) + carried, linger=learn)
         self._prepare_next(item, nextitem)
         # While the test runs: reap the sandboxes killed before it and remove
         # their cgroups (on v1 each rmdir can wait for the kernel).
@@ -827,7 +836,7 @@ class Engine:
             return None
         self.generation += 1
         report = compat.call_in_phase(
-            item, "teardown", lambda: compat.teardown_shared(item, deferred[1]), hooks=False
+            item, "teardown", partial(compat.teardown_shared, item, deferred[1]), hooks=False
         )
         return report if report.failed else None
 
@@ -936,7 +945,7 @@ class Engine:
         if not compat.quiet_teardown(nextitem, item.session):
             self.generation += 1
         parent = compat.call_in_phase(
-            item, "teardown", lambda: compat.teardown_shared(item, nextitem), hooks=hooks
+            item, "teardown", partial(compat.teardown_shared, item, nextitem), hooks=hooks
         )
         if child is None:
             return parent

@@ -316,7 +316,10 @@ def pytest_runtest_protocol(
     item: pytest.Item, nextitem: pytest.Item | None
 ) -> Generator[None, object, object]:
     """Around every protocol (ours, pytest's, pytest-rerunfailures'): tear
-    down wider fixtures held back while reruns were possible."""
+    down wider fixtures held back while reruns were possible. Notes the
+    item's attributes first (compat.note_protocol_start), before the
+    protocol wrappers of other plugins add theirs."""
+    compat.note_protocol_start(item)
     try:
         return (yield)
     finally:

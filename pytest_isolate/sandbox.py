@@ -165,6 +165,9 @@ class Sandbox:
         #: Forked by a zygote that has not answered yet: the call that gives
         #: the pid, and the child's ends of the pipes, held until then.
         self._pending = pending
+        #: Its copy of pytest's state has the test's item as it is at "go"
+        #: (forked by pytest's process in the item's own protocol).
+        self.item_current = False
         #: Rootless: the process pytest forked may stay outside the pid
         #: namespace and only relay the exit of pid 1, its child (_relay);
         #: or be pid 1, born in the namespace (fork_born).
@@ -219,13 +222,16 @@ class Sandbox:
 
     def go(self, data: bytes = b"", linger: bool = False) -> None:
         """Release the prepared test; the timeout clock starts here. ``data``
-        (at most 8 bytes) reaches the test callback as ``ctx.go_data``. With
+        (under 64 KiB, the pipe's capacity, so that the write never waits for
+        a test process that died) reaches the test callback as
+        ``ctx.go_data``. With
         ``linger``, the test process stays (stopped in pause()) after its
         "done" frame until kill(), so its memory can be looked at."""
         self._resolve_quietly()
         self.started = time.monotonic()
+        header = b"g" + (b"l" if linger else b"-") + len(data).to_bytes(4, "little")
         with contextlib.suppress(OSError):  # already dead: collect() reports how
-            os.write(self.go_fd, b"g" + (b"l" if linger else b"-") + data[:8])
+            os.write(self.go_fd, header + data)
 
     def attach_killed(self, fd: int) -> None:
         """The read end of the pipe pid 1 answers KILL_ALL_SIGNAL on."""
@@ -1350,11 +1356,11 @@ def _test_main(
         step = "prepare pytest in the test process"
         start = run_test(ctx)
         step = "wait for the go signal"
-        message = os.read(go_r, 10)
+        message = _read_exactly(go_r, 6)
         if not message.startswith(b"g"):
             os._exit(0)  # discarded by P before use: leave quietly
         linger = message[1:2] == b"l"
-        ctx.go_data = message[2:]
+        ctx.go_data = _read_exactly(go_r, int.from_bytes(message[2:6], "little"))
         os.close(go_r)
     except BaseException as exc:
         _fail(ctx, step, exc)
@@ -1372,6 +1378,17 @@ def _test_main(
         flush_std_streams()
         _fail(ctx, "run the test protocol", exc)
     os._exit(0)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    """``size`` bytes from the pipe, or fewer at its end."""
+    data = b""
+    while len(data) < size:
+        chunk = os.read(fd, size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def flush_std_streams() -> None:

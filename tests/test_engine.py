@@ -380,6 +380,39 @@ def test_a_failing_session_fixture_errors_the_tests_that_need_it(pytester: pytes
     result.stdout.fnmatch_lines(["E       RuntimeError: database is down"])
 
 
+def test_a_wider_fixtures_error_shows_the_frames_pytest_shows(pytester: pytest.Pytester) -> None:
+    """A conftest's module or session fixture failing in pytest's process
+    (setup, teardown), or a session fixture the test requested itself
+    failing in its sandbox's teardown: the failure shows the fixture's
+    frames, as without isolation, none of this plugin's."""
+    pytester.makeconftest("""
+        import pytest
+        @pytest.fixture(scope="module")
+        def broken():
+            raise RuntimeError("no database")
+        @pytest.fixture(scope="module")
+        def bad_teardown():
+            yield
+            raise RuntimeError("cleanup failed")
+        @pytest.fixture(scope="session")
+        def bad_dynamic():
+            yield
+            raise RuntimeError("dynamic cleanup failed")
+    """)
+    pytester.makepyfile(
+        test_a="def test_one(broken): pass",
+        test_b="def test_two(bad_teardown): pass",
+        test_c="def test_three(request): request.getfixturevalue('bad_dynamic')",
+    )
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--tb=long")
+    result = run(pytester, "--tb=long")
+    result.assert_outcomes(passed=2, errors=3)
+    assert "pytest_isolate" not in result.stdout.str()
+    frames = [line for line in result.outlines if re.match(r"^\S+\.py:\d+", line)]
+    assert frames == [line for line in plain.outlines if re.match(r"^\S+\.py:\d+", line)]
+    assert frames
+
+
 def test_isolated_false_runs_a_test_in_pytest_s_own_process(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(f"""
         import os, pytest
@@ -1529,6 +1562,73 @@ def test_forged_kept_reports_are_refused_or_ignored() -> None:
     assert not hasattr(item, "rep_x")
     assert item.rep_call is report
     assert _pytest.skipping.xfailed_key not in item.stash
+
+
+def test_pytest_json_report_writes_what_it_writes_without_isolation(
+    pytester: pytest.Pytester,
+) -> None:
+    """Its protocol wrapper puts a dict on the item in pytest's process that
+    its makereport wrapper fills in, in the sandbox: a sandbox forked before
+    the protocol began (prepared ahead, or by a zygote) gets it with "go".
+    Its makereport wrapper, called in pytest's process for the wider
+    fixtures' setup, raised KeyError there (INTERNALERROR at the first test
+    of every module)."""
+    pytest.importorskip("pytest_jsonreport")
+    pytester.makeconftest("""
+        import pytest
+        @pytest.fixture(scope="module")
+        def shared():
+            return 1
+        @pytest.fixture(scope="module")
+        def broken():
+            raise RuntimeError("no database")
+    """)
+    pytester.makepyfile(
+        test_a="""
+            import logging
+            def test_one(shared, json_metadata):
+                json_metadata["answer"] = 42
+                print("out one")
+                logging.getLogger("x").warning("logged")
+            def test_two(shared):
+                assert 1 == 2
+            def test_three(shared): pass
+        """,
+        test_b="""
+            def test_four(broken): pass
+            def test_five(): pass
+        """,
+    )
+
+    def tests(name: str, *args: str) -> dict[str, Any]:
+        report = pytester.path / f"{name}.json"
+        result = pytester.runpytest_subprocess(
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "--json-report",
+            f"--json-report-file={report}",
+            *args,
+            timeout=120,
+        )
+        assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+        found = {}
+        for test in json.loads(report.read_text())["tests"]:
+            test.pop("user_properties", None)  # isolated: isolate_peak_memory
+            for when in ("setup", "call", "teardown"):
+                test.get(when, {}).pop("duration", None)
+                for record in test.get(when, {}).get("log", []):  # name, level, message
+                    for key in set(record) - {"name", "msg", "levelname"}:
+                        del record[key]
+            found[test["nodeid"]] = test
+        return found
+
+    plain = tests("plain")
+    isolated = tests("isolated", *ISOLATE)
+    assert plain["test_a.py::test_one"]["metadata"] == {"answer": 42}
+    assert plain["test_a.py::test_one"]["call"]["stdout"] == "out one\n"
+    assert isolated == plain
 
 
 def test_reruns_of_pytest_rerunfailures_are_isolated_too(pytester: pytest.Pytester) -> None:
