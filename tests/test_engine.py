@@ -413,6 +413,39 @@ def test_a_wider_fixtures_error_shows_the_frames_pytest_shows(pytester: pytest.P
     assert frames
 
 
+def test_a_temp_dir_a_wider_fixture_makes_is_there_for_the_tests(
+    pytester: pytest.Pytester,
+) -> None:
+    """``tempfile.mkdtemp()`` in a module fixture (pytest's process): the
+    tests see it, and what they write there, as without isolation (it used
+    to be in the host's /tmp, which no sandbox sees). A test's own temp
+    files still go to its private /tmp."""
+    pytester.makeconftest("""
+        import os, shutil, tempfile, pytest
+        @pytest.fixture(scope="module")
+        def cache():
+            path = tempfile.mkdtemp(prefix="zoneinfo_")
+            with open(os.path.join(path, "UTC"), "w") as f:
+                f.write("data")
+            yield path
+            print("LEFT", sorted(os.listdir(path)))
+            shutil.rmtree(path)
+    """)
+    pytester.makepyfile("""
+        import os, tempfile
+        def test_reads(cache):
+            assert open(os.path.join(cache, "UTC")).read() == "data"
+        def test_writes(cache):
+            open(os.path.join(cache, "written"), "w").close()
+        def test_own_temp_is_private(cache):
+            assert tempfile.gettempdir() == "/tmp"
+            assert not os.path.commonpath([tempfile.mkdtemp(), cache]).startswith(cache)
+    """)
+    result = run(pytester, "-s", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    assert "LEFT ['UTC', 'written']" in result.stdout.str()
+
+
 def test_isolated_false_runs_a_test_in_pytest_s_own_process(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(f"""
         import os, pytest
