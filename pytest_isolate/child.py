@@ -13,7 +13,7 @@ import struct
 import tempfile
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -40,39 +40,37 @@ COVERAGE_DIR: str | None = None
 _MAX_BASES = 8
 
 
-#: Set while pytest's process lends its Python temp directory to the
-#: sandboxes (share_temp_dir): the directory it had before, which a
-#: sandbox goes back to (its own private /tmp).
-_OWN_TEMPDIR: list[str | None] = []
 #: The shared directory's name below the session's temp base.
 SHARED_TEMPDIR = "isolate-tmp"
 
 
-def share_temp_dir(basetemp: str) -> None:
-    """In pytest's process, before the first test: Python's temp directory
-    (``tempfile.tempdir``) becomes ``<basetemp>/isolate-tmp``, which every
-    sandbox sees, writable, at the same path. A wider fixture that makes a
-    directory with ``tempfile.mkdtemp()`` for the tests (a zoneinfo cache,
-    a socket) made it in the host's ``/tmp`` before, which no sandbox sees:
-    each has a private ``/tmp``. A sandbox's own temp files still go to its
-    private ``/tmp`` (restore_temp_dir). Not the ``TMPDIR`` of processes
-    pytest's process starts: only Python's own choice changes."""
-    if _OWN_TEMPDIR:
+@contextlib.contextmanager
+def shared_temp_dir(basetemp: str | None) -> Iterator[None]:
+    """In pytest's process, around the setup of an isolated test's wider
+    fixtures: Python's temp directory (``tempfile.tempdir``) is
+    ``<basetemp>/isolate-tmp``, which every sandbox sees, writable, at the
+    same path. A fixture that makes a directory for the tests with
+    ``tempfile.mkdtemp()`` (a zoneinfo cache, a socket) made it in the
+    host's ``/tmp`` before, which no sandbox sees: each has a private
+    ``/tmp``. Only then: tests that run in pytest's process, and the
+    sandboxes, keep ``/tmp`` (the session's temp base is private to its
+    user, which a test handing a path to another user would notice). Not the
+    ``TMPDIR`` of processes started meanwhile: only Python's own choice."""
+    shared = None
+    if basetemp is not None:
+        shared = os.path.join(basetemp, SHARED_TEMPDIR)
+        try:
+            os.makedirs(shared, exist_ok=True)
+        except OSError:
+            shared = None
+    if shared is None:
+        yield
         return
-    shared = os.path.join(basetemp, SHARED_TEMPDIR)
+    own, tempfile.tempdir = tempfile.tempdir, shared
     try:
-        os.makedirs(shared, exist_ok=True)
-    except OSError:
-        return
-    _OWN_TEMPDIR.append(tempfile.tempdir)
-    tempfile.tempdir = shared
-
-
-def restore_temp_dir() -> None:
-    """In a sandbox (or a zygote, once), and in pytest's process after the
-    last test: Python's temp directory as it was."""
-    if _OWN_TEMPDIR:
-        tempfile.tempdir = _OWN_TEMPDIR.pop()
+        yield
+    finally:
+        tempfile.tempdir = own
 
 
 def in_sandbox() -> bool:
@@ -166,7 +164,6 @@ def silence_plugins(session: pytest.Session) -> None:
                 os.close(fd)
     _log_reports_at_home(config)
     manager.register(_SandboxFixturesTeardown(), "isolate-sandbox-fixtures-teardown")
-    restore_temp_dir()
     compat.learn_session(config)
     compat.start_session_warnings(config)
     compat.learn_capture(config)

@@ -35,7 +35,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .capabilities import privileged
-from .child import run_in_sandbox, silence_plugins
+from .child import run_in_sandbox, shared_temp_dir, silence_plugins
 from .forkhooks import ForkHandlers, find_handlers
 from .initd import InitFactory, InitFactoryError
 from .prefault import Ranges, private_writable_mappings, written_ranges
@@ -783,9 +783,10 @@ class Engine:
                 self.generation += 1
             # Passed, its report is dropped (the sandbox makes the test's
             # setup report): only a failure's goes through the hook.
-            setup = compat.call_in_phase(
-                item, "setup", partial(compat.setup_shared, item), hooks_if_passed=False
-            )
+            with shared_temp_dir(compat.basetemp(self.config)):
+                setup = compat.call_in_phase(
+                    item, "setup", partial(compat.setup_shared, item), hooks_if_passed=False
+                )
             if not setup.passed:
                 self._discard_prepared()
                 return [setup, self._teardown(item, nextitem, None, hooks=True)]

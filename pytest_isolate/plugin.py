@@ -188,31 +188,13 @@ def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, objec
     this one) saves and reports. Before any test: the session's warning
     filters, which every sandbox starts from (compat.record_warnings)."""
     compat.remember_session_warnings(session.config)
-    if _isolates_any(session):
-        basetemp = compat.basetemp(session.config)
-        if basetemp is not None:
-            from .child import share_temp_dir
-
-            share_temp_dir(basetemp)
     try:
         return (yield)
     finally:
-        from .child import restore_temp_dir
-
-        restore_temp_dir()
         engine = session.config.stash.get(_engine_key, None)
         if engine is not None:
             engine.close()
             engine.merge_coverage()
-
-
-def _isolates_any(session: pytest.Session) -> bool:
-    """Some test of this session may run isolated (--isolate, or a marker)."""
-    if not _runs_tests_here(session.config):
-        return False
-    if session.config.stash[_base_key]["enabled"]:
-        return True
-    return any(item.get_closest_marker("isolated") is not None for item in session.items)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
