@@ -21,9 +21,6 @@ from typing import Any
 import pluggy
 import pytest
 from _pytest.nodes import Node
-
-if sys.version_info < (3, 11):  # pragma: no cover - pytest depends on the backport there
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found, unused-ignore]
 from _pytest.runner import CallInfo, call_and_report, show_test_item
 
 __all__ = [
@@ -262,30 +259,6 @@ def release_parent_finalizers(item: pytest.Item) -> None:
     for node, (_, exc) in list(stack.items()):
         if node is not item:
             stack[node] = ([], exc)
-
-
-def run_sandbox_finalizers(item: pytest.Item) -> None:
-    """In the sandbox, after pytest's teardown of the item: the finalizers
-    still on the setup stack. The stack's own were released when the
-    sandbox started (release_parent_finalizers), so these were registered
-    here: a wider fixture the test requested dynamically. Run innermost
-    node first, last registered first, errors raised as pytest's
-    SetupState.teardown_exact raises them (SetupState.stack)."""
-    __tracebackhide__ = True  # pytest leaves this frame out of failure reports
-    stack = item.session._setupstate.stack
-    errors: list[BaseException] = []
-    for node in reversed(list(stack)):
-        finalizers, _ = stack[node]
-        while finalizers:
-            finalizer = finalizers.pop()
-            try:
-                finalizer()
-            except BaseException as exc:  # as pytest does: every finalizer runs
-                errors.append(exc)
-    if len(errors) == 1:
-        raise errors[0]
-    if errors:
-        raise BaseExceptionGroup("errors during test teardown", errors[::-1])
 
 
 #: pluggy's warning that a hook wrapper raised (pluggy 1.4+).

@@ -163,7 +163,6 @@ def silence_plugins(session: pytest.Session) -> None:
             with contextlib.suppress(OSError):
                 os.close(fd)
     _log_reports_at_home(config)
-    manager.register(_SandboxFixturesTeardown(), "isolate-sandbox-fixtures-teardown")
     compat.learn_session(config)
     compat.start_session_warnings(config)
     compat.learn_capture(config)
@@ -186,19 +185,6 @@ class _LogForwarder:
         data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
         if isinstance(data, dict):
             send_message(FORWARD_FD, "logreport", data)
-
-
-class _SandboxFixturesTeardown:
-    """In a sandbox: a wider fixture the test first requested itself
-    (``request.getfixturevalue`` inside it) was set up here, and is torn
-    down here, last in the test's teardown (compat.run_sandbox_finalizers);
-    in pytest's process it would live until its scope ended, but this copy
-    of it ends with the sandbox."""
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
-        __tracebackhide__ = True  # pytest leaves this frame out of failure reports
-        compat.run_sandbox_finalizers(item)
 
 
 def _log_reports_at_home(config: pytest.Config) -> None:

@@ -292,42 +292,6 @@ def test_a_class_fixture_of_a_test_outside_a_class_is_the_tests_own(
     ]
 
 
-def test_a_wider_fixture_a_test_requests_itself_is_torn_down_in_its_sandbox(
-    pytester: pytest.Pytester,
-) -> None:
-    """First requested by ``request.getfixturevalue`` inside the test, a
-    session fixture is set up in the sandbox: its teardown runs there too,
-    at the end of the test's teardown (it never ran before), and an error
-    there is the test's teardown error."""
-    pytester.makeconftest("""
-        import os, pytest
-        @pytest.fixture(scope="session")
-        def service():
-            print("SETUP", os.getpid())
-            yield 5
-            print("TEARDOWN", os.getpid())
-        @pytest.fixture(scope="session")
-        def broken():
-            yield
-            raise RuntimeError("cleanup failed")
-    """)
-    pytester.makepyfile("""
-        def test_one(request):
-            assert request.getfixturevalue("service") == 5
-        def test_two(request):
-            request.getfixturevalue("broken")
-    """)
-    result = run(pytester, "-s", "-p", "no:randomly")
-    result.assert_outcomes(passed=2, errors=1)
-    lines = [
-        m.group(0) for m in map(re.compile(r"(SETUP|TEARDOWN) \d+").search, result.outlines) if m
-    ]
-    assert lines == ["SETUP 2", "TEARDOWN 2"]
-    result.stdout.fnmatch_lines(
-        ["*ERROR at teardown of test_two*", "E   *RuntimeError: cleanup failed"]
-    )
-
-
 def test_with_dash_s_what_tests_print_to_a_pipe_arrives_once(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -382,9 +346,8 @@ def test_a_failing_session_fixture_errors_the_tests_that_need_it(pytester: pytes
 
 def test_a_wider_fixtures_error_shows_the_frames_pytest_shows(pytester: pytest.Pytester) -> None:
     """A conftest's module or session fixture failing in pytest's process
-    (setup, teardown), or a session fixture the test requested itself
-    failing in its sandbox's teardown: the failure shows the fixture's
-    frames, as without isolation, none of this plugin's."""
+    (setup, teardown): the failure shows the fixture's frames, as without
+    isolation, none of this plugin's."""
     pytester.makeconftest("""
         import pytest
         @pytest.fixture(scope="module")
@@ -394,19 +357,14 @@ def test_a_wider_fixtures_error_shows_the_frames_pytest_shows(pytester: pytest.P
         def bad_teardown():
             yield
             raise RuntimeError("cleanup failed")
-        @pytest.fixture(scope="session")
-        def bad_dynamic():
-            yield
-            raise RuntimeError("dynamic cleanup failed")
     """)
     pytester.makepyfile(
         test_a="def test_one(broken): pass",
         test_b="def test_two(bad_teardown): pass",
-        test_c="def test_three(request): request.getfixturevalue('bad_dynamic')",
     )
     plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--tb=long")
     result = run(pytester, "--tb=long")
-    result.assert_outcomes(passed=2, errors=3)
+    result.assert_outcomes(passed=1, errors=2)
     assert "pytest_isolate" not in result.stdout.str()
     frames = [line for line in result.outlines if re.match(r"^\S+\.py:\d+", line)]
     assert frames == [line for line in plain.outlines if re.match(r"^\S+\.py:\d+", line)]
