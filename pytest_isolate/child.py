@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
 import tempfile
 import traceback
 import warnings
@@ -71,6 +72,39 @@ def shared_temp_dir(basetemp: str | None) -> Iterator[None]:
         yield
     finally:
         tempfile.tempdir = own
+
+
+#: Where a sandbox's hypothesis keeps its example database when the
+#: project's ``.hypothesis`` cannot be written (private_hypothesis_home).
+SANDBOX_HYPOTHESIS_HOME = "/tmp/.hypothesis"
+
+
+def private_hypothesis_home() -> None:
+    """In the test process, its root built: hypothesis' example database
+    defaults to ``.hypothesis`` in the project, read-only here, so
+    hypothesis warns ("The database setting is not configured, and the
+    default location is unusable") and keeps examples in memory; under
+    ``filterwarnings = error`` every hypothesis test failed. Where that
+    directory cannot be written (not granted with ``binds``), the sandbox's
+    own ``/tmp`` is hypothesis' home: the same examples kept, dropped with the
+    sandbox, and no warning. Only when pytest's process imported hypothesis
+    (hypothesis.configuration's set_hypothesis_home_dir)."""
+    configuration: Any = sys.modules.get("hypothesis.configuration")
+    if configuration is None or not hasattr(configuration, "set_hypothesis_home_dir"):
+        return
+    try:
+        try:
+            found = configuration.storage_directory(intent_to_write=False)
+        except TypeError:  # hypothesis before the keyword
+            found = configuration.storage_directory()
+        path = os.fspath(getattr(found, "path", found))
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if os.access(path, os.W_OK) or not os.path.isdir("/tmp"):
+            return
+        configuration.set_hypothesis_home_dir(SANDBOX_HYPOTHESIS_HOME)
+    except Exception:
+        return
 
 
 def in_sandbox() -> bool:
@@ -228,6 +262,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
     silence_plugins(item.session)
     FORWARD_FD = ctx.result_fd
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
+    private_hypothesis_home()
     compat.release_parent_finalizers(item)
     compat.leave_other_collectors(item)
 

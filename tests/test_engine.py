@@ -404,6 +404,37 @@ def test_a_temp_dir_a_wider_fixture_makes_is_there_for_the_tests(
     assert "LEFT ['UTC', 'written']" in result.stdout.str()
 
 
+def test_hypothesis_keeps_its_examples_in_the_sandbox_without_a_warning(
+    pytester: pytest.Pytester,
+) -> None:
+    """Its default database, ``.hypothesis`` in the read-only project, made
+    it warn in every test, which ``filterwarnings = error`` turned into
+    failures (python-dateutil's property tests): the sandbox's own /tmp is
+    its home then. Granted writable, the project's directory is used."""
+    pytest.importorskip("hypothesis")
+    pytester.makeini("""
+        [pytest]
+        filterwarnings = error
+    """)
+    pytester.makepyfile("""
+        from hypothesis import given, strategies as st
+        @given(st.integers())
+        def test_ints(x):
+            assert isinstance(x, int)
+        @given(st.integers())
+        def test_small(x):
+            assert x < 10
+    """)
+    examples = pytester.path / ".hypothesis" / "examples"
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*x=10*"])
+    assert "HypothesisWarning" not in result.stdout.str()
+    assert not examples.exists()
+    run(pytester, "--isolate-binds=.hypothesis:rw").assert_outcomes(passed=1, failed=1)
+    assert any(examples.rglob("*"))
+
+
 def test_isolated_false_runs_a_test_in_pytest_s_own_process(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(f"""
         import os, pytest
