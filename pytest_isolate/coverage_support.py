@@ -17,7 +17,13 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["combine_into_session", "prepare_dir", "start_in_sandbox", "stop_in_sandbox"]
+__all__ = [
+    "combine_into_session",
+    "prepare_dir",
+    "start_in_sandbox",
+    "start_in_zygote",
+    "stop_in_sandbox",
+]
 
 _SUBDIR = ".isolate-coverage"
 
@@ -41,9 +47,31 @@ def prepare_dir(basetemp: str | None) -> str | None:
     return path
 
 
+#: In a zygote: the measurement it started for its test processes
+#: (start_in_zygote), which each of them inherits, running.
+_inherited: Any = None
+
+
+def start_in_zygote(directory: str | None) -> None:
+    """In a zygote, once, before its first fork: start_in_sandbox's work,
+    done there rather than in every test process. Making a Coverage object
+    and starting it (its configuration, its source matchers, the data file)
+    cost about 20 ms a test. Each test process inherits the running tracer
+    and saves to a data file of its own: coverage's data starts a new file
+    when it finds its process id changed (a fork), with the suffix of the
+    new process. What the zygote itself ran of the measured code (nothing,
+    unless pytest_isolate is measured) is in every test's data: it ran."""
+    global _inherited
+    if _inherited is None:
+        _inherited = start_in_sandbox(directory)
+
+
 def start_in_sandbox(directory: str | None) -> Any:
     """In the sandbox: stop the inherited tracer (its data belongs to pytest's
-    process) and measure with the same configuration into ``directory``."""
+    process) and measure with the same configuration into ``directory``;
+    in a test process of a zygote, the measurement it inherited, running."""
+    if _inherited is not None:
+        return _inherited
     parent = _current()
     if parent is None or directory is None:
         return None
@@ -60,7 +88,25 @@ def start_in_sandbox(directory: str | None) -> Any:
     # data file, which lives in the read-only project tree.
     child.set_option("run:data_file", os.path.join(directory, ".coverage"))
     child.start()
+    _share_decisions(parent, child)
     return child
+
+
+def _share_decisions(parent: Any, child: Any) -> None:
+    """The new tracer starts with no decision about which files to measure,
+    and the first call into each file of the process asks coverage's
+    matchers again (path normalisation and matching). pytest's process has
+    decided for every file it ran, with the same configuration: those
+    decisions are given to the new tracer (``Collector.should_trace_cache``,
+    coverage's own cache; left alone where a version has none)."""
+    try:
+        decided = parent._collector.should_trace_cache
+        cache = child._collector.should_trace_cache
+    except AttributeError:
+        return
+    if isinstance(decided, dict) and isinstance(cache, dict):
+        for name, disposition in decided.items():
+            cache.setdefault(name, disposition)
 
 
 def stop_in_sandbox(child: Any) -> None:

@@ -36,6 +36,7 @@ import pytest
 from . import _pytest_compat as compat
 from .capabilities import privileged
 from .child import run_in_sandbox, shared_temp_dir, silence_plugins
+from .coverage_support import start_in_zygote
 from .forkhooks import ForkHandlers, find_handlers
 from .initd import InitFactory, InitFactoryError
 from .prefault import Ranges, private_writable_mappings, written_ranges
@@ -689,6 +690,9 @@ class Engine:
             # pytest's capture descriptors, the plugins to silence.
             _CAPTURE_FDS.update(compat.capture_fds(self.config))
             silence_plugins(session)
+            from . import child
+
+            start_in_zygote(child.COVERAGE_DIR)
             if self._fork_handlers:
                 _AFTER_FORK[0] = self._fork_handlers.quiet()
         pid = fork_into_pid_namespace(

@@ -1691,6 +1691,54 @@ def test_coverage_measured_inside_sandboxes_is_combined(pytester: pytest.Pyteste
     result.stdout.fnmatch_lines(["mod.py * 4 * 0 * 100%*"])
 
 
+def test_coverage_inside_sandboxes_equals_a_plain_runs(pytester: pytest.Pytester) -> None:
+    """Branches and missed lines, over tests a zygote forks (which inherit
+    the measurement it started) and tests pytest forks itself: the report
+    is a plain run's, line for line."""
+    pytest.importorskip("pytest_cov")
+    pytester.makepyfile(
+        mod="""
+        def sign(x):
+            if x > 0:
+                return 1
+            elif x < 0:
+                return -1
+            return 0
+
+        def never_called():
+            return "missed"
+
+        def loop(n):
+            total = 0
+            for i in range(n):
+                if i % 2:
+                    total += i
+            return total
+    """,
+        test_a="""
+        from mod import sign
+        def test_positive(): assert sign(3) == 1
+        def test_zero(): assert sign(0) == 0
+        def test_again(): assert sign(5) == 1
+    """,
+        test_b="""
+        from mod import loop
+        def test_loop(): assert loop(4) == 4
+        def test_empty(): assert loop(0) == 0
+    """,
+    )
+    args = ("--cov=mod", "--cov-branch", "--cov-report=term-missing", "-p", "no:randomly")
+
+    def report(result: pytest.RunResult) -> list[str]:
+        return [line for line in result.outlines if line.startswith(("mod.py", "TOTAL"))]
+
+    plain = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+    isolated = run(pytester, *args)
+    isolated.assert_outcomes(passed=5)
+    assert report(isolated) == report(plain)
+    assert report(plain) and "100%" not in report(plain)[0]
+
+
 _AGE = """
 import os
 
