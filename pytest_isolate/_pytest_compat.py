@@ -957,7 +957,21 @@ _MAX_KEPT_REPORTS = 16
 _PHASE_NAMES = ("setup", "call", "teardown")
 
 
-def report_refs(item: pytest.Item, sent: list[pytest.TestReport]) -> dict[str, Any] | None:
+def item_marks(item: pytest.Item) -> tuple[int, int]:
+    """In the sandbox, before the phases: how many attributes and stash
+    entries the item has (report_refs looks further only when that grew,
+    or when pytest's process kept reports on it before: a rerun)."""
+    return len(vars(item)), len(item.stash)
+
+
+#: On an item in pytest's process: apply_report_refs set reports on it, so a
+#: later attempt's wrapper may replace them without adding a name.
+_kept_before_key = pytest.StashKey[bool]()
+
+
+def report_refs(
+    item: pytest.Item, sent: list[pytest.TestReport], marks: tuple[int, int] | None = None
+) -> dict[str, Any] | None:
     """In the sandbox, after the phases: the reports that a
     pytest_runtest_makereport wrapper kept on the item, the pattern of
     pytest's documentation ("making test result information available in
@@ -967,7 +981,16 @@ def report_refs(item: pytest.Item, sent: list[pytest.TestReport]) -> dict[str, A
     reports (apply_report_refs), for what reads them there (a module or
     session fixture's teardown, pytest_sessionfinish). A stash key is named
     by the module global that holds it, in a conftest or the test's module.
-    Uses ``Stash._storage`` (private). None: nothing kept."""
+    Uses ``Stash._storage`` (private). None: nothing kept. With ``marks``
+    (item_marks before the phases), an item nothing was added to is not
+    looked through: its values are not touched, which would copy the
+    pages they are on."""
+    if (
+        marks is not None
+        and marks == (len(vars(item)), len(item.stash))
+        and _kept_before_key not in item.stash
+    ):
+        return None
     phase_of: dict[int, str] = {id(report): report.when for report in sent}
     attrs = {
         name: phase_of[id(value)]
@@ -1034,13 +1057,12 @@ def apply_report_refs(
     report), never a private one or one of the item's class, and only stash
     keys that are globals of a conftest or of the test's module. Returns a
     problem when the frame is malformed."""
-    if not isinstance(refs, dict):
-        return "a kept-reports frame is not an object"
-    attrs, stash = refs.get("attrs"), refs.get("stash")
-    if not isinstance(attrs, dict) or not isinstance(stash, list):
-        return "a kept-reports frame lacks its attributes or stash entries"
-    if len(attrs) > _MAX_KEPT_REPORTS or len(stash) > _MAX_KEPT_REPORTS:
-        return "a kept-reports frame has too many entries"
+    problem = check_report_refs(refs)
+    if problem is not None:
+        return problem
+    assert isinstance(refs, dict)
+    attrs, stash = refs["attrs"], refs["stash"]
+    item.stash[_kept_before_key] = True
     own = vars(item)
     for name, when in attrs.items():
         report = reports.get(when) if isinstance(when, str) else None
@@ -1055,8 +1077,6 @@ def apply_report_refs(
             continue
         own[name] = report
     for entry in stash:
-        if not isinstance(entry, list) or len(entry) != 3:
-            return "a kept-reports stash entry is not [module, name, phases]"
         key = _known_stash_key(item, entry[0], entry[1])
         if key is None:
             continue
@@ -1074,6 +1094,21 @@ def apply_report_refs(
             for name, when in kept.items():
                 if isinstance(name, str) and isinstance(when, str) and when in reports:
                     current[name] = reports[when]
+    return None
+
+
+def check_report_refs(refs: object) -> str | None:
+    """The shape of what report_refs sent (it comes from the test's
+    process): a problem, or None."""
+    if not isinstance(refs, dict):
+        return "a kept-reports frame is not an object"
+    attrs, stash = refs.get("attrs"), refs.get("stash")
+    if not isinstance(attrs, dict) or not isinstance(stash, list):
+        return "a kept-reports frame lacks its attributes or stash entries"
+    if len(attrs) > _MAX_KEPT_REPORTS or len(stash) > _MAX_KEPT_REPORTS:
+        return "a kept-reports frame has too many entries"
+    if any(not isinstance(entry, list) or len(entry) != 3 for entry in stash):
+        return "a kept-reports stash entry is not [module, name, phases]"
     return None
 
 
@@ -1116,7 +1151,7 @@ def protocol_attrs(item: pytest.Item) -> bytes:
     of the item (apply_protocol_attrs). Those that cannot be pickled are
     left out. Empty: none."""
     start = _protocol_start
-    if start is None or start[0] is not item:
+    if start is None or start[0] is not item or len(vars(item)) == start[1]:
         return b""
     names = list(vars(item))[start[1] :]
     if not names:

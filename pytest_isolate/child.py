@@ -87,7 +87,8 @@ def private_hypothesis_home() -> None:
     ``filterwarnings = error`` every hypothesis test failed. Where that
     directory cannot be written (not granted with ``binds``), the sandbox's
     own ``/tmp`` is hypothesis' home: the same examples kept, dropped with the
-    sandbox, and no warning. Only when pytest's process imported hypothesis
+    sandbox, and no warning. Only for a test hypothesis runs (its function's
+    ``is_hypothesis_test``), and when pytest's process imported hypothesis
     (hypothesis.configuration's set_hypothesis_home_dir)."""
     configuration: Any = sys.modules.get("hypothesis.configuration")
     if configuration is None or not hasattr(configuration, "set_hypothesis_home_dir"):
@@ -262,7 +263,8 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
     silence_plugins(item.session)
     FORWARD_FD = ctx.result_fd
     compat.redirect_capture(config, ctx.out_fd, ctx.err_fd)
-    private_hypothesis_home()
+    if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        private_hypothesis_home()
     compat.release_parent_finalizers(item)
     compat.leave_other_collectors(item)
 
@@ -286,6 +288,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
         known_properties = len(properties) if properties is not None else 0
         timer = compat.start_timeout(item)
         fault_timer = compat.start_fault_timer(item)
+        marks = compat.item_marks(item)
         try:
             with recording:
                 compat.run_phases(item, nextitem, send)
@@ -308,7 +311,7 @@ def run_in_sandbox(item: pytest.Item, ctx: TestContext) -> Callable[[], None]:
                 send_message(ctx.result_fd, "subtests_failed", failed_subtests)
             if properties is not None and len(properties) > known_properties:
                 send_message(ctx.result_fd, "suite_properties", properties[known_properties:])
-            kept = compat.report_refs(item, sent)
+            kept = compat.report_refs(item, sent, marks)
             if kept is not None:
                 send_message(ctx.result_fd, "kept_reports", kept)
             rerun = compat.rerun_state(item)

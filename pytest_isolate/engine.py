@@ -1007,6 +1007,7 @@ class Engine:
                 problem = compat.apply_rerun_state(item, msg.payload)
             elif msg.type == "kept_reports":
                 kept = msg.payload
+                problem = compat.check_report_refs(kept)
             elif msg.type == "allure_written":
                 compat.drop_allure_result(item)
             elif msg.type == "interrupted" and isinstance(msg.payload, dict):
@@ -1064,16 +1065,12 @@ class Engine:
                 _annotate(reports, spec, stats)
             return reports
         child_teardown = reports.pop() if reports and reports[-1].when == "teardown" else None
-        if kept is not None:
+        if kept is not None and problem is None:
             # Before the wider fixtures' teardown, which may read them.
-            problem = compat.apply_report_refs(item, kept, {r.when: r for r in reports})
-        reports.append(self._teardown(item, nextitem, child_teardown))
-        if kept is not None and not problem:
             compat.apply_report_refs(item, kept, {r.when: r for r in reports})
-        elif problem:
-            reports[-1].sections.append(
-                ("isolation", f"the isolated test sent a malformed result: {problem}")
-            )
+        reports.append(self._teardown(item, nextitem, child_teardown))
+        if kept is not None and problem is None:
+            compat.apply_report_refs(item, kept, {r.when: r for r in reports})
         _annotate(reports, spec, stats)
         if exit_request is not None:
             self.pending_exit = exit_request

@@ -1019,6 +1019,27 @@ def test_failed_subtests_fail_as_without_isolation(
 
 
 @_SUBTESTS_ARE_PYTESTS
+def test_a_malformed_kept_reports_frame_is_a_malformed_result(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import os
+        from pytest_isolate.protocol import send_message
+        def test_forges():
+            for name in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:isolate-results"):
+                        send_message(int(name), "kept_reports", ["config"])
+                except OSError:
+                    pass
+        def test_next():
+            pass
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*the isolated test sent a malformed result: a kept-reports frame is not an object*"]
+    )
+
+
 def test_a_logged_report_for_another_test_is_a_malformed_result(
     pytester: pytest.Pytester,
 ) -> None:
