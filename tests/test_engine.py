@@ -417,7 +417,10 @@ def test_hypothesis_keeps_its_examples_in_the_sandbox_without_a_warning(
         filterwarnings = error
     """)
     pytester.makepyfile("""
-        from hypothesis import given, strategies as st
+        from hypothesis import given, settings, strategies as st
+        # Not the "ci" profile hypothesis loads where CI is set: it keeps no
+        # examples at all.
+        settings.load_profile("default")
         @given(st.integers())
         def test_ints(x):
             assert isinstance(x, int)
