@@ -72,6 +72,27 @@ def requires(*features: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason="; ".join(missing) or "ok")
 
 
+#: Test extras that cost every nested pytest run about 0.15 s to load
+#: (hypothesis imports itself whole, pytest-json-report brings
+#: pytest-metadata) and that few tests use: left out of nested runs unless a
+#: test is marked ``heavy_plugins``. With them, the suite took 40 % longer
+#: (the cgroup-v2 VM's parts 50 %).
+_HEAVY_PLUGINS_OFF = "-p no:hypothesispytest -p no:pytest_jsonreport -p no:metadata"
+
+
+@pytest.fixture(autouse=True)
+def _lean_nested_runs(request: pytest.FixtureRequest) -> None:
+    """Nested runs of a pytester test leave the heavy plugins out
+    (PYTEST_ADDOPTS, set after pytester, which clears it)."""
+    if "pytester" not in request.fixturenames:
+        return
+    if request.node.get_closest_marker("heavy_plugins") is not None:
+        return
+    request.getfixturevalue("pytester")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("PYTEST_ADDOPTS", _HEAVY_PLUGINS_OFF)
+
+
 @pytest.fixture
 def factory() -> Iterator[InitFactory]:
     """A running init factory (test_template, test_reuse), closed with every

@@ -404,6 +404,7 @@ def test_a_temp_dir_a_wider_fixture_makes_is_there_for_the_tests(
     assert "LEFT ['UTC', 'written']" in result.stdout.str()
 
 
+@pytest.mark.heavy_plugins
 def test_hypothesis_keeps_its_examples_in_the_sandbox_without_a_warning(
     pytester: pytest.Pytester,
 ) -> None:
@@ -1610,6 +1611,7 @@ def test_forged_kept_reports_are_refused_or_ignored() -> None:
     assert _pytest.skipping.xfailed_key not in item.stash
 
 
+@pytest.mark.heavy_plugins
 def test_pytest_json_report_writes_what_it_writes_without_isolation(
     pytester: pytest.Pytester,
 ) -> None:
