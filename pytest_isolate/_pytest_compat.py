@@ -970,7 +970,7 @@ _kept_before_key = pytest.StashKey[bool]()
 
 
 def report_refs(
-    item: pytest.Item, sent: list[pytest.TestReport], marks: tuple[int, int] | None = None
+    item: pytest.Item, sent: list[pytest.TestReport], marks: tuple[int, int]
 ) -> dict[str, Any] | None:
     """In the sandbox, after the phases: the reports that a
     pytest_runtest_makereport wrapper kept on the item, the pattern of
@@ -981,15 +981,11 @@ def report_refs(
     reports (apply_report_refs), for what reads them there (a module or
     session fixture's teardown, pytest_sessionfinish). A stash key is named
     by the module global that holds it, in a conftest or the test's module.
-    Uses ``Stash._storage`` (private). None: nothing kept. With ``marks``
-    (item_marks before the phases), an item nothing was added to is not
-    looked through: its values are not touched, which would copy the
-    pages they are on."""
-    if (
-        marks is not None
-        and marks == (len(vars(item)), len(item.stash))
-        and _kept_before_key not in item.stash
-    ):
+    Uses ``Stash._storage`` (private). None: nothing kept. An item nothing
+    was added to since ``marks`` (item_marks before the phases) is not looked
+    through: its values are not touched, which would copy the pages they
+    are on."""
+    if marks == item_marks(item) and _kept_before_key not in item.stash:
         return None
     phase_of: dict[int, str] = {id(report): report.when for report in sent}
     attrs = {
@@ -1026,20 +1022,20 @@ def _kept_phases(value: object, phase_of: dict[int, str]) -> str | dict[str, str
     return kept
 
 
-def _key_homes(item: pytest.Item) -> list[Any]:
-    """Where a stash key a makereport wrapper uses may be defined: the
-    test's module and the conftest modules."""
-    module = getattr(item, "module", None)
-    homes = [module] if module is not None else []
-    for candidate in list(sys.modules.values()):
-        path = getattr(candidate, "__file__", None)
-        if isinstance(path, str) and os.path.basename(path) == "conftest.py":
-            homes.append(candidate)
-    return homes
+def _may_hold_keys(module: object, item: pytest.Item) -> bool:
+    """Where a stash key a makereport wrapper uses may be defined, and the
+    only modules pytest's process looks one up in: the test's module and
+    the conftest modules."""
+    path = getattr(module, "__file__", None)
+    return module is getattr(item, "module", None) or (
+        isinstance(path, str) and os.path.basename(path) == "conftest.py"
+    )
 
 
 def _global_name(key: object, item: pytest.Item) -> tuple[str, str] | None:
-    for module in _key_homes(item):
+    for module in list(sys.modules.values()):
+        if not _may_hold_keys(module, item):
+            continue
         for name, value in vars(module).items():
             if value is key:
                 return module.__name__, name
@@ -1114,12 +1110,7 @@ def check_report_refs(refs: object) -> str | None:
 
 def _known_stash_key(item: pytest.Item, module_name: object, name: object) -> Any:
     module = sys.modules.get(module_name) if isinstance(module_name, str) else None
-    if module is None or not isinstance(name, str):
-        return None
-    path = getattr(module, "__file__", None)
-    if module is not getattr(item, "module", None) and not (
-        isinstance(path, str) and os.path.basename(path) == "conftest.py"
-    ):
+    if module is None or not isinstance(name, str) or not _may_hold_keys(module, item):
         return None
     key = vars(module).get(name)
     return key if isinstance(key, pytest.StashKey) else None
@@ -1154,8 +1145,6 @@ def protocol_attrs(item: pytest.Item) -> bytes:
     if start is None or start[0] is not item or len(vars(item)) == start[1]:
         return b""
     names = list(vars(item))[start[1] :]
-    if not names:
-        return b""
     import pickle
 
     carried: dict[str, bytes] = {}

@@ -11,10 +11,9 @@ import contextlib
 import os
 import struct
 import sys
-import tempfile
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -37,41 +36,8 @@ FORWARD_FD: int | None = None
 COVERAGE_DIR: str | None = None
 
 
-#: How many of a warning category's bases are sent with it.
-_MAX_BASES = 8
-
-
-#: The shared directory's name below the session's temp base.
-SHARED_TEMPDIR = "isolate-tmp"
-
-
-@contextlib.contextmanager
-def shared_temp_dir(basetemp: str | None) -> Iterator[None]:
-    """In pytest's process, around the setup of an isolated test's wider
-    fixtures: Python's temp directory (``tempfile.tempdir``) is
-    ``<basetemp>/isolate-tmp``, which every sandbox sees, writable, at the
-    same path. A fixture that makes a directory for the tests with
-    ``tempfile.mkdtemp()`` (a zoneinfo cache, a socket) made it in the
-    host's ``/tmp`` before, which no sandbox sees: each has a private
-    ``/tmp``. Only then: tests that run in pytest's process, and the
-    sandboxes, keep ``/tmp`` (the session's temp base is private to its
-    user, which a test handing a path to another user would notice). Not the
-    ``TMPDIR`` of processes started meanwhile: only Python's own choice."""
-    shared = None
-    if basetemp is not None:
-        shared = os.path.join(basetemp, SHARED_TEMPDIR)
-        try:
-            os.makedirs(shared, exist_ok=True)
-        except OSError:
-            shared = None
-    if shared is None:
-        yield
-        return
-    own, tempfile.tempdir = tempfile.tempdir, shared
-    try:
-        yield
-    finally:
-        tempfile.tempdir = own
+#: How many of a warning category's bases are sent with it (and read).
+MAX_BASES = 8
 
 
 #: Where a sandbox's hypothesis keeps its example database when the
@@ -130,7 +96,7 @@ def forward_warning(warning_message: warnings.WarningMessage, when: str, nodeid:
                 f"{base.__module__}.{base.__qualname__}"
                 for base in category.__mro__[1:]
                 if issubclass(base, Warning) and base is not Warning
-            ][:_MAX_BASES],
+            ][:MAX_BASES],
             "filename": str(warning_message.filename),
             "lineno": int(warning_message.lineno or 0),
             "when": when,

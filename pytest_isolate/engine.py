@@ -24,9 +24,10 @@ import os
 import signal
 import struct
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -35,7 +36,7 @@ import pytest
 
 from . import _pytest_compat as compat
 from .capabilities import privileged
-from .child import run_in_sandbox, shared_temp_dir, silence_plugins
+from .child import MAX_BASES, run_in_sandbox, silence_plugins
 from .coverage_support import start_in_zygote
 from .forkhooks import ForkHandlers, find_handlers
 from .initd import InitFactory, InitFactoryError
@@ -69,8 +70,9 @@ _PHASES = ("setup", "call", "teardown")
 _MAX_LOGGED = 1 << 20
 #: The longest "file:line" a test's KeyboardInterrupt is reported at.
 _MAX_WHERE = 4096
-#: How many of a warning category's bases are read.
-_MAX_BASES = 8
+#: The directory below the session's temp base that is Python's temp
+#: directory while wider fixtures are set up (Engine._shared_temp_dir).
+SHARED_TEMPDIR = "isolate-tmp"
 #: Pages a test process writes are learned from the first two sandboxes, then
 #: from one in this many (the suite's tests change; the cost is ~7 ms each),
 #: and only while tests run long enough to copy them ahead.
@@ -164,6 +166,9 @@ class Engine:
         #: Files the sandboxes are shown (an /etc/hosts): beside the staging
         #: directory, on which each sandbox mounts a tmpfs of its own.
         self._generated: LockedDir | None = None
+        #: Python's temp directory while wider fixtures are set up for an
+        #: isolated test (_shared_temp_dir): "" until made, None if it cannot be.
+        self._shared_tmp: str | None = ""
         #: Python's at-fork handler lists (forkhooks.py); False: not looked for yet.
         self._fork_handlers: ForkHandlers | Literal[False] | None = False
         self._project: dict[bool, list[str]] = {}
@@ -787,7 +792,7 @@ class Engine:
                 self.generation += 1
             # Passed, its report is dropped (the sandbox makes the test's
             # setup report): only a failure's goes through the hook.
-            with shared_temp_dir(compat.basetemp(self.config)):
+            with self._shared_temp_dir():
                 setup = compat.call_in_phase(
                     item, "setup", partial(compat.setup_shared, item), hooks_if_passed=False
                 )
@@ -826,6 +831,35 @@ class Engine:
         reports = self._interpret(item, nextitem, spec, outcome, stats, out, err)
         self._last_run = _run_time(reports)
         return reports
+
+    @contextlib.contextmanager
+    def _shared_temp_dir(self) -> Iterator[None]:
+        """Around the setup of an isolated test's wider fixtures: Python's
+        temp directory (``tempfile.tempdir``) is ``<basetemp>/isolate-tmp``,
+        which every sandbox sees, writable, at the same path. A fixture that
+        makes a directory for the tests with ``tempfile.mkdtemp()`` (a
+        zoneinfo cache, a socket) made it in the host's ``/tmp`` before,
+        which no sandbox sees: each has a private ``/tmp``. Only then: tests
+        that run in pytest's process, and the sandboxes, keep ``/tmp`` (the
+        session's temp base is private to its user, which a test handing a
+        path to another user would notice). Not the ``TMPDIR`` of processes
+        started meanwhile: only Python's own choice. Made once a session."""
+        if self._shared_tmp == "":
+            basetemp = compat.basetemp(self.config)
+            self._shared_tmp = None
+            if basetemp is not None:
+                shared = os.path.join(basetemp, SHARED_TEMPDIR)
+                with contextlib.suppress(OSError):
+                    os.makedirs(shared, exist_ok=True)
+                    self._shared_tmp = shared
+        if self._shared_tmp is None:
+            yield
+            return
+        own, tempfile.tempdir = tempfile.tempdir, self._shared_tmp
+        try:
+            yield
+        finally:
+            tempfile.tempdir = own
 
     def results_recorded(self) -> None:
         """pytest's process recorded a test's results where later tests read
@@ -1399,7 +1433,7 @@ def _replay_warning(item: pytest.Item, payload: Any) -> str | None:
     names = [payload.get("category")]
     bases = payload.get("bases")
     if isinstance(bases, list):
-        names.extend(bases[:_MAX_BASES])
+        names.extend(bases[:MAX_BASES])
     category = next(
         (found for found in map(_known_warning_class, names) if found is not None), UserWarning
     )
