@@ -536,20 +536,28 @@ def test_a_sandbox_setup_failure_names_the_step_and_the_errno(pytester: pytest.P
     )
 
 
+#: A module for a test to find its own descriptors by what they are.
+_FDS = """
+    import os
+    def _fds(kind):
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}").startswith(kind):
+                    yield int(name)
+            except OSError:
+                pass
+"""
+
+
 def test_garbage_in_the_results_is_a_malformed_result(pytester: pytest.Pytester) -> None:
     """The sandbox writes its frames to a memfd and rings a pipe once "done"
     is there: garbage written to the memfd is a malformed result for that
     test only; ringing the bell early (or often) only wakes pytest, which
     finds no "done" frame yet and goes on waiting."""
+    pytester.makepyfile(fds=_FDS)
     pytester.makepyfile("""
         import os, struct
-        def _fds(kind):
-            for name in os.listdir("/proc/self/fd"):
-                try:
-                    if os.readlink(f"/proc/self/fd/{name}").startswith(kind):
-                        yield int(name)
-                except OSError:
-                    pass
+        from fds import _fds
         def test_garbage():
             for fd in _fds("/memfd:isolate-results"):
                 os.write(fd, struct.pack(">I", 5) + b"nope!")
@@ -1024,16 +1032,13 @@ def test_failed_subtests_fail_as_without_isolation(
 
 @_SUBTESTS_ARE_PYTESTS
 def test_a_malformed_kept_reports_frame_is_a_malformed_result(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(fds=_FDS)
     pytester.makepyfile("""
-        import os
+        from fds import _fds
         from pytest_isolate.protocol import send_message
         def test_forges():
-            for name in os.listdir("/proc/self/fd"):
-                try:
-                    if os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:isolate-results"):
-                        send_message(int(name), "kept_reports", ["config"])
-                except OSError:
-                    pass
+            for fd in _fds("/memfd:isolate-results"):
+                send_message(fd, "kept_reports", ["config"])
         def test_next():
             pass
     """)
