@@ -439,6 +439,7 @@ def run_checks() -> list[Check]:
         checks.extend(_cgroup_checks(rootless))
         checks.extend(_filter_checks(rootless))
         checks.append(_landlock_check(staging))
+        checks.append(_c_pid1_check(rootless))
         checks.append(_sandbox_check(staging, rootless))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -777,6 +778,82 @@ def _landlock_check(staging: str) -> Check:
         )
     )
     return Check("Landlock (writes confined)", ok, "kept descriptors read-only", detail, fix)
+
+
+_C_PID1 = "pid 1 in C (rootless)"
+_C_PID1_NEED = "faster rootless sandboxes"
+
+
+def _c_pid1_check(rootless: bool) -> Check:
+    """Rootless, whether a zygote's sandboxes get the C pid 1 (_pid1.c)."""
+    from . import sandbox
+
+    if not rootless:
+        return Check(_C_PID1, None, _C_PID1_NEED, "root: pid 1 is the init factory's")
+    if sandbox._native_pid1 is None:
+        return Check(
+            _C_PID1,
+            False,
+            _C_PID1_NEED,
+            "pytest_isolate._pid1 was not built when the package was installed; "
+            "pid 1 is then a copy of pytest's process (same isolation, about 0.8 ms "
+            "more a test)",
+            "install a C compiler and Python's headers (Debian: apt-get install gcc "
+            "python3-dev), then reinstall pytest-isolate-linux",
+        )
+    if not sandbox._native_pid1.available() or sc.sibling_fork_unavailable() is not None:
+        return Check(
+            _C_PID1,
+            None,
+            _C_PID1_NEED,
+            "x86_64 with glibc only: pid 1 is a copy of pytest's process here",
+        )
+    if os.environ.get("PYTEST_ISOLATE_C_PID1", "1") == "0":
+        return Check(
+            _C_PID1, False, _C_PID1_NEED, "turned off (PYTEST_ISOLATE_C_PID1=0)", "unset it"
+        )
+    ok, detail, err = _probe(_c_pid1_probe)
+    fix = ""
+    if not ok:
+        fix = (
+            _CONTAINER_FIX + " (Docker's seccomp profile answers ENOSYS for clone3)"
+            if err == errno.ENOSYS and in_container()
+            else "Linux 5.3+ (clone3)"
+            if err == errno.ENOSYS
+            else "report it with this output; pid 1 is a copy of pytest's process meanwhile"
+        )
+    return Check(_C_PID1, ok, _C_PID1_NEED, detail, fix)
+
+
+def _c_pid1_probe() -> str:  # pragma: no cover - probe child
+    """The engine's call, in new user and pid namespaces: the child must be
+    pid 2 under the C pid 1, which reports its exit status in a frame."""
+    from . import sandbox
+    from .protocol import FrameReader
+
+    native = sandbox._native_pid1
+    tid = sc.glibc_tid_address()
+    assert native is not None and tid is not None
+    frames = os.memfd_create("isolate-doctor", os.MFD_CLOEXEC)
+    pid = native.spawn(
+        sc.CLONE_NEWUSER | sc.CLONE_NEWPID,
+        False,
+        frames,
+        -1,
+        -1,
+        tid,
+        int(sandbox.KILL_ALL_SIGNAL),
+        int(sandbox.DUMP_SIGNAL),
+        int(sandbox.FAULT_SIGNAL),
+    )
+    if pid == 0:
+        os._exit(7 if (os.getpid(), os.getppid()) == (2, 1) else 3)
+    _, status = os.waitpid(pid, 0)
+    messages = FrameReader().feed(os.pread(frames, 4096, 0))
+    exits = [m.payload["status"] for m in messages if m.type == "exit"]
+    if os.waitstatus_to_exitcode(status) != 0 or exits != [7 << 8]:
+        raise RuntimeError(f"pid 1 ended with {status}, the test process's frames: {exits}")
+    return "the test process's pid 1 is a few lines of C, not a copy of pytest's process"
 
 
 def _sandbox_check(staging: str, rootless: bool) -> Check:

@@ -98,12 +98,14 @@ _CAPTURE_FDS: set[int] = set()
 _AFTER_FORK: list[Callable[[], None] | None] = [None]
 
 
-def _fork_from_zygote(into: str | None, flags: int) -> int:  # pragma: no cover - in a zygote
+def _fork_from_zygote(
+    into: str | None, flags: int, pid1_fds: tuple[int, int] | None
+) -> int:  # pragma: no cover - in a zygote
     """fork_sibling(), the child born in its cgroup v2 directory ``into`` and
-    (rootless) its namespaces ``flags`` where the kernel can (sandbox.fork_born),
-    and in the child what Python's at-fork handlers the zygote skipped leave
-    to do (forkhooks.py)."""
-    pid = fork_born(into, flags, fork_sibling, sibling=True)
+    (rootless) its namespaces ``flags`` where the kernel can (sandbox.fork_born;
+    ``pid1_fds``: pid 1 may be the C one), and in the child what Python's
+    at-fork handlers the zygote skipped leave to do (forkhooks.py)."""
+    pid = fork_born(into, flags, fork_sibling, sibling=True, pid1_fds=pid1_fds)
     after = _AFTER_FORK[0]
     if pid == 0 and after is not None and not defer_after_fork(after):
         try:
@@ -700,12 +702,19 @@ class Engine:
             start_in_zygote(child.COVERAGE_DIR)
             if self._fork_handlers:
                 _AFTER_FORK[0] = self._fork_handlers.quiet()
+        procs = request[rest + into_size :].decode()
+        # Rootless, pid 1 may be the C one (sandbox._spawn_native): it keeps
+        # the results memfd and the kill pipe; not where the test's cgroup
+        # is joined by a write (pid 1 would stay outside it).
+        pid1_fds = (fds[0], killed_fd) if plan.rootless and (into or not procs) else None
         pid = fork_into_pid_namespace(
-            plan, init_pidfd, partial(_fork_from_zygote, into, born_flags(plan)), _OWN_PIDNS[0]
+            plan,
+            init_pidfd,
+            partial(_fork_from_zygote, into, born_flags(plan), pid1_fds),
+            _OWN_PIDNS[0],
         )
         if pid == 0:
             try:
-                procs = request[rest + into_size :].decode()
                 item = session.items[index]
             except BaseException:
                 os._exit(SETUP_FAILED_EXIT)  # never back into the zygote's loop

@@ -42,6 +42,7 @@ import stat
 import sys
 import time
 import traceback
+import types
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -53,6 +54,12 @@ from .initd import InitFactory, InitFactoryError, InitSetup, Recycled, kill_init
 from .prefault import Ranges, populate
 from .protocol import MAX_TOTAL, FrameReader, Message, ProtocolError, encode_exit, send_message
 from .rootfs import RootfsPlan, SetupStepError, apply_rootfs, finish_joined_rootfs
+
+_native_pid1: types.ModuleType | None
+try:  # optional, compiled (setup.py): without it a rootless pid 1 is a copy of Python
+    from . import _pid1 as _native_pid1
+except ImportError:  # pragma: no cover - where it was not built
+    _native_pid1 = None
 
 __all__ = [
     "SETUP_FAILED_EXIT",
@@ -752,6 +759,16 @@ _BORN_IN_CGROUP = False
 #: Set in a child born in its namespaces (fork_born, rootless): it is pid 1
 #: of its pid namespace already, in its own user namespace.
 _BORN_IN_NAMESPACES = False
+#: Set in a test process whose pid 1 is the C one (_pid1.c): it was born in
+#: the namespaces (_BORN_IN_NAMESPACES) as pid 1's child, and is not pid 1.
+_NATIVE_PID1 = False
+#: Cleared once the C pid 1 failed in a way that holds for this process's
+#: life; off with PYTEST_ISOLATE_C_PID1=0 (docs/configuration.md).
+_NATIVE = [
+    _native_pid1 is not None
+    and _native_pid1.available()
+    and os.environ.get("PYTEST_ISOLATE_C_PID1", "1") != "0"
+]
 #: Set in a rootless pid 1 born from a zygote that forks without Python's
 #: at-fork handlers (forkhooks.py): what the test process calls after its
 #: own fork, which is made without them too (_fork_test_process).
@@ -782,7 +799,14 @@ def born_flags(plan: SandboxPlan) -> int:
     return _ROOTLESS_BORN | (sc.CLONE_NEWNET if plan.new_net else 0)
 
 
-def fork_born(into: str | None, flags: int, fallback: Callable[[], int], *, sibling: bool) -> int:
+def fork_born(
+    into: str | None,
+    flags: int,
+    fallback: Callable[[], int],
+    *,
+    sibling: bool,
+    pid1_fds: tuple[int, int] | None = None,
+) -> int:
     """A fork whose child is born where the sandbox wants it, so that
     neither it nor a process of its own has to get it there:
 
@@ -797,13 +821,26 @@ def fork_born(into: str | None, flags: int, fallback: Callable[[], int], *, sibl
     ``fallback()``, and the child does them itself (_BORN_IN_CGROUP and
     _BORN_IN_NAMESPACES say which it was born with). ``sibling``: the child
     is the caller's parent's (the zygote's forks). Only for a process with
-    one thread."""
+    one thread.
+
+    ``pid1_fds`` (a zygote's fork, rootless): the results memfd and the
+    kill pipe's write end (or -1) of a sandbox whose pid 1 may be the C one
+    (_pid1.c, _spawn_native): then the child returned is the test process,
+    pid 1's child, and the caller gets pid 1's pid."""
     global _BORN_IN_CGROUP, _BORN_IN_NAMESPACES
     fd = -1
     if into is not None and _CLONE_INTO[0]:
         with contextlib.suppress(OSError):
             fd = os.open(into, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     flags = flags if _CLONE_NS[0] else 0
+    if flags and sibling and pid1_fds is not None and _NATIVE[0] and (into is None or fd >= 0):
+        # Refused, the Python pid 1 below; never the C one outside the
+        # test's cgroup.
+        pid = _spawn_native(fd, flags, pid1_fds)
+        if pid >= 0:
+            if fd >= 0:
+                os.close(fd)
+            return pid
     # Everything at once first; refused, without the cgroup (the namespaces
     # spare a whole process, the cgroup only a write).
     attempts = [(fd, flags)] if fd >= 0 else []
@@ -829,6 +866,40 @@ def fork_born(into: str | None, flags: int, fallback: Callable[[], int], *, sibl
         if fd >= 0:
             os.close(fd)
     return pid if pid >= 0 else fallback()
+
+
+def _spawn_native(cgroup_fd: int, flags: int, pid1_fds: tuple[int, int]) -> int:
+    """The C pid 1 (_pid1.c) born in the namespaces ``flags`` (and the
+    cgroup v2 directory ``cgroup_fd``, or -1), which forks the test process:
+    0 in the test process, pid 1's pid in the caller, -1 where it failed
+    (nothing was forked then; a failure that lasts turns it off)."""
+    global _BORN_IN_CGROUP, _BORN_IN_NAMESPACES, _NATIVE_PID1
+    tid = sc.glibc_tid_address()
+    if tid is None or _native_pid1 is None:
+        _NATIVE[0] = False
+        return -1
+    try:
+        pid = int(
+            _native_pid1.spawn(
+                flags,
+                True,
+                pid1_fds[0],
+                pid1_fds[1],
+                cgroup_fd,
+                tid,
+                int(KILL_ALL_SIGNAL),
+                int(DUMP_SIGNAL),
+                int(FAULT_SIGNAL),
+            )
+        )
+    except OSError as exc:
+        if exc.errno in _CLONE_LASTING and cgroup_fd < 0:
+            _NATIVE[0] = False
+        return -1
+    if pid == 0:  # pragma: no cover - the test process
+        _BORN_IN_CGROUP = cgroup_fd >= 0
+        _BORN_IN_NAMESPACES = _NATIVE_PID1 = True
+    return pid
 
 
 def fork_into_pid_namespace(
@@ -1035,9 +1106,10 @@ def _sandbox_main(
     try:
         step = "set the parent-death signal"
         _die_with_parent()
-        if killed_fd >= 0 and not _BORN_IN_NAMESPACES:
+        if killed_fd >= 0 and (not _BORN_IN_NAMESPACES or _NATIVE_PID1):
             # Only a pid 1 born in its namespaces answers P's request (with
-            # an outer process, P waits for the namespace's end instead).
+            # an outer process, P waits for the namespace's end instead);
+            # the C one holds its own copy.
             os.close(killed_fd)
             killed_fd = -1
         for fd in foreign - own:
@@ -1099,7 +1171,15 @@ def _sandbox_main(
             # Born pid 1 in its user, pid, mount, uts, ipc (and net)
             # namespaces (fork_born): no outer process to relay its end.
             step = "map the user namespace"
+            if _NATIVE_PID1:
+                # Non-dumpable from the zygote (_pid1.c), this process's
+                # /proc files are the host root's until it is dumpable again:
+                # for the writes only, while nothing else is in its pid
+                # namespace but the C pid 1.
+                sc.prctl(sc.PR_SET_DUMPABLE, 1)
             _map_ids(plan.uid, plan.gid)
+            if _NATIVE_PID1:
+                sc.prctl(sc.PR_SET_DUMPABLE, 0)
             step = "unshare the cgroup namespace"
             with SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
                 sc.unshare(sc.CLONE_NEWCGROUP)
@@ -1129,7 +1209,7 @@ def _sandbox_main(
         # The test must not share a session (or terminal) with pytest: setsid
         # also blocks TIOCSTI injection into the terminal without CAP_SYS_ADMIN.
         os.setsid()
-        if not direct:
+        if not direct and not _NATIVE_PID1:
             # pid 1 forks the test process now, and the test process builds
             # the root: each page of pytest's state pid 1 wrote building it
             # (reference counts) would be copied twice, into pid 1 and again
@@ -1168,7 +1248,7 @@ def defer_after_fork(after: Callable[[], None]) -> bool:  # pragma: no cover - i
     (forkhooks.py), before it runs ``after``, what they leave to the child:
     a rootless pid 1 (born in its namespaces) leaves it to its test process
     and returns True (_fork_test_process); any other child runs it itself."""
-    if not _BORN_IN_NAMESPACES:
+    if not _BORN_IN_NAMESPACES or _NATIVE_PID1:
         return False
     _AFTER_QUIET_FORK[0] = after
     return True

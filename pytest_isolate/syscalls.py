@@ -371,6 +371,12 @@ _syscall_holding_gil.restype = ctypes.c_long
 _syscall_holding_gil.argtypes = [ctypes.c_long, ctypes.c_ulong] + [ctypes.c_void_p] * 4
 
 
+def glibc_tid_address() -> int | None:
+    """Where glibc keeps the calling thread's tid (for CLONE_CHILD_SETTID),
+    or None where its layout is not the one expected."""
+    return _tid_address()
+
+
 def _tid_address() -> int | None:
     """Where glibc keeps the calling thread's tid, if its layout is the one
     expected (the value there is the thread's tid)."""

@@ -86,6 +86,7 @@ def test_doctor_as_root_reports_every_default_feature_working(pytester: pytest.P
             "--isolate works here with every default layer.",
         ]
     )
+    result.stdout.fnmatch_lines(["pid 1 in C (rootless) * n/a * root: pid 1 is the init factory's"])
     result.stdout.no_fnmatch_line("*fix:*")
 
 
@@ -229,13 +230,14 @@ def as_user() -> Iterator[Callable[..., subprocess.CompletedProcess[str]]]:
                 f"{USER_VENV}/bin/pip install pytest filelock python-prctl"
             )
 
-        def run(*args: str) -> subprocess.CompletedProcess[str]:
+        def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
             env = {
                 "PATH": "/usr/bin:/bin",
                 "HOME": copy,
                 "PYTHONPATH": copy,
                 "PYTHONDONTWRITEBYTECODE": "1",
                 "LANG": "C.UTF-8",
+                **(env or {}),
             }
             return subprocess.run(
                 [
@@ -283,6 +285,21 @@ def test_doctor_as_unprivileged_user_uses_user_namespaces_for_every_layer(
         ]
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # The C pid 1, tried for real, where the user's interpreter can load the
+    # copy's extension (built for ours: the same ABI tag).
+    built = as_user("-c", "import pytest_isolate._pid1").returncode == 0
+    lines.fnmatch_lines(
+        [
+            "pid 1 in C (rootless) * yes * faster rootless sandboxes * a few lines of C*"
+            if built
+            else "pid 1 in C (rootless) * no * faster rootless sandboxes * was not built*"
+        ]
+    )
+    turned_off = as_user("-m", "pytest_isolate", "doctor", env={"PYTEST_ISOLATE_C_PID1": "0"})
+    if built:
+        pytest.LineMatcher(turned_off.stdout.splitlines()).fnmatch_lines(
+            ["pid 1 in C (rootless) * no * turned off (PYTEST_ISOLATE_C_PID1=0)", "* fix: unset it"]
+        )
 
 
 @requires("cgroup1")

@@ -623,6 +623,110 @@ def test_rootless_pid_1_is_born_in_its_namespaces(pytester: pytest.Pytester) -> 
     assert _forks(result)["sandboxes"] == 2
 
 
+def _native_pid1_expected() -> bool:
+    from pytest_isolate import sandbox
+
+    return sandbox._NATIVE[0] and sc.sibling_fork_unavailable() is None
+
+
+@requires("rootless", "userns")
+@pytest.mark.parametrize("c_pid1", ["1", "0"])
+def test_rootless_pid_1_in_c_serves_the_test_as_pid_1_in_python_did(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, c_pid1: str
+) -> None:
+    """Rootless, a zygote's sandboxes have the C pid 1 (_pid1.c) where it is
+    built: the test process is its child, pid 2, in its namespaces; pid 1
+    reaps orphans, kills what the test left when it ends, reports the test
+    process's exit status and signal, and forwards the stack dump on a
+    timeout. Nothing in the sandbox can trace pid 1 or read its memory, which
+    is the zygote's, not even with CAP_SYS_PTRACE in the sandbox. With
+    PYTEST_ISOLATE_C_PID1=0, pid 1 in Python does the same."""
+    monkeypatch.setenv("PYTEST_ISOLATE_C_PID1", c_pid1)
+    marker = f"pid1-native-leftover-{os.getpid()}-{random.randrange(1 << 30)}"
+    pytester.makepyfile(
+        test_native=f"""
+            import ctypes, errno, os, signal, subprocess, sys, time
+            import pytest
+            from pytest_isolate import sandbox
+
+            pytestmark = pytest.mark.isolated(caps_add=["SYS_PTRACE"])
+
+            def test_0_first_by_pytest():
+                pass
+
+            def test_1_shape():
+                print("NATIVE", sandbox._NATIVE_PID1)
+                assert os.getpid() == 2 and os.getppid() == 1
+                assert sandbox._BORN_IN_NAMESPACES
+
+            def test_2_pid_1_cannot_be_traced_or_read():
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p,
+                                        ctypes.c_void_p]
+                assert libc.ptrace(16, 1, None, None) == -1  # PTRACE_ATTACH
+                assert ctypes.get_errno() == errno.EPERM
+                for name in ("mem", "environ"):
+                    with pytest.raises(PermissionError):
+                        open(f"/proc/1/{{name}}", "rb")
+
+            def test_3_orphans_are_reaped():
+                # A double fork: the grandchild's parent dies, pid 1 adopts it.
+                subprocess.run(["sh", "-c", "sleep 0.2 &"], check=True)
+                time.sleep(0.5)
+                with open("/proc/1/status") as f:
+                    assert "State:\tS" in f.read()
+                states = []
+                for pid in os.listdir("/proc"):
+                    if pid.isdigit():
+                        with open(f"/proc/{{pid}}/stat") as f:
+                            states.append(f.read().split(")")[1].split()[0])
+                assert "Z" not in states, states
+
+            def test_4_leaves_a_process_behind():
+                subprocess.Popen(
+                    ["sh", "-c", "sleep 1000; true", "{marker}"], start_new_session=True
+                )
+
+            def test_5_exits_with_status():
+                sys.stdout.flush()
+                os._exit(7)
+
+            def test_6_killed_by_signal():
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            @pytest.mark.isolated(timeout=1)
+            def test_7_times_out_in_a_named_function():
+                def waiting_here_for_ever():
+                    time.sleep(60)
+                waiting_here_for_ever()
+
+            def test_8_after_all_that():
+                assert os.getpid() == 2
+        """
+    )
+    result = run(pytester, "-vv", "-rP", "-p", "no:rerunfailures")
+    result.assert_outcomes(passed=6, failed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_5_exits_with_status*",
+            "*the test process exited with status 7 before reporting a result*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*the test process was killed by SIGKILL (9)*"])
+    result.stdout.fnmatch_lines(["*waiting_here_for_ever*"])
+    expected = "True" if c_pid1 == "1" and _native_pid1_expected() else "False"
+    result.stdout.fnmatch_lines([f"NATIVE {expected}"])
+    left = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    left.append(pid)
+        except OSError:
+            continue
+    assert not left
+
+
 @requires("rootless", "userns")
 def test_rootless_a_failed_root_is_reported_with_its_step(pytester: pytest.Pytester) -> None:
     """Rootless, pid 1 forks the test process first and the test process
