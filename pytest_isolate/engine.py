@@ -157,7 +157,8 @@ class Engine:
         self.rootless = not privileged()
         self._plans: dict[IsolationSpec, SandboxPlan] = {}
         self._filters: dict[frozenset[str], bytes] = {}
-        self._prepared: _Prepared | None = None
+        #: Sandboxes prepared for the next items, in their order (_prepare_next).
+        self._prepared: list[_Prepared] = []
         self._live: list[Sandbox] = []
         self._finished: list[Sandbox] = []
         #: Reports the running test logged during its phases (take_logged).
@@ -764,9 +765,9 @@ class Engine:
             self._live.remove(sandbox)
 
     def _discard_prepared(self) -> None:
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None:
-            self._release(prepared.sandbox)
+        prepared, self._prepared = self._prepared, []
+        for entry in prepared:
+            self._release(entry.sandbox)
 
     def _locate(self, items: list[pytest.Item]) -> None:
         """Compute (and so cache) the items' locations before a zygote is
@@ -924,8 +925,8 @@ class Engine:
         self._graveyard = waiting
 
     def _take_or_spawn(self, item: pytest.Item, spec: IsolationSpec) -> tuple[Sandbox, Any]:
-        prepared, self._prepared = self._prepared, None
-        if prepared is not None:
+        if self._prepared:
+            prepared = self._prepared.pop(0)
             with contextlib.suppress(OSError):  # not forked at all: pid -1, released below
                 prepared.sandbox.resolve()
             if (
@@ -937,7 +938,10 @@ class Engine:
             ):
                 self.counts["prepared"] += 1
                 return prepared.sandbox, prepared.cgroup
+            # Not this item's, or pytest's state moved: those prepared after
+            # it were predicted from the same state, in the same order.
             self._release(prepared.sandbox)
+            self._discard_prepared()
         return self._spawn(item, spec)
 
     def _prepare_next(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
@@ -945,30 +949,66 @@ class Engine:
         state for it is already known: getting to the next item runs no code
         in pytest's process (same parent, or collectors without finalizers or
         setup code between them) and every wider fixture it needs is cached.
-        The state is checked again before the sandbox is used."""
-        if nextitem is None:
+        The state is checked again before the sandbox is used.
+
+        Rootless, the one after it too (_AHEAD_ROOTLESS), when pytest runs
+        its items in order and all three share a parent: a rootless sandbox
+        takes longer to make (its user namespace, the root it builds itself)
+        than a short test takes to run, and with one prepared at a time the
+        making, not the machine, set the pace (docs/performance.md)."""
+        if nextitem is None or self.config.getoption("usepdb", False):
             return
-        if self.config.getoption("usepdb", False):
+        if not self._prepared:
+            spec = self._preparable(nextitem)
+            snapshot = compat.predicted_snapshot(item, nextitem) if spec is not None else None
+            if spec is None or snapshot is None:
+                return
+            if not self._prepare(item, nextitem, spec, snapshot):
+                return
+        if len(self._prepared) != 1 or self._prepared[0].item is not nextitem:
             return
+        if not self.plan_for(self._prepared[0].spec).rootless:
+            return
+        items = item.session.items
+        index = self._index_of(nextitem)
+        if index < 1 or index + 1 >= len(items) or items[index - 1] is not item:
+            return  # not pytest's own loop over its items (xdist's workers)
+        after = items[index + 1]
+        if not (after.parent is nextitem.parent is item.parent):
+            return
+        spec = self._preparable(after)
+        snapshot = compat.shared_snapshot(after) if spec is not None else None
+        if spec is not None and snapshot is not None:
+            self._prepare(item, after, spec, snapshot)
+
+    def _preparable(self, item: pytest.Item) -> IsolationSpec | None:
+        """``item``'s spec, if a sandbox can be prepared for it ahead."""
         try:
-            spec = self.spec_for(nextitem)
+            spec = self.spec_for(item)
         except SpecError:
-            return
-        if not spec.enabled or compat.evaluate_skip(nextitem):
-            return
-        snapshot = compat.predicted_snapshot(item, nextitem)
-        if snapshot is None:
-            return
+            return None
+        if not spec.enabled or compat.evaluate_skip(item):
+            return None
+        return spec
+
+    def _prepare(
+        self,
+        running: pytest.Item,
+        item: pytest.Item,
+        spec: IsolationSpec,
+        snapshot: tuple[int, ...],
+    ) -> bool:
         try:
             # Copying pages ahead takes CPU time: worth it when the current
             # test leaves time for it (the last one did), not in a burst of
             # tiny tests where every core is busy anyway.
             # Not under a memory limit: the copies count against it.
             ahead = self._last_run >= _PREFAULT_MIN_RUN and spec.memory is None
-            sandbox, cgroup = self._spawn(nextitem, spec, ahead=ahead, prepared_from=item)
+            sandbox, cgroup = self._spawn(item, spec, ahead=ahead, prepared_from=running)
         except Exception:
-            return  # it fails again, with a report, when its turn comes
-        self._prepared = _Prepared(nextitem, spec, snapshot, sandbox, cgroup, self.results_epoch)
+            return False  # it fails again, with a report, when its turn comes
+        self._prepared.append(_Prepared(item, spec, snapshot, sandbox, cgroup, self.results_epoch))
+        return True
 
     def _teardown(
         self,

@@ -728,6 +728,41 @@ def test_rootless_pid_1_in_c_serves_the_test_as_pid_1_in_python_did(
 
 
 @requires("rootless", "userns")
+def test_rootless_sandboxes_are_prepared_two_tests_ahead(pytester: pytest.Pytester) -> None:
+    """Rootless, while a test runs the sandboxes of the next two are made
+    (engine._prepare_next): a test process was started before the test
+    before it ran. Each test says when its process started (clock ticks
+    since boot) and when it ran (CLOCK_BOOTTIME); tests of 0.1 s keep the
+    ticks' 10 ms apart from the answer."""
+    pytester.makepyfile(
+        test_ahead="""
+            import os, time
+            import pytest
+
+            @pytest.mark.parametrize("n", range(6))
+            def test_at(n):
+                with open("/proc/self/stat") as f:
+                    ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+                started = ticks / os.sysconf("SC_CLK_TCK")
+                print(f"AT {n} {started:.3f} {time.clock_gettime(time.CLOCK_BOOTTIME):.3f}")
+                time.sleep(0.1)
+        """
+    )
+    result = run(pytester, "-vv", "-s", "-p", "no:rerunfailures")
+    result.assert_outcomes(passed=6)
+    seen = {}
+    for found in re.finditer(r"AT (\d+) ([\d.]+) ([\d.]+)", result.stdout.str()):
+        n, started, ran = found.groups()
+        seen[int(n)] = (float(started), float(ran))
+    assert sorted(seen) == list(range(6))
+    # From the third on: made while the test two before ran, so before the
+    # test just before it began.
+    early = [n for n in range(2, 6) if seen[n][0] + 0.03 < seen[n - 1][1]]
+    assert len(early) >= 3, seen
+    assert _forks(result)["prepared"] == 5
+
+
+@requires("rootless", "userns")
 def test_rootless_a_failed_root_is_reported_with_its_step(pytester: pytest.Pytester) -> None:
     """Rootless, pid 1 forks the test process first and the test process
     builds the root: a failure there still reaches pytest as a setup error
