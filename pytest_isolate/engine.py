@@ -287,12 +287,14 @@ class Engine:
             with contextlib.suppress(OSError):
                 self._var_scan()  # reaps the helper when no plan asked for it
         self.finish_item()
+        # Prepared sandboxes first: each holds pytest's descriptors of its
+        # own (its go pipe) until it ends.
+        self._discard_prepared()
         self._retire_zygote()
         for zygote in self._old_zygotes:
             zygote.reap(block=True)
         self._old_zygotes.clear()
         self._bury(block=True)
-        self._discard_prepared()
         for sandbox in list(self._live):
             sandbox.close()
         self._live.clear()
@@ -491,12 +493,16 @@ class Engine:
 
     def _foreign_fds(self) -> set[int]:
         """pytest's descriptors a test process must not keep: other sandboxes'
-        pipes and pidfds, and the channel to the init factory."""
+        pipes and pidfds, and the channels to the init factory and the
+        zygotes."""
         fds: set[int] = set()
         for sandbox in self._live:
             fds.update(sandbox.fds)
         if self._init_factory is not None:
             fds.update(self._init_factory.held_fds())
+        for zygote in (self._zygote, *self._old_zygotes):
+            if zygote is not None:
+                fds.update(zygote.held_fds())
         return fds
 
     def _spawn(
@@ -969,10 +975,12 @@ class Engine:
             return
         if not self.plan_for(self._prepared[0].spec).rootless:
             return
+        if hasattr(self.config, "workerinput"):
+            return  # an xdist worker: its next items come from the controller
         items = item.session.items
         index = self._index_of(nextitem)
         if index < 1 or index + 1 >= len(items) or items[index - 1] is not item:
-            return  # not pytest's own loop over its items (xdist's workers)
+            return  # not pytest's own loop over its items
         after = items[index + 1]
         if not (after.parent is nextitem.parent is item.parent):
             return

@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import struct
+import time
 import warnings
 from collections.abc import Callable, Container
 
@@ -39,6 +40,8 @@ _REPLY = struct.Struct("<i")
 #: A request: up to 6 descriptors and a short payload (ids, cgroup paths).
 _MAX_FDS = 8
 _MAX_PAYLOAD = 1 << 16
+#: Seconds a closed zygote has to exit before it is killed (reap(block=True)).
+_EXIT_GRACE = 5.0
 
 
 class ZygoteError(OSError):
@@ -131,6 +134,12 @@ class Zygote:
     def alive(self) -> bool:
         return self._sock is not None
 
+    def held_fds(self) -> set[int]:
+        """pytest's end of the channel: no sandbox pytest forks itself may
+        keep it (it could ask for forks, and the zygote would never see the
+        end of file that ends it)."""
+        return {self._sock.fileno()} if self._sock is not None else set()
+
     def close(self) -> None:
         """End it: on end of file it exits; reap() collects it. Answers still
         due are read first: each is a child of ours to wait for."""
@@ -148,7 +157,17 @@ class Zygote:
             return True
         self.close()
         try:
-            pid, _ = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            pid, _ = os.waitpid(self.pid, os.WNOHANG)
+            if not pid and block:
+                # It exits at the end of file; should a descriptor of its
+                # channel live on somewhere, it is ended after a while.
+                deadline = time.monotonic() + _EXIT_GRACE
+                while not pid and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    pid, _ = os.waitpid(self.pid, os.WNOHANG)
+                if not pid:
+                    os.kill(self.pid, signal.SIGKILL)
+                    pid, _ = os.waitpid(self.pid, 0)
         except ChildProcessError:
             pid = self.pid
         if pid:

@@ -501,13 +501,23 @@ def test_no_channel_to_pytest_or_its_helpers_reaches_the_test(pytester: pytest.P
     inits, or unsandboxed forks of pytest, of its own making. Sockets of
     pytest's plugins and fixtures are inherited as under any forking runner;
     these, and the pidfds of other sandboxes, are not. Several tests, so
-    that the later ones come from the zygote."""
+    that the later ones come from the zygote; then tests of a spec the
+    zygote does not know, which pytest's process forks while the zygote
+    lives (and holds its channel)."""
     pytester.makepyfile("""
         import os, socket, stat
         import pytest
 
         @pytest.mark.parametrize("i", range(4))
         def test_no_factory_socket_or_pidfd_inherited(i):
+            check()
+
+        @pytest.mark.isolated(hostname="later")
+        @pytest.mark.parametrize("i", range(3))
+        def test_forked_by_pytest_beside_the_zygote(i):
+            check()
+
+        def check():
             found = {}
             for name in os.listdir("/proc/self/fd"):
                 fd = int(name)
@@ -525,4 +535,4 @@ def test_no_channel_to_pytest_or_its_helpers_reaches_the_test(pytester: pytest.P
                     sock.close()
             assert found == {}
     """)
-    run_isolated(pytester).assert_outcomes(passed=4)
+    run_isolated(pytester).assert_outcomes(passed=7)
