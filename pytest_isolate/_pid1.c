@@ -171,15 +171,13 @@ static void write_exit_frame(int fd, int status) {
     char frame[4 + sizeof head + 16];
     char digits[12];
     int n = 0, len = 0;
-    unsigned int value = (unsigned int)status;
+    unsigned int value = (unsigned int)status; /* a wait status: never negative */
     do {
         digits[n++] = (char)('0' + value % 10);
         value /= 10;
     } while (value && n < (int)sizeof digits);
     for (size_t i = 0; i < sizeof head - 1; i++)
         frame[4 + len++] = head[i];
-    if (status < 0)
-        frame[4 + len++] = '-';
     while (n)
         frame[4 + len++] = digits[--n];
     frame[4 + len++] = '}';

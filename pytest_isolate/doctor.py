@@ -828,24 +828,11 @@ def _c_pid1_check(rootless: bool) -> Check:
 def _c_pid1_probe() -> str:  # pragma: no cover - probe child
     """The engine's call, in new user and pid namespaces: the child must be
     pid 2 under the C pid 1, which reports its exit status in a frame."""
-    from . import sandbox
     from .protocol import FrameReader
+    from .sandbox import native_spawn
 
-    native = sandbox._native_pid1
-    tid = sc.glibc_tid_address()
-    assert native is not None and tid is not None
     frames = os.memfd_create("isolate-doctor", os.MFD_CLOEXEC)
-    pid = native.spawn(
-        sc.CLONE_NEWUSER | sc.CLONE_NEWPID,
-        False,
-        frames,
-        -1,
-        -1,
-        tid,
-        int(sandbox.KILL_ALL_SIGNAL),
-        int(sandbox.DUMP_SIGNAL),
-        int(sandbox.FAULT_SIGNAL),
-    )
+    pid = native_spawn(sc.CLONE_NEWUSER | sc.CLONE_NEWPID, sibling=False, result_fd=frames)
     if pid == 0:
         os._exit(7 if (os.getpid(), os.getppid()) == (2, 1) else 3)
     _, status = os.waitpid(pid, 0)

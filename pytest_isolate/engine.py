@@ -709,11 +709,12 @@ class Engine:
             start_in_zygote(child.COVERAGE_DIR)
             if self._fork_handlers:
                 _AFTER_FORK[0] = self._fork_handlers.quiet()
-        procs = request[rest + into_size :].decode()
         # Rootless, pid 1 may be the C one (sandbox._spawn_native): it keeps
         # the results memfd and the kill pipe; not where the test's cgroup
-        # is joined by a write (pid 1 would stay outside it).
-        pid1_fds = (fds[0], killed_fd) if plan.rootless and (into or not procs) else None
+        # is joined by a write (pid 1 would stay outside it). No object made
+        # here: each page the zygote writes is copied once per test.
+        joined_by_write = into is None and len(request) > rest + into_size
+        pid1_fds = (fds[0], killed_fd) if plan.rootless and not joined_by_write else None
         pid = fork_into_pid_namespace(
             plan,
             init_pidfd,
@@ -722,6 +723,7 @@ class Engine:
         )
         if pid == 0:
             try:
+                procs = request[rest + into_size :].decode()
                 item = session.items[index]
             except BaseException:
                 os._exit(SETUP_FAILED_EXIT)  # never back into the zygote's loop
@@ -957,8 +959,8 @@ class Engine:
         setup code between them) and every wider fixture it needs is cached.
         The state is checked again before the sandbox is used.
 
-        Rootless, the one after it too (_AHEAD_ROOTLESS), when pytest runs
-        its items in order and all three share a parent: a rootless sandbox
+        Rootless, the one after it too, when pytest runs its items in order
+        (not an xdist worker) and all three share a parent: a rootless sandbox
         takes longer to make (its user namespace, the root it builds itself)
         than a short test takes to run, and with one prepared at a time the
         making, not the machine, set the pace (docs/performance.md)."""

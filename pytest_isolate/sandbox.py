@@ -763,7 +763,7 @@ _BORN_IN_NAMESPACES = False
 #: the namespaces (_BORN_IN_NAMESPACES) as pid 1's child, and is not pid 1.
 _NATIVE_PID1 = False
 #: Cleared once the C pid 1 failed in a way that holds for this process's
-#: life; off with PYTEST_ISOLATE_C_PID1=0 (docs/configuration.md).
+#: life; off with PYTEST_ISOLATE_C_PID1=0 (docs/options.md).
 _NATIVE = [
     _native_pid1 is not None
     and _native_pid1.available()
@@ -868,29 +868,45 @@ def fork_born(
     return pid if pid >= 0 else fallback()
 
 
+#: [pid, glibc_tid_address() in that process] (native_spawn).
+_TID: list[int | None] = [None, None]
+
+
+def native_spawn(
+    flags: int, *, sibling: bool, result_fd: int, killed_fd: int = -1, cgroup_fd: int = -1
+) -> int:
+    """_pid1.spawn(): the C pid 1 born in the namespaces ``flags`` (and the
+    cgroup v2 directory ``cgroup_fd``, or -1), which forks the test process
+    and writes its exit frame to ``result_fd``: 0 in the test process, pid
+    1's pid in the caller. Raises OSError where it failed (nothing was forked
+    then); only where _native_pid1 and glibc_tid_address() are there."""
+    if _TID[0] != os.getpid():  # once per process (a zygote spawns many)
+        _TID[:] = [os.getpid(), sc.glibc_tid_address()]
+    tid = _TID[1]
+    if _native_pid1 is None or tid is None:
+        raise OSError(errno.ENOSYS, "the C pid 1 is not available here")
+    return int(
+        _native_pid1.spawn(
+            flags,
+            sibling,
+            result_fd,
+            killed_fd,
+            cgroup_fd,
+            tid,
+            int(KILL_ALL_SIGNAL),
+            int(DUMP_SIGNAL),
+            int(FAULT_SIGNAL),
+        )
+    )
+
+
 def _spawn_native(cgroup_fd: int, flags: int, pid1_fds: tuple[int, int]) -> int:
-    """The C pid 1 (_pid1.c) born in the namespaces ``flags`` (and the
-    cgroup v2 directory ``cgroup_fd``, or -1), which forks the test process:
-    0 in the test process, pid 1's pid in the caller, -1 where it failed
-    (nothing was forked then; a failure that lasts turns it off)."""
+    """A zygote's native_spawn(): -1 where it failed (a failure that lasts
+    turns it off), and in the test process the flags that say how it was born."""
     global _BORN_IN_CGROUP, _BORN_IN_NAMESPACES, _NATIVE_PID1
-    tid = sc.glibc_tid_address()
-    if tid is None or _native_pid1 is None:
-        _NATIVE[0] = False
-        return -1
     try:
-        pid = int(
-            _native_pid1.spawn(
-                flags,
-                True,
-                pid1_fds[0],
-                pid1_fds[1],
-                cgroup_fd,
-                tid,
-                int(KILL_ALL_SIGNAL),
-                int(DUMP_SIGNAL),
-                int(FAULT_SIGNAL),
-            )
+        pid = native_spawn(
+            flags, sibling=True, result_fd=pid1_fds[0], killed_fd=pid1_fds[1], cgroup_fd=cgroup_fd
         )
     except OSError as exc:
         if exc.errno in _CLONE_LASTING and cgroup_fd < 0:

@@ -372,14 +372,9 @@ _syscall_holding_gil.argtypes = [ctypes.c_long, ctypes.c_ulong] + [ctypes.c_void
 
 
 def glibc_tid_address() -> int | None:
-    """Where glibc keeps the calling thread's tid (for CLONE_CHILD_SETTID),
-    or None where its layout is not the one expected."""
-    return _tid_address()
-
-
-def _tid_address() -> int | None:
-    """Where glibc keeps the calling thread's tid, if its layout is the one
-    expected (the value there is the thread's tid)."""
+    """Where glibc keeps the calling thread's tid (a raw clone's
+    CLONE_CHILD_SETTID), if its layout is the one expected (the value there
+    is the thread's tid)."""
     if _GLIBC_TID_OFFSET is None:
         return None
     import threading
@@ -394,7 +389,7 @@ def sibling_fork_unavailable() -> str | None:
     """Why fork_sibling() cannot work here (None: it can)."""
     if _SYS_CLONE is None:
         return f"clone(CLONE_PARENT) is only wired for x86_64, this is {_MACHINE}"
-    if _tid_address() is None:
+    if glibc_tid_address() is None:
         return "the C library's thread descriptor is not the glibc layout this was checked on"
     return None
 
@@ -447,7 +442,7 @@ def fork_sibling(cgroup_fd: int = -1, *, sibling: bool = True, flags: int = 0) -
     more clone flags, the namespaces the child is born in (CLONE_NEWUSER
     with the others: an unprivileged caller may make them all at once).
     """
-    tid = _tid_address()
+    tid = glibc_tid_address()
     if _SYS_CLONE is None or tid is None:
         raise OSError(errno.ENOSYS, "fork_sibling: " + str(sibling_fork_unavailable()))
     if cgroup_fd >= 0 and _SYS_CLONE3 is None:
