@@ -8,15 +8,25 @@ import without pytest; only ``isolated`` needs it, so it is resolved lazily.
 
 from __future__ import annotations
 
-from typing import Any
+# Not typing's: the init factory imports this package, and typing is
+# milliseconds of its start-up (mypy reads the name as typing's).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-from .spec import IsolationSpec, SpecError
+    from .spec import IsolationSpec, SpecError
 
 __all__ = ["IsolationSpec", "Pod", "SpecError", "__version__", "isolated", "pod"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("IsolationSpec", "SpecError"):
+        # Lazily too: the init factory (initd.py), a small interpreter of its
+        # own, imports this package and has no use for the spec's machinery.
+        from . import spec
+
+        return getattr(spec, name)
     if name == "isolated":
         import pytest
 

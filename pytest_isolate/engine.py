@@ -407,6 +407,11 @@ class Engine:
         if namespaces and spec.has("rootfs"):
             writable = [p for p in (compat.basetemp(self.config),) if p]
             cgroups = self.cgroups()
+            if cgroups is not None and not self._plans and spec.has("cgroup"):
+                # The first test's sandbox is placed in its cgroup once this
+                # plan is built, on the critical path: a move started now
+                # spares it the kernel's wait (Trap 1 of docs/performance.md).
+                cgroups.prime()
             image_root = None
             if spec.rootfs is not None:
                 from .images import ImageError, default_cache_dir, prepare_image

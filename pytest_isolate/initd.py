@@ -43,10 +43,13 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
 
+# Not typing's (mypy reads the name as typing's): importing typing is
+# milliseconds of the factory's start-up, which the first test waits for.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
+    from typing import Any
 
     from .rootfs import Renewal
     from .scratchdirs import LockedDir
@@ -78,7 +81,10 @@ _ID = struct.Struct("<I")
 #: A setup registered with the factory: (root file system plan or None,
 #: hostname, whether to make a network namespace, whether its inits may copy
 #: a template mount namespace). Id 0 is the bare init.
-InitSetup = tuple[Any, str, bool, bool]
+if TYPE_CHECKING:
+    InitSetup = tuple[Any, str, bool, bool]
+else:
+    InitSetup = tuple
 
 
 class InitFactoryError(Exception):

@@ -25,10 +25,14 @@ import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from . import syscalls as sc
-from .spec import Bind
+
+TYPE_CHECKING = False  # not typing's: the init factory imports this module
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from .spec import Bind
 
 __all__ = [
     "Op",

@@ -368,6 +368,30 @@ def test_two_managers_in_one_process_keep_their_own_subtrees(manager: CgroupMana
     assert os.path.isdir(own_dir(manager))
 
 
+def test_prime_moves_a_helper_into_a_cgroup_of_ours_and_close_removes_it(
+    manager: CgroupManager,
+) -> None:
+    """v1's prime(): a helper process writes itself into ``<own>/primer`` (the
+    move that puts the kernel's cgroup lock on its slow path for the first
+    sandbox's placement); it exits at once, and close() leaves nothing."""
+    if manager.version != 1:
+        pytest.skip("prime() is a no-op on cgroup v2 (sandboxes are cloned into their cgroup)")
+    other = open_cgroups(owner_tag=TAG + "primer")
+    try:
+        other.prime()
+        primer = other._primer  # type: ignore[attr-defined]
+        assert primer is not None
+        assert primer.wait(timeout=10) == 0  # the shell's write to cgroup.procs succeeded
+        path = f"{own_dir(other)}/primer"
+        assert os.path.isdir(path)
+        assert read_pids(f"{path}/cgroup.procs") == []  # the helper has exited
+        other.prime()
+        assert other._primer is primer  # type: ignore[attr-defined]  # once per manager
+    finally:
+        other.close()
+    assert not os.path.exists(own_dir(other))
+
+
 def test_same_owner_tag_twice_in_one_process_is_refused(manager: CgroupManager) -> None:
     with pytest.raises(CgroupUnavailable, match="own owner_tag"):
         open_cgroups(owner_tag=TAG)

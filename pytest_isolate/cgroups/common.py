@@ -169,6 +169,9 @@ class CgroupManager(abc.ABC):
                     "run `pytest --isolate-doctor` to see why",
                 )
 
+    def prime(self) -> None:  # noqa: B027 - a no-op where moves cost nothing (v2 clones into)
+        """Make the next placement cheap, if that takes something (v1)."""
+
     @abc.abstractmethod
     def create(self, limits: Limits) -> TestCgroup:
         """Make the cgroup of the next test and write its limits."""

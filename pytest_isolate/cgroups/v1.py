@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import subprocess
 from collections.abc import Mapping
 
 from .common import (
     CONTROLLERS,
+    DRAIN_TIMEOUT,
     CgroupManager,
     CgroupStats,
     CgroupUnavailable,
@@ -116,6 +118,7 @@ class V1Manager(CgroupManager):
         self.unavailable = dict(unavailable)
         self._memsw = memsw
         self._next = 0
+        self._primer: subprocess.Popen[bytes] | None = None
         notes = []
         if "memory" in self.controllers and not memsw:
             notes.append("swap not accounted (no memory.memsw.*): swappiness=0 instead")
@@ -140,6 +143,29 @@ class V1Manager(CgroupManager):
             raise
         return V1TestCgroup(dirs, self.hierarchies, limits)
 
+    def prime(self) -> None:
+        """Have a helper process move itself into a cgroup of ours now, so that
+        a sandbox placed within the next few milliseconds finds the kernel's
+        cgroup lock already on its slow path and does not wait a whole RCU
+        grace period (10 to 15 ms here) for it: docs/performance.md, Trap 1.
+        The helper (``/bin/sh``, spawned without copying pytest's memory) does
+        the waiting. Called once, before the first test's plan is built, the
+        only placement with that much warning; nothing depends on it."""
+        if self._primer is not None or not self.pdirs or not os.access("/bin/sh", os.X_OK):
+            return
+        path = f"{next(iter(self.pdirs.values()))}/primer"
+        try:
+            os.mkdir(path)
+            self._primer = subprocess.Popen(
+                ["/bin/sh", "-c", 'echo 0 > "$0"', f"{path}/cgroup.procs"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except OSError:
+            rmdir_quiet(path)
+
     def _apply(self, dirs: Mapping[str, str], limits: Limits) -> None:
         if limits.memory is not None:
             mem = dirs["memory"]
@@ -160,6 +186,9 @@ class V1Manager(CgroupManager):
             write_file(f"{dirs['cpu']}/cpu.cfs_quota_us", str(limits.cpu_quota_us()).encode())
 
     def close(self) -> None:
+        if self._primer is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._primer.wait(timeout=DRAIN_TIMEOUT)  # it exits at once
         for controller, pdir in self.pdirs.items():
             hierarchy = self.hierarchies[controller]
             shared = os.path.dirname(pdir)
