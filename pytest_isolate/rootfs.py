@@ -245,6 +245,18 @@ def _var_sockets(limit: int = 20000) -> list[str]:
     return sorted(found)
 
 
+def scan_once() -> Callable[[], list[str]]:
+    """The /var scan, made by the first call and remembered."""
+    found: list[list[str]] = []
+
+    def result() -> list[str]:
+        if not found:
+            found.append(_var_sockets())
+        return found[0]
+
+    return result
+
+
 def start_var_scan() -> Callable[[], list[str]]:
     """Run the /var socket scan (tens of milliseconds on a host with a big
     package cache) in a forked process, on another core while pytest
