@@ -207,22 +207,65 @@ def clean_env(repo_on_path: bool = True, **extra: str) -> dict[str, str]:
     return env
 
 
-def forked_python(base_python: str, venv: str, log: Callable[[str], None]) -> str:
-    """The pytest 8.4 + pytest-forked 1.7.5 venv (pytest-forked fails on pytest 9)."""
+_PLUGINS_SCRIPT = """
+import importlib.metadata as m
+seen = set()
+for d in m.distributions():
+    name = (d.metadata["Name"] or "").lower()
+    if name in seen or name in ("pytest-isolate-linux", "pytest-forked", "pytest"):
+        continue
+    if any(ep.group == "pytest11" for ep in d.entry_points):
+        seen.add(name)
+        print(name + "==" + d.version)
+"""
+
+
+def pytest_plugins_of(python: str) -> list[str]:
+    """``name==version`` of every installed distribution with a pytest11 entry
+    point (a plugin pytest loads by itself), pytest-isolate excepted."""
+    found = subprocess.run(
+        [python, "-c", _PLUGINS_SCRIPT], capture_output=True, text=True, check=False
+    ).stdout.split()
+    return sorted(found)
+
+
+def forked_python(
+    base_python: str, venv: str, log: Callable[[str], None], plugins: Sequence[str] = ()
+) -> str:
+    """The pytest 8.4 + pytest-forked 1.7.5 venv (pytest-forked fails on pytest 9),
+    with ``plugins`` installed too: the measured venv's own pytest plugins, so
+    that both runners' test processes carry the same plugins (each loads them,
+    runs their hooks and writes their pages). The same versions where they
+    install beside pytest 8.4, else the newest that do."""
     python = os.path.join(venv, "bin", "python")
-    if os.path.exists(python):
-        return python
-    base = subprocess.run(
-        [base_python, "-c", "import sys; print(getattr(sys, '_base_executable', sys.executable))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    log(f"creating {venv} with {base} and {' '.join(FORKED_REQUIREMENTS)}")
-    subprocess.run([base, "-m", "venv", venv], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", *FORKED_REQUIREMENTS], check=True)
-    # For the import suite; without it both sides use a generated module instead.
-    subprocess.run([python, "-m", "pip", "install", "-q", "numpy"], check=False)
+    if not os.path.exists(python):
+        base = subprocess.run(
+            [
+                base_python,
+                "-c",
+                "import sys; print(getattr(sys, '_base_executable', sys.executable))",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        log(f"creating {venv} with {base} and {' '.join(FORKED_REQUIREMENTS)}")
+        subprocess.run([base, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", *FORKED_REQUIREMENTS], check=True)
+        # For the import suite; without it both sides use a generated module instead.
+        subprocess.run([python, "-m", "pip", "install", "-q", "numpy"], check=False)
+    wanted = sorted(plugins)
+    have = {line.split("==")[0] for line in pytest_plugins_of(python)}
+    missing = [p for p in wanted if p.split("==")[0] not in have]
+    if missing:
+        log(f"installing into {venv} the measured venv's pytest plugins: {' '.join(missing)}")
+        pip = [python, "-m", "pip", "install", "-q", *FORKED_REQUIREMENTS]
+        if subprocess.run([*pip, *missing], check=False).returncode != 0:
+            # Some version needs pytest 9: the newest of each that does not.
+            for plugin in missing:
+                name = plugin.split("==")[0]
+                if subprocess.run([*pip, name], check=False).returncode != 0:
+                    log(f"could not install {name} beside pytest 8.4: left out")
     return python
 
 
@@ -642,6 +685,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "default benchmarks/.venv-forked)",
     )
     parser.add_argument(
+        "--forked-lean",
+        action="store_true",
+        help="do not install the measured venv's pytest plugins into pytest-forked's venv "
+        "(by default both runners' test processes carry the same plugins)",
+    )
+    parser.add_argument(
         "--install-numpy",
         action="store_true",
         help="pip install numpy into the interpreters that lack it",
@@ -693,7 +742,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         forked = None
         if "suites" in args.only and not args.no_forked:
-            forked = forked_python(args.python, args.forked_venv, log)
+            plugins = [] if args.forked_lean else pytest_plugins_of(args.python)
+            forked = forked_python(args.python, args.forked_venv, log, plugins)
+            measured, theirs = pytest_plugins_of(args.python), pytest_plugins_of(forked)
+            report.note(
+                "pytest plugins of the measured venv: "
+                f"{', '.join(measured) or 'none'}; of pytest-forked's venv: "
+                f"{', '.join(theirs) or 'none'}"
+                + (" (--forked-lean)." if args.forked_lean else ".")
+            )
         if "suites" in args.only:
             section_suites(args, report, base, args.python, forked, log)
         if "xdist" in args.only:
