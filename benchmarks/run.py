@@ -742,9 +742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         forked = None
         if "suites" in args.only and not args.no_forked:
-            plugins = [] if args.forked_lean else pytest_plugins_of(args.python)
-            forked = forked_python(args.python, args.forked_venv, log, plugins)
-            measured, theirs = pytest_plugins_of(args.python), pytest_plugins_of(forked)
+            measured = pytest_plugins_of(args.python)
+            forked = forked_python(
+                args.python, args.forked_venv, log, [] if args.forked_lean else measured
+            )
+            theirs = pytest_plugins_of(forked)
             report.note(
                 "pytest plugins of the measured venv: "
                 f"{', '.join(measured) or 'none'}; of pytest-forked's venv: "

@@ -25,15 +25,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import select
 import signal
 import socket
 import struct
-import time
 import warnings
 from collections.abc import Callable, Container
 
 from . import syscalls as sc
+from .initd import readable
 
 __all__ = ["Zygote", "ZygoteError"]
 
@@ -160,11 +159,14 @@ class Zygote:
         try:
             pid, _ = os.waitpid(self.pid, os.WNOHANG)
             if not pid and block:
-                # It exits at the end of file (woken by its pidfd, the moment
-                # it has: the 5 ms naps this replaces cost a session 5 ms);
-                # should a descriptor of its channel live on somewhere, it is
-                # ended after a while.
-                _wait_exit(self.pid, _EXIT_GRACE)
+                # It exits at the end of file (its pidfd says when); should a
+                # descriptor of its channel live on somewhere, it is ended
+                # after a while.
+                pidfd = os.pidfd_open(self.pid)
+                try:
+                    readable(pidfd, _EXIT_GRACE)
+                finally:
+                    os.close(pidfd)
                 pid, _ = os.waitpid(self.pid, os.WNOHANG)
                 if not pid:
                     os.kill(self.pid, signal.SIGKILL)
@@ -175,25 +177,6 @@ class Zygote:
             self.pid = -1
             return True
         return False
-
-
-def _wait_exit(pid: int, timeout: float) -> None:
-    """Until child ``pid`` has exited (not reaped) or ``timeout`` seconds pass."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:  # before Linux 5.3: in naps
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not os.waitid(
-            os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT
-        ):
-            time.sleep(0.005)
-        return
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.poll(int(timeout * 1000))
-    finally:
-        os.close(fd)
 
 
 def _main(sock: socket.socket, theirs: socket.socket, serve: Serve, close: set[int]) -> None:
