@@ -1,7 +1,10 @@
-"""The one compiled part: pytest_isolate._pid1, a rootless sandbox's pid 1 in C.
+"""The compiled parts, both optional: where they cannot be built (no C
+compiler; _pid1 also needs x86_64), the package works without them.
 
-Optional: where it cannot be built (no C compiler, not x86_64), the package
-works without it and a rootless pid 1 stays in Python (docs/performance.md).
+- pytest_isolate._pid1: a rootless sandbox's pid 1 in C (else in Python);
+- pytest_isolate._steps: a test process's root, hostname and loopback made by
+  raw system calls (else by rootfs.py in Python), docs/performance.md.
+
 Everything else about the package is in pyproject.toml.
 """
 
@@ -14,6 +17,12 @@ setup(
             ["pytest_isolate/_pid1.c"],
             optional=True,
             extra_compile_args=["-O2", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE"],
-        )
+        ),
+        Extension(
+            "pytest_isolate._steps",
+            ["pytest_isolate/_steps.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-fno-strict-aliasing"],
+        ),
     ]
 )

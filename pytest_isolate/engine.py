@@ -53,6 +53,7 @@ from .sandbox import (
     fork_born,
     fork_into_pid_namespace,
     init_setup,
+    native_steps,
     prepare_zygote,
     spawn,
     start_sandbox,
@@ -508,7 +509,15 @@ class Engine:
             program = self._filters.get(granted)
             if program is None:
                 program = self._filters[granted] = build_filter(granted)
-        return dataclasses.replace(plan, seccomp_program=program) if program else plan
+        if program:
+            plan = dataclasses.replace(plan, seccomp_program=program)
+        if native_steps():
+            from .steps import compile_setup
+
+            setup_program = compile_setup(plan)
+            if setup_program is not None:
+                plan = dataclasses.replace(plan, setup_program=setup_program)
+        return plan
 
     def _foreign_fds(self) -> set[int]:
         """pytest's descriptors a test process must not keep: other sandboxes'

@@ -60,6 +60,11 @@ try:  # optional, compiled (setup.py): without it a rootless pid 1 is a copy of 
     from . import _pid1 as _native_pid1
 except ImportError:  # pragma: no cover - where it was not built
     _native_pid1 = None
+_native_steps: types.ModuleType | None
+try:  # optional, compiled (setup.py): without it the setup steps run in Python
+    from . import _steps as _native_steps
+except ImportError:  # pragma: no cover - where it was not built
+    _native_steps = None
 
 __all__ = [
     "SETUP_FAILED_EXIT",
@@ -98,6 +103,9 @@ class SandboxPlan:
     rootfs: RootfsPlan | None = None
     caps: frozenset[str] | None = None
     seccomp_program: bytes | None = None
+    #: The root, hostname and loopback as a program for _steps.c (steps.py),
+    #: compiled by pytest's process; None: the Python steps.
+    setup_program: bytes | None = None
     env_allow: tuple[str, ...] | None = None
     strict_fds: bool = False
     uid: int = field(default_factory=os.getuid)
@@ -769,6 +777,15 @@ _NATIVE = [
     and _native_pid1.available()
     and os.environ.get("PYTEST_ISOLATE_C_PID1", "1") != "0"
 ]
+
+
+def native_steps() -> bool:
+    """Whether a test process runs its root, hostname and loopback as a
+    program in C (_steps.c, steps.py); off with PYTEST_ISOLATE_C_STEPS=0
+    (docs/options.md)."""
+    return _native_steps is not None and os.environ.get("PYTEST_ISOLATE_C_STEPS", "1") != "0"
+
+
 #: Set in a rootless pid 1 born from a zygote that forks without Python's
 #: at-fork handlers (forkhooks.py): what the test process calls after its
 #: own fork, which is made without them too (_fork_test_process).
@@ -1244,6 +1261,16 @@ def _sandbox_main(
                 _signal.signal(KILL_ALL_SIGNAL, _signal.SIG_DFL)
                 os.close(killed_fd)
         # The test process (pid 2) from here on.
+        if plan.setup_program is not None and _native_steps is not None:
+            # The same steps as below, in C: no page of pytest's written.
+            step = "build the root file system"
+            failed = _native_steps.run(plan.setup_program)
+            if failed is not None:
+                from .steps import failure
+
+                step, error = failure(plan, *failed)
+                raise error
+            _test_main(plan, ctx, go_r, own, run_test)
         if plan.rootfs is not None:
             step = "build the root file system"
             apply_rootfs(plan.rootfs)

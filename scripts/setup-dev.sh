@@ -65,10 +65,10 @@ else
 fi
 
 # ---- 3. the package ------------------------------------------------------------------
-# A stamp keyed on pyproject.toml and the compiled part (setup.py, _pid1.c: the
+# A stamp keyed on pyproject.toml and the compiled parts (setup.py, _pid1.c, _steps.c: the
 # editable install builds it in place) skips the (slow-ish) pip run when nothing changed.
 stamp=$venv/.pytest-isolate-installed
-key=$(cat "$root/pyproject.toml" "$root/setup.py" "$root/pytest_isolate/_pid1.c" | sha256sum | cut -d' ' -f1):$root
+key=$(cat "$root/pyproject.toml" "$root/setup.py" "$root/pytest_isolate/_pid1.c" "$root/pytest_isolate/_steps.c" | sha256sum | cut -d' ' -f1):$root
 if [ "$force" = 1 ] || [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$key" ] \
    || ! "$venv/bin/python" -c 'import pytest_isolate, xdist, mypy, ruff' 2>/dev/null; then
   say "installing pytest-isolate-linux (editable) with [test,dev] into $venv"

@@ -10,11 +10,13 @@ import random
 import re
 import signal
 import sys
+import textwrap
 import time
 
 import pytest
 from conftest import requires
 
+from pytest_isolate import sandbox
 from pytest_isolate import syscalls as sc
 from pytest_isolate.sandbox import fork_born
 
@@ -763,24 +765,42 @@ def test_rootless_sandboxes_are_prepared_two_tests_ahead(pytester: pytest.Pytest
 
 
 @requires("rootless", "userns")
-def test_rootless_a_failed_root_is_reported_with_its_step(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("steps", ["program", "python"])
+def test_rootless_a_failed_root_is_reported_with_its_step(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, steps: str
+) -> None:
     """Rootless, pid 1 forks the test process first and the test process
     builds the root: a failure there still reaches pytest as a setup error
     naming the step, for the first sandbox (pytest's fork) and the next ones
-    (the zygote's)."""
-    pytester.makeconftest(
-        """
-        import pytest_isolate.sandbox as sandbox
+    (the zygote's); by the program in C (steps.py) and by the Python steps
+    (PYTEST_ISOLATE_C_STEPS=0) alike."""
+    if steps == "python":
+        monkeypatch.setenv("PYTEST_ISOLATE_C_STEPS", "0")
+        planted = """
+            def planted(plan):
+                raise OSError(2, "planted failure")
 
-        def planted(plan):
-            raise OSError(2, "planted failure")
-
-        sandbox.apply_rootfs = planted
+            sandbox.apply_rootfs = planted
         """
-    )
+        expected = "*isolation setup failed at step 'build the root file system'*planted failure*"
+    else:
+        if sandbox._native_steps is None:
+            pytest.skip("pytest_isolate._steps was not built")
+        # The program's first step fails: the step it names is apply_rootfs's.
+        planted = """
+            class Failing:
+                @staticmethod
+                def run(program):
+                    return (0, 2)
+
+            sandbox._native_steps = Failing
+        """
+        expected = (
+            "*isolation setup failed at step 'make / a recursive slave mount': "
+            "mount(None, '/', None, MS_REC|MS_SLAVE): ENOENT*"
+        )
+    pytester.makeconftest("import pytest_isolate.sandbox as sandbox\n" + textwrap.dedent(planted))
     pytester.makepyfile("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
     result = run(pytester, "-p", "no:rerunfailures")
     result.assert_outcomes(errors=2)
-    result.stdout.fnmatch_lines(
-        ["*isolation setup failed at step 'build the root file system'*planted failure*"] * 2
-    )
+    result.stdout.fnmatch_lines([expected] * 2)

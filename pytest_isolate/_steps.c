@@ -1,0 +1,330 @@
+/*
+ * pytest_isolate._steps: a test process's setup steps run as raw system calls.
+ *
+ * A test process is a fork of pytest. Building its root in Python (rootfs.py,
+ * apply_rootfs) costs far more than the system calls themselves: each line of
+ * Python touches objects whose reference counts live on pages shared with
+ * pytest, and every page written is copied, one fault at a time. Measured
+ * rootless (docs/performance.md, point 31): 1.34 ms of CPU and 151 page faults
+ * for the root, of which the kernel's mounts are a fraction.
+ *
+ * So pytest's process compiles each plan once (rootfs.compile_setup) into a
+ * program of the steps below: the paths already joined, the flags decided,
+ * the checks of the host made where Python made them (whether a source is a
+ * directory, whether a mask's target exists). The test process runs it here,
+ * reading the program's bytes and writing nothing of pytest's but its own
+ * stack. It stops at the first step that fails and returns its index and
+ * errno: Python then names the step and the call exactly as apply_rootfs
+ * would (rootfs.describe_failure).
+ *
+ * The program comes from pytest's own process (never from a test); every
+ * read is still checked against its length, and a malformed one is refused
+ * with EINVAL before any step runs.
+ *
+ * Program: records, each a header (struct step) followed by ``nstr`` strings,
+ * each a uint32 length, that many bytes and a NUL.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <net/if.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef __NR_mount_setattr
+#define __NR_mount_setattr 442
+#endif
+#ifndef AT_RECURSIVE
+#define AT_RECURSIVE 0x8000
+#endif
+
+/* The steps (rootfs.py's _OP_* mirror these numbers). */
+enum {
+    OP_MKDIR = 1,    /* s0: path, a: mode; an existing directory is fine; parents made */
+    OP_MKFILE = 2,   /* s0: path; an empty file unless something is there (parents made) */
+    OP_SYMLINK = 3,  /* s0: target, s1: path */
+    OP_MOUNT = 4,    /* s0..s3: source, target, fstype, data ("" = NULL), a: flags */
+    OP_SETATTR = 5,  /* s0: path, a: MOUNT_ATTR_* set recursively, b: remount flags without */
+    OP_REQUIRE = 6,  /* s0: path that must exist (lstat) */
+    OP_IF_LEXISTS = 7, /* s0: path; when absent skip ``skip`` steps */
+    OP_IF_ISDIR = 8, /* s0: path; unless a directory (stat) skip ``skip`` steps */
+    OP_IF_EXISTS = 9, /* s0: path; when absent (stat) skip ``skip`` steps */
+    OP_JUMP = 10,    /* skip ``skip`` steps */
+    OP_CHMOD = 11,   /* s0: path, a: mode */
+    OP_CHDIR = 12,   /* s0: path */
+    OP_PIVOT = 13,   /* pivot_root(".", ".") */
+    OP_UMOUNT = 14,  /* s0: path, a: flags */
+    OP_HOSTNAME = 15, /* s0: name */
+    OP_LOOPBACK = 16, /* bring "lo" up */
+    OP_WRITE = 17,   /* s0: path, s1: data */
+};
+
+#define MAX_STEPS 512
+#define MAX_STR 4
+
+struct step {
+    uint32_t op;
+    int32_t onerr; /* < 0: stop; else skip that many steps and go on */
+    uint32_t skip;
+    uint32_t nstr;
+    uint64_t a, b;
+};
+
+struct parsed {
+    struct step head;
+    const char *s[MAX_STR];
+};
+
+static int parse(const char *buf, size_t len, size_t *off, struct parsed *out) {
+    if (len - *off < sizeof(struct step))
+        return -1;
+    memcpy(&out->head, buf + *off, sizeof(struct step));
+    *off += sizeof(struct step);
+    if (out->head.nstr > MAX_STR)
+        return -1;
+    for (uint32_t i = 0; i < MAX_STR; i++)
+        out->s[i] = NULL;
+    for (uint32_t i = 0; i < out->head.nstr; i++) {
+        uint32_t n;
+        if (len - *off < sizeof n)
+            return -1;
+        memcpy(&n, buf + *off, sizeof n);
+        *off += sizeof n;
+        if (len - *off < (size_t)n + 1 || buf[*off + n] != '\0' || memchr(buf + *off, 0, n))
+            return -1;
+        out->s[i] = buf + *off;
+        *off += (size_t)n + 1;
+    }
+    return 0;
+}
+
+static const char *opt(const char *s) { return s && *s ? s : NULL; }
+
+static int mkdir_p(const char *path, mode_t mode) {
+    char tmp[PATH_MAX];
+    size_t n = strlen(path);
+    if (n >= sizeof tmp)
+        return -ENAMETOOLONG;
+    memcpy(tmp, path, n + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = '\0';
+        if (mkdir(tmp, mode) != 0 && errno != EEXIST)
+            return -errno;
+        *p = '/';
+    }
+    if (mkdir(tmp, mode) != 0 && errno != EEXIST)
+        return -errno;
+    return 0;
+}
+
+/* rootfs._mkdirs: one mkdir nearly always; an existing non-directory fails. */
+static int do_mkdir(const char *path, mode_t mode) {
+    struct stat st;
+    if (mkdir(path, mode) == 0)
+        return 0;
+    if (errno == EEXIST)
+        return stat(path, &st) == 0 && S_ISDIR(st.st_mode) ? 0 : -EEXIST;
+    if (errno == ENOENT)
+        return mkdir_p(path, mode);
+    return -errno;
+}
+
+/* rootfs._mountpoint for a file. */
+static int do_mkfile(const char *path) {
+    struct stat st;
+    char dir[PATH_MAX];
+    if (lstat(path, &st) == 0)
+        return 0;
+    const char *slash = strrchr(path, '/');
+    if (slash && slash != path) {
+        size_t n = (size_t)(slash - path);
+        if (n >= sizeof dir)
+            return -ENAMETOOLONG;
+        memcpy(dir, path, n);
+        dir[n] = '\0';
+        int rc = do_mkdir(dir, 0755);
+        if (rc)
+            return rc;
+    }
+    int fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return -errno;
+    close(fd);
+    return 0;
+}
+
+struct mount_attr_v0 {
+    uint64_t attr_set, attr_clr, propagation, userns_fd;
+};
+
+static int do_setattr(const char *path, uint64_t attr, unsigned long fallback) {
+    struct mount_attr_v0 ma = {attr, 0, 0, 0};
+    if (syscall(__NR_mount_setattr, AT_FDCWD, path, AT_RECURSIVE, &ma, sizeof ma) == 0)
+        return 0;
+    if (errno != ENOSYS)
+        return -errno;
+    return mount(NULL, path, NULL, fallback, NULL) == 0 ? 0 : -errno;
+}
+
+static int do_loopback(void) {
+    struct ifreq ifr;
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    memset(&ifr, 0, sizeof ifr);
+    memcpy(ifr.ifr_name, "lo", 3);
+    int rc = ioctl(fd, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        ifr.ifr_flags |= IFF_UP;
+        rc = ioctl(fd, SIOCSIFFLAGS, &ifr);
+    }
+    rc = rc == 0 ? 0 : -errno;
+    close(fd);
+    return rc;
+}
+
+static int do_write(const char *path, const char *data) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    size_t n = strlen(data);
+    ssize_t w = write(fd, data, n);
+    int rc = w == (ssize_t)n ? 0 : (w < 0 ? -errno : -EIO);
+    close(fd);
+    return rc;
+}
+
+/* One step: 0 done, 1 its condition is false (skip), -errno failed. */
+static int execute(const struct parsed *p) {
+    struct stat st;
+    const struct step *h = &p->head;
+    switch (h->op) {
+    case OP_MKDIR:
+        return do_mkdir(p->s[0], (mode_t)h->a);
+    case OP_MKFILE:
+        return do_mkfile(p->s[0]);
+    case OP_SYMLINK:
+        return symlink(p->s[0], p->s[1]) == 0 ? 0 : -errno;
+    case OP_MOUNT:
+        return mount(opt(p->s[0]), p->s[1], opt(p->s[2]), (unsigned long)h->a, opt(p->s[3])) == 0
+                   ? 0
+                   : -errno;
+    case OP_SETATTR:
+        return do_setattr(p->s[0], h->a, (unsigned long)h->b);
+    case OP_REQUIRE:
+        return lstat(p->s[0], &st) == 0 ? 0 : -ENOENT;
+    case OP_IF_LEXISTS:
+        return lstat(p->s[0], &st) == 0 ? 0 : 1;
+    case OP_IF_ISDIR:
+        return stat(p->s[0], &st) == 0 && S_ISDIR(st.st_mode) ? 0 : 1;
+    case OP_IF_EXISTS:
+        return stat(p->s[0], &st) == 0 ? 0 : 1;
+    case OP_JUMP:
+        return 1;
+    case OP_CHMOD:
+        return chmod(p->s[0], (mode_t)h->a) == 0 ? 0 : -errno;
+    case OP_CHDIR:
+        return chdir(p->s[0]) == 0 ? 0 : -errno;
+    case OP_PIVOT:
+        return syscall(SYS_pivot_root, ".", ".") == 0 ? 0 : -errno;
+    case OP_UMOUNT:
+        return umount2(p->s[0], (int)h->a) == 0 ? 0 : -errno;
+    case OP_HOSTNAME:
+        return sethostname(p->s[0], strlen(p->s[0])) == 0 ? 0 : -errno;
+    case OP_LOOPBACK:
+        return do_loopback();
+    case OP_WRITE:
+        return do_write(p->s[0], p->s[1]);
+    default:
+        return -EINVAL;
+    }
+}
+
+/* The number of strings each step takes. */
+static int strings_of(uint32_t op) {
+    switch (op) {
+    case OP_PIVOT:
+    case OP_LOOPBACK:
+    case OP_JUMP:
+        return 0;
+    case OP_SYMLINK:
+    case OP_WRITE:
+        return 2;
+    case OP_MOUNT:
+        return 4;
+    default:
+        return op >= OP_MKDIR && op <= OP_WRITE ? 1 : -1;
+    }
+}
+
+static PyObject *run(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) != 0)
+        return NULL;
+    const char *buf = view.buf;
+    size_t len = (size_t)view.len, off = 0;
+    size_t starts[MAX_STEPS];
+    size_t count = 0;
+    struct parsed p;
+    /* Checked whole before the first step runs. */
+    while (off < len) {
+        size_t next = off;
+        if (count == MAX_STEPS || parse(buf, len, &next, &p) != 0 ||
+            strings_of(p.head.op) != (int)p.head.nstr) {
+            PyBuffer_Release(&view);
+            return Py_BuildValue("(ni)", (Py_ssize_t)count, EINVAL);
+        }
+        starts[count++] = off;
+        off = next;
+    }
+    Py_ssize_t failed = -1;
+    int err = 0;
+    for (size_t i = 0; i < count; i++) {
+        size_t at = starts[i];
+        parse(buf, len, &at, &p);
+        int rc = execute(&p);
+        if (rc == 1)
+            i += p.head.skip;
+        else if (rc < 0) {
+            if (p.head.onerr < 0) {
+                failed = (Py_ssize_t)i;
+                err = -rc;
+                break;
+            }
+            i += (size_t)p.head.onerr;
+        }
+    }
+    PyBuffer_Release(&view);
+    if (failed < 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(ni)", failed, err);
+}
+
+static PyMethodDef methods[] = {
+    {"run", run, METH_O,
+     "run(program, /)\n--\n\n"
+     "Run a setup program (rootfs.compile_setup). None when every step\n"
+     "succeeded, else (index of the step that failed, errno)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_steps",
+    .m_doc = "A test process's setup steps as raw system calls (see _steps.c).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__steps(void) { return PyModule_Create(&module); }
