@@ -1,39 +1,45 @@
 /*
  * pytest_isolate._steps: a test process's setup steps run as raw system calls.
  *
- * A test process is a fork of pytest. Building its root in Python (rootfs.py,
- * apply_rootfs) costs far more than the system calls themselves: each line of
- * Python touches objects whose reference counts live on pages shared with
- * pytest, and every page written is copied, one fault at a time. Measured
- * rootless (docs/performance.md, point 31): 1.34 ms of CPU and 151 page faults
- * for the root, of which the kernel's mounts are a fraction.
+ * A test process is a fork of pytest. Its setup in Python (rootfs.apply_rootfs,
+ * the capability drop, Landlock, the filter) costs far more than the system
+ * calls themselves: each line of Python touches objects whose reference counts
+ * live on pages shared with pytest, and every page written is copied, one
+ * fault at a time (docs/performance.md, point 31).
  *
- * So pytest's process compiles each plan once (rootfs.compile_setup) into a
- * program of the steps below: the paths already joined, the flags decided,
- * the checks of the host made where Python made them (whether a source is a
- * directory, whether a mask's target exists). The test process runs it here,
- * reading the program's bytes and writing nothing of pytest's but its own
- * stack. It stops at the first step that fails and returns its index and
- * errno: Python then names the step and the call exactly as apply_rootfs
- * would (rootfs.describe_failure).
+ * So pytest's process compiles each plan once (steps.py: compile_setup for
+ * the root, the hostname and the loopback; compile_secure for the capability
+ * drop, Landlock and the filter) into a program of the steps below: the paths
+ * already joined, the flags decided. What apply_rootfs checks of the host when
+ * it runs (whether a source is a directory, whether a mask's target exists)
+ * are steps too, checked here. The test process runs the program with run(),
+ * reading its bytes and writing nothing of pytest's but its own stack. run()
+ * stops at the first step that fails and returns its index and errno; Python
+ * then names the step and the call exactly as its own steps would
+ * (steps.failure), or makes that step again itself (sandbox._test_main).
  *
  * The program comes from pytest's own process (never from a test); every
  * read is still checked against its length, and a malformed one is refused
- * with EINVAL before any step runs.
+ * whole, (-1, EINVAL), before any step runs.
  *
  * Program: records, each a header (struct step) followed by ``nstr`` strings,
- * each a uint32 length, that many bytes and a NUL.
+ * each a uint32 length, that many bytes and a NUL (only the filter's may hold
+ * NULs).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
 #include <net/if.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -44,6 +50,15 @@
 #endif
 #ifndef AT_RECURSIVE
 #define AT_RECURSIVE 0x8000
+#endif
+#ifndef __NR_landlock_create_ruleset
+#define __NR_landlock_create_ruleset 444
+#define __NR_landlock_add_rule 445
+#define __NR_landlock_restrict_self 446
+#endif
+#ifndef PR_CAP_AMBIENT
+#define PR_CAP_AMBIENT 47
+#define PR_CAP_AMBIENT_CLEAR_ALL 4
 #endif
 
 /* The steps (rootfs.py's _OP_* mirror these numbers). */
@@ -65,6 +80,13 @@ enum {
     OP_HOSTNAME = 15, /* s0: name */
     OP_LOOPBACK = 16, /* bring "lo" up */
     OP_WRITE = 17,   /* s0: path, s1: data */
+    OP_CAPS = 18,    /* a: bounding bits to drop, b: permitted = effective (capabilities.py) */
+    OP_NO_NEW_PRIVS = 19,
+    OP_LANDLOCK = 20, /* s0: writes allowed beneath it only (syscalls.landlock_writes_beneath) */
+    OP_SECCOMP = 21, /* s0: the filter's instructions (binary), loaded with TSYNC */
+    OP_PRCTL = 22,   /* a: option, b: its argument */
+    OP_UNSHARE = 23, /* a: flags */
+    OP_SETSID = 24,
 };
 
 #define MAX_STEPS 512
@@ -81,6 +103,7 @@ struct step {
 struct parsed {
     struct step head;
     const char *s[MAX_STR];
+    uint32_t n[MAX_STR];
 };
 
 static int parse(const char *buf, size_t len, size_t *off, struct parsed *out) {
@@ -90,16 +113,21 @@ static int parse(const char *buf, size_t len, size_t *off, struct parsed *out) {
     *off += sizeof(struct step);
     if (out->head.nstr > MAX_STR)
         return -1;
-    for (uint32_t i = 0; i < MAX_STR; i++)
+    for (uint32_t i = 0; i < MAX_STR; i++) {
         out->s[i] = NULL;
+        out->n[i] = 0;
+    }
     for (uint32_t i = 0; i < out->head.nstr; i++) {
         uint32_t n;
         if (len - *off < sizeof n)
             return -1;
         memcpy(&n, buf + *off, sizeof n);
         *off += sizeof n;
-        if (len - *off < (size_t)n + 1 || buf[*off + n] != '\0' || memchr(buf + *off, 0, n))
+        if (len - *off < (size_t)n + 1 || buf[*off + n] != '\0')
             return -1;
+        if (out->head.op != OP_SECCOMP && memchr(buf + *off, 0, n))
+            return -1; /* only the filter is binary */
+        out->n[i] = n;
         out->s[i] = buf + *off;
         *off += (size_t)n + 1;
     }
@@ -204,6 +232,78 @@ static int do_write(const char *path, const char *data) {
     return rc;
 }
 
+/* capabilities.apply_capabilities: the bounding set, the ambient set, then
+ * permitted = effective = want with inheritable empty in one capset, then
+ * no_new_privs; then the kernel's view checked (EPERM when it differs). */
+static int do_caps(uint64_t drop, uint64_t want) {
+    for (int bit = 0; bit < 64; bit++)
+        if ((drop >> bit) & 1 && prctl(PR_CAPBSET_DROP, bit, 0, 0, 0) != 0)
+            return -errno;
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 && errno != EINVAL)
+        return -errno;
+    struct __user_cap_header_struct head = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    for (int word = 0; word < 2; word++)
+        data[word].effective = data[word].permitted = (uint32_t)(want >> (32 * word));
+    if (syscall(SYS_capset, &head, data) != 0)
+        return -errno;
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        return -errno;
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capget, &head, data) != 0)
+        return -errno;
+    for (int word = 0; word < 2; word++) {
+        uint32_t expected = (uint32_t)(want >> (32 * word));
+        if (data[word].effective != expected || data[word].permitted != expected ||
+            data[word].inheritable != 0)
+            return -EPERM;
+    }
+    for (int bit = 0; bit < 64; bit++)
+        if ((want >> bit) & 1 && prctl(PR_CAPBSET_READ, bit, 0, 0, 0) != 1)
+            return -EPERM;
+    return 0;
+}
+
+/* syscalls.landlock_writes_beneath; nothing where the kernel has no Landlock. */
+static int do_landlock(const char *root) {
+    long abi = syscall(__NR_landlock_create_ruleset, NULL, 0, 1 /* VERSION */);
+    if (abi < 1)
+        return 0;
+    uint64_t access = (1ULL << 1) /* WRITE_FILE */ | (abi >= 3 ? 1ULL << 14 /* TRUNCATE */ : 0);
+    int ruleset = (int)syscall(__NR_landlock_create_ruleset, &access, sizeof access, 0);
+    if (ruleset < 0)
+        return -errno;
+    int rc = 0, beneath = open(root, O_PATH | O_CLOEXEC);
+    if (beneath < 0)
+        rc = -errno;
+    else {
+        struct __attribute__((packed)) {
+            uint64_t allowed_access;
+            int32_t parent_fd;
+        } rule = {access, beneath};
+        if (syscall(__NR_landlock_add_rule, ruleset, 1 /* PATH_BENEATH */, &rule, 0) != 0)
+            rc = -errno;
+        close(beneath);
+        if (rc == 0 && syscall(__NR_landlock_restrict_self, ruleset, 0) != 0)
+            rc = -errno;
+    }
+    close(ruleset);
+    return rc;
+}
+
+/* seccomp.load_filter: SECCOMP_SET_MODE_FILTER with TSYNC. */
+static int do_seccomp(const char *filter, uint32_t size) {
+    if (size == 0 || size % sizeof(struct sock_filter) || size / sizeof(struct sock_filter) > BPF_MAXINSNS)
+        return -EINVAL;
+    /* The kernel copies the instructions byte by byte: never read here, so
+     * their place in the program need not be aligned. */
+    struct sock_fprog prog = {(unsigned short)(size / sizeof(struct sock_filter)),
+                              (struct sock_filter *)(uintptr_t)filter};
+    long rc = syscall(SYS_seccomp, 1 /* SET_MODE_FILTER */, 1 /* TSYNC */, &prog);
+    return rc == 0 ? 0 : (rc > 0 ? -EBUSY : -errno);
+}
+
 /* One step: 0 done, 1 its condition is false (skip), -errno failed. */
 static int execute(const struct parsed *p) {
     struct stat st;
@@ -245,6 +345,20 @@ static int execute(const struct parsed *p) {
         return do_loopback();
     case OP_WRITE:
         return do_write(p->s[0], p->s[1]);
+    case OP_CAPS:
+        return do_caps(h->a, h->b);
+    case OP_NO_NEW_PRIVS:
+        return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 ? 0 : -errno;
+    case OP_LANDLOCK:
+        return do_landlock(p->s[0]);
+    case OP_SECCOMP:
+        return do_seccomp(p->s[0], p->n[0]);
+    case OP_PRCTL:
+        return prctl((int)h->a, (unsigned long)h->b, 0, 0, 0) >= 0 ? 0 : -errno;
+    case OP_UNSHARE:
+        return unshare((int)h->a) == 0 ? 0 : -errno;
+    case OP_SETSID:
+        return setsid() >= 0 ? 0 : -errno;
     default:
         return -EINVAL;
     }
@@ -256,6 +370,11 @@ static int strings_of(uint32_t op) {
     case OP_PIVOT:
     case OP_LOOPBACK:
     case OP_JUMP:
+    case OP_CAPS:
+    case OP_NO_NEW_PRIVS:
+    case OP_PRCTL:
+    case OP_UNSHARE:
+    case OP_SETSID:
         return 0;
     case OP_SYMLINK:
     case OP_WRITE:
@@ -263,7 +382,7 @@ static int strings_of(uint32_t op) {
     case OP_MOUNT:
         return 4;
     default:
-        return op >= OP_MKDIR && op <= OP_WRITE ? 1 : -1;
+        return op >= OP_MKDIR && op <= OP_SECCOMP ? 1 : -1;
     }
 }
 
@@ -283,7 +402,7 @@ static PyObject *run(PyObject *self, PyObject *arg) {
         if (count == MAX_STEPS || parse(buf, len, &next, &p) != 0 ||
             strings_of(p.head.op) != (int)p.head.nstr) {
             PyBuffer_Release(&view);
-            return Py_BuildValue("(ni)", (Py_ssize_t)count, EINVAL);
+            return Py_BuildValue("(ni)", (Py_ssize_t)-1, EINVAL); /* no step ran */
         }
         starts[count++] = off;
         off = next;
@@ -314,8 +433,8 @@ static PyObject *run(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"run", run, METH_O,
      "run(program, /)\n--\n\n"
-     "Run a setup program (rootfs.compile_setup). None when every step\n"
-     "succeeded, else (index of the step that failed, errno)."},
+     "Run a program (steps.py). None when every step succeeded, else (index\n"
+     "of the step that failed, errno); (-1, EINVAL): malformed, nothing ran."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -512,11 +512,14 @@ class Engine:
         if program:
             plan = dataclasses.replace(plan, seccomp_program=program)
         if native_steps():
-            from .steps import compile_setup
+            from .steps import compile_born, compile_secure, compile_setup
 
-            setup_program = compile_setup(plan)
-            if setup_program is not None:
-                plan = dataclasses.replace(plan, setup_program=setup_program)
+            plan = dataclasses.replace(
+                plan,
+                setup_program=compile_setup(plan),
+                secure_program=compile_secure(plan),
+                born_program=compile_born(plan),
+            )
         return plan
 
     def _foreign_fds(self) -> set[int]:

@@ -106,6 +106,10 @@ class SandboxPlan:
     #: The root, hostname and loopback as a program for _steps.c (steps.py),
     #: compiled by pytest's process; None: the Python steps.
     setup_program: bytes | None = None
+    #: The capability drop, Landlock and the filter, likewise.
+    secure_program: bytes | None = None
+    #: Rootless, the ids' mapping and the cgroup namespace, likewise.
+    born_program: bytes | None = None
     env_allow: tuple[str, ...] | None = None
     strict_fds: bool = False
     uid: int = field(default_factory=os.getuid)
@@ -779,6 +783,25 @@ _NATIVE = [
 ]
 
 
+def secure_parts(plan: SandboxPlan) -> list[str]:
+    """The test process's last steps before pytest's, in order (_test_main):
+    the capability drop ("caps") or no_new_privs alone, then Landlock where
+    it applies, then the syscall filter."""
+    parts = ["caps" if plan.caps is not None else "no_new_privs"]
+    if plan.rootfs is not None and plan.caps is not None and "SYS_ADMIN" not in plan.caps:
+        # A kept descriptor refers to a host file through the host's
+        # mount: reopening /proc/self/fd/N would give write access to a
+        # file outside the sandbox (even from a read-only descriptor).
+        # Landlock checks the file reached, so "writable only beneath
+        # our own /" leaves everything inside as it was and closes that.
+        # A Landlock domain may not mount: not applied when SYS_ADMIN is
+        # granted (which can remount anything writable anyway).
+        parts.append("landlock")
+    if plan.seccomp_program is not None:
+        parts.append("seccomp")
+    return parts
+
+
 def native_steps() -> bool:
     """Whether a test process runs its root, hostname and loopback as a
     program in C (_steps.c, steps.py); off with PYTEST_ISOLATE_C_STEPS=0
@@ -1204,18 +1227,27 @@ def _sandbox_main(
             # Born pid 1 in its user, pid, mount, uts, ipc (and net)
             # namespaces (fork_born): no outer process to relay its end.
             step = "map the user namespace"
-            if _NATIVE_PID1:
-                # Non-dumpable from the zygote (_pid1.c), this process's
-                # /proc files are the host root's until it is dumpable again:
-                # for the writes only, while nothing else is in its pid
-                # namespace but the C pid 1.
-                sc.prctl(sc.PR_SET_DUMPABLE, 1)
-            _map_ids(plan.uid, plan.gid)
-            if _NATIVE_PID1:
-                sc.prctl(sc.PR_SET_DUMPABLE, 0)
-            step = "unshare the cgroup namespace"
-            with SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
-                sc.unshare(sc.CLONE_NEWCGROUP)
+            if _NATIVE_PID1 and plan.born_program is not None and _native_steps is not None:
+                # The same steps in C (steps.compile_born).
+                failed = _native_steps.run(plan.born_program)
+                if failed is not None:
+                    from .steps import failure
+
+                    step, error = failure(plan, *failed, born=True)
+                    raise error
+            else:
+                if _NATIVE_PID1:
+                    # Non-dumpable from the zygote (_pid1.c), this process's
+                    # /proc files are the host root's until it is dumpable
+                    # again: for the writes only, while nothing else is in
+                    # its pid namespace but the C pid 1.
+                    sc.prctl(sc.PR_SET_DUMPABLE, 1)
+                _map_ids(plan.uid, plan.gid)
+                if _NATIVE_PID1:
+                    sc.prctl(sc.PR_SET_DUMPABLE, 0)
+                step = "unshare the cgroup namespace"
+                with SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
+                    sc.unshare(sc.CLONE_NEWCGROUP)
         elif plan.rootless:
             step = "create the user namespace"
             with SetupStepErrorContext("unshare the user, pid and other namespaces"):
@@ -1450,30 +1482,33 @@ def _test_main(
             os.dup2(ctx.stack_fd, _DUMP_FD, inheritable=False)
         else:
             _install_dump_handlers(ctx.stack_fd)
-        if plan.caps is not None:
-            step = "drop capabilities"
-            from .capabilities import apply_capabilities
+        parts = secure_parts(plan)
+        done = 0
+        if plan.secure_program is not None and _native_steps is not None:
+            # The same steps in C (steps.compile_secure); from the one that
+            # failed on, Python's, which raise their own errors.
+            failed = _native_steps.run(plan.secure_program)
+            done = len(parts) if failed is None else max(failed[0], 0)
+        for part in parts[done:]:
+            if part == "caps":
+                step = "drop capabilities"
+                from .capabilities import apply_capabilities
 
-            apply_capabilities(plan.caps)
-        else:
-            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
-        if plan.rootfs is not None and plan.caps is not None and "SYS_ADMIN" not in plan.caps:
-            # A kept descriptor refers to a host file through the host's
-            # mount: reopening /proc/self/fd/N would give write access to a
-            # file outside the sandbox (even from a read-only descriptor).
-            # Landlock checks the file reached, so "writable only beneath
-            # our own /" leaves everything inside as it was and closes that.
-            # A Landlock domain may not mount: not applied when SYS_ADMIN is
-            # granted (which can remount anything writable anyway).
-            step = "confine writes to the sandbox (Landlock)"
-            sc.landlock_writes_beneath("/")
-        if plan.seccomp_program is not None:
-            # Last of the setup, still before "go": the filter's cost (the
-            # kernel checks and translates it) is off the critical path.
-            step = "load the syscall filter"
-            from .seccomp import load_filter
+                assert plan.caps is not None
+                apply_capabilities(plan.caps)
+            elif part == "no_new_privs":
+                sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+            elif part == "landlock":
+                step = "confine writes to the sandbox (Landlock)"
+                sc.landlock_writes_beneath("/")
+            else:
+                # Last of the setup, still before "go": the filter's cost (the
+                # kernel checks and translates it) is off the critical path.
+                step = "load the syscall filter"
+                from .seccomp import load_filter
 
-            load_filter(plan.seccomp_program)
+                assert plan.seccomp_program is not None
+                load_filter(plan.seccomp_program)
         # pytest's side of the test process (its plugins, capture, setup
         # stack), made ready before "go" too: only the test runs after it.
         step = "prepare pytest in the test process"

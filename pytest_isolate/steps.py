@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 # The steps of _steps.c.
 _MKDIR, _MKFILE, _SYMLINK, _MOUNT, _SETATTR, _REQUIRE = 1, 2, 3, 4, 5, 6
 _IF_LEXISTS, _IF_ISDIR, _IF_EXISTS, _JUMP, _CHMOD, _CHDIR = 7, 8, 9, 10, 11, 12
-_PIVOT, _UMOUNT, _HOSTNAME, _LOOPBACK = 13, 14, 15, 16
+_PIVOT, _UMOUNT, _HOSTNAME, _LOOPBACK, _WRITE = 13, 14, 15, 16, 17
+_CAPS, _NO_NEW_PRIVS, _LANDLOCK, _SECCOMP, _PRCTL, _UNSHARE, _SETSID = 18, 19, 20, 21, 22, 23, 24
 #: _steps.c's MAX_STEPS: a longer program is left to Python.
 MAX_STEPS = 512
 _HEAD = struct.Struct("=IiIIQQ")
@@ -81,14 +82,14 @@ class _Program:
     def emit(
         self,
         op: int,
-        *strings: str | None,
+        *strings: str | bytes | None,
         a: int = 0,
         b: int = 0,
         skip: int = 0,
         onerr: int = -1,
         describe: Describe = _os_error,
     ) -> None:
-        raw = [os.fsencode(s or "") for s in strings]
+        raw = [s if isinstance(s, bytes) else os.fsencode(s or "") for s in strings]
         self.parts.append(_HEAD.pack(op, onerr, skip, len(raw), a, b))
         for item in raw:
             self.parts.append(struct.pack("=I", len(item)) + item + b"\0")
@@ -319,16 +320,78 @@ def compile_setup(plan: SandboxPlan) -> bytes | None:
     return prog.blob() if prog is not None else None
 
 
-def failure(plan: SandboxPlan, index: int, code: int) -> tuple[str, BaseException]:
+def _compile_born(plan: SandboxPlan) -> _Program:
+    """sandbox._sandbox_main's first steps in a rootless test process born
+    in its namespaces as the C pid 1's child: its ids mapped (dumpable for
+    those writes only), then a cgroup namespace of its own."""
+    prog = _Program()
+    prog.outer = "map the user namespace"
+    prog.emit(
+        _PRCTL, a=sc.PR_SET_DUMPABLE, b=1, describe=_call_error(f"prctl({sc.PR_SET_DUMPABLE}, 1)")
+    )
+    for path, text in (
+        ("/proc/self/setgroups", "deny"),
+        ("/proc/self/uid_map", f"{plan.uid} {plan.uid} 1"),
+        ("/proc/self/gid_map", f"{plan.gid} {plan.gid} 1"),
+    ):
+        prog.name = f"write {text!r} to {path}"
+        prog.emit(_WRITE, path, text)
+    prog.name = ""
+    prog.emit(
+        _PRCTL, a=sc.PR_SET_DUMPABLE, b=0, describe=_call_error(f"prctl({sc.PR_SET_DUMPABLE}, 0)")
+    )
+    prog.outer = "unshare the cgroup namespace"
+    prog.name = "unshare(CLONE_NEWCGROUP)"
+    flags = sc.flag_names(sc.CLONE_NEWCGROUP, sc._CLONE_NAMES)
+    prog.emit(_UNSHARE, a=sc.CLONE_NEWCGROUP, describe=_call_error(f"unshare({flags})"))
+    return prog
+
+
+def compile_born(plan: SandboxPlan) -> bytes | None:
+    """The program of ``_compile_born``, for a rootless plan (else None)."""
+    return _compile_born(plan).blob() if plan.rootless and plan.namespaces else None
+
+
+def compile_secure(plan: SandboxPlan) -> bytes | None:
+    """The program of sandbox._test_main's last steps before pytest's:
+    the capability drop (or no_new_privs alone), Landlock, the filter, in
+    the order of sandbox.secure_parts. A step that fails there is made
+    again by Python, which raises its own error (or succeeds, and the next
+    steps are Python's too)."""
+    from .sandbox import secure_parts
+
+    prog = _Program()
+    for part in secure_parts(plan):
+        if part == "caps":
+            from .capabilities import prepare_capabilities
+
+            assert plan.caps is not None
+            drop, _, want = prepare_capabilities(plan.caps)
+            if any(bit >= 64 for bit in drop):
+                return None
+            prog.emit(_CAPS, a=sum(1 << bit for bit in drop), b=want)
+        elif part == "no_new_privs":
+            prog.emit(_NO_NEW_PRIVS)
+        elif part == "landlock":
+            prog.emit(_LANDLOCK, "/")
+        else:
+            prog.emit(_SECCOMP, plan.seccomp_program)
+    return prog.blob()
+
+
+def failure(
+    plan: SandboxPlan, index: int, code: int, *, born: bool = False
+) -> tuple[str, BaseException]:
     """The sandbox's step and the exception of the program's step ``index``
-    that failed with ``code``, as the Python steps would have raised it."""
-    prog = _compile(plan)
+    that failed with ``code``, as the Python steps would have raised it:
+    of the program of compile_setup, or of compile_born (``born``)."""
+    prog = _compile_born(plan) if born else _compile(plan)
     if prog is None or not 0 <= index < len(prog):
         return "build the root file system", SetupStepError(
             "run the setup program", OSError(code, os.strerror(code))
         )
     outer, name, describe = prog.steps[index]
     exc = describe(code)
-    if isinstance(exc, OSError) and not isinstance(exc, SetupStepError):
+    if name and isinstance(exc, OSError) and not isinstance(exc, SetupStepError):
         exc = SetupStepError(name, exc)
     return outer, exc

@@ -266,7 +266,7 @@ def test_a_malformed_program_is_refused_before_any_step_runs(
     first = steps._Program()
     first.emit(steps._MKDIR, f"{tmp_path}/first", a=0o755)
     index, code = sandbox._native_steps.run(first.blob() + program)  # type: ignore[union-attr,misc]
-    assert code == errno.EINVAL and index >= 1
+    assert (index, code) == (-1, errno.EINVAL)
     assert not (tmp_path / "first").exists()
 
 
@@ -284,3 +284,163 @@ def test_plans_get_a_program_unless_python_must_build_the_root(
     assert sandbox.native_steps()
     monkeypatch.setenv("PYTEST_ISOLATE_C_STEPS", "0")
     assert not sandbox.native_steps()
+
+
+def _status(*fields: str) -> dict[str, str]:
+    with open("/proc/self/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f) if k in fields}
+
+
+_SECURE_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")
+
+
+def _secured_in_child(plan: SandboxPlan, native: bool) -> dict[str, str]:
+    """/proc/self/status of a child of pytest after the capability drop and
+    the filter (no root: no Landlock), by the program or by Python."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read)
+            if native:
+                assert plan.secure_program is not None
+                result: object = sandbox._native_steps.run(plan.secure_program)  # type: ignore[union-attr]
+            else:
+                from pytest_isolate.capabilities import apply_capabilities
+                from pytest_isolate.seccomp import load_filter
+
+                assert plan.caps is not None and plan.seccomp_program is not None
+                apply_capabilities(plan.caps)
+                load_filter(plan.seccomp_program)
+                result = None
+            os.write(write, json.dumps([result, _status(*_SECURE_FIELDS)]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    raw = b""
+    while chunk := os.read(read, 1 << 16):
+        raw += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    failed, status = json.loads(raw)
+    assert failed is None
+    return status  # type: ignore[no-any-return]
+
+
+@requires("root")
+def test_the_secure_program_leaves_the_capabilities_and_filter_python_leaves() -> None:
+    from pytest_isolate.capabilities import DEFAULT_ROOT_CAPS, resolve_caps
+    from pytest_isolate.seccomp import build_filter, seccomp_available
+
+    if seccomp_available():
+        pytest.skip(seccomp_available())
+    keep = resolve_caps(("CHOWN",), (), rootless=False)
+    assert keep < DEFAULT_ROOT_CAPS
+    plan = _plan(None, caps=keep, seccomp_program=build_filter(keep))
+    assert sandbox.secure_parts(plan) == ["caps", "seccomp"]
+    plan = dataclasses.replace(plan, secure_program=steps.compile_secure(plan))
+    native, python = _secured_in_child(plan, True), _secured_in_child(plan, False)
+    assert native == python
+    assert native["NoNewPrivs"] == "1" and native["Seccomp"] == "2"
+    assert native["CapEff"] == native["CapPrm"] == native["CapBnd"] != _status("CapEff")["CapEff"]
+    assert native["CapInh"] == native["CapAmb"] == "0000000000000000"
+
+
+@pytest.mark.parametrize("failed", ["(-1, 22)", "(1, 1)"], ids=["malformed", "second-step"])
+def test_where_the_secure_program_fails_python_makes_the_rest(
+    pytester: pytest.Pytester, failed: str
+) -> None:
+    """A malformed program (nothing ran) or one whose second step failed
+    (Landlock, after the capability drop): Python makes the steps from there
+    on, so the test process still ends up with every one of them."""
+    pytester.makeconftest(
+        f"""
+        import pytest_isolate.sandbox as sandbox
+
+        real = sandbox._native_steps
+
+        class Failing:
+            @staticmethod
+            def run(program):
+                head = int.from_bytes(program[:4], "little")
+                if head not in (18, 19):  # not the secure program
+                    return real.run(program)
+                if {failed}[0] == 1:
+                    assert real.run(program[:32]) is None  # the capability drop alone
+                return {failed}
+
+        sandbox._native_steps = Failing
+        """
+    )
+    pytester.makepyfile(
+        """
+        def test_secured():
+            with open("/proc/self/status") as f:
+                status = dict(line.split(":", 1) for line in f)
+            assert status["NoNewPrivs"].strip() == "1"
+            assert status["Seccomp"].strip() == "2"
+            assert status["CapInh"].strip() == status["CapAmb"].strip() == "0" * 16
+            try:
+                open("/proc/self/fd/0", "w")  # Landlock: nothing outside the root
+            except OSError:
+                pass
+        """
+    )
+    result = pytester.runpytest_subprocess("--isolate", "-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
+
+
+def _born_in_child(plan: SandboxPlan, native: bool, again: bool) -> object:
+    """In a new user namespace, the first steps of a rootless test process
+    born there (ids mapped, a cgroup namespace of its own), by the program or
+    by Python; ``again``: a second time, which fails. What it shows, or the
+    error."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read)
+            cgroup_ns = os.readlink("/proc/self/ns/cgroup")
+            sc.unshare(sc.CLONE_NEWUSER)
+            try:
+                for _ in range(2 if again else 1):
+                    if native:
+                        assert plan.born_program is not None
+                        failed = sandbox._native_steps.run(plan.born_program)  # type: ignore[union-attr]
+                        if failed is not None:
+                            raise steps.failure(plan, *failed, born=True)[1]
+                    else:
+                        sandbox._map_ids(plan.uid, plan.gid)
+                        with sandbox.SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
+                            sc.unshare(sc.CLONE_NEWCGROUP)
+                shown: object = [
+                    Path(f"/proc/self/{name}").read_text().split()
+                    for name in ("uid_map", "gid_map", "setgroups")
+                ] + [os.readlink("/proc/self/ns/cgroup") != cgroup_ns, os.getuid(), os.getgid()]
+            except BaseException as exc:
+                shown = f"{type(exc).__name__}: {exc}"
+            os.write(write, json.dumps(shown).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    raw = b""
+    while chunk := os.read(read, 1 << 16):
+        raw += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    return json.loads(raw)
+
+
+@requires("userns")
+@pytest.mark.parametrize("again", [False, True], ids=["once", "failing"])
+def test_the_born_program_maps_the_ids_as_python_does(again: bool) -> None:
+    plan = _plan(None, rootless=True)
+    plan = dataclasses.replace(plan, born_program=steps.compile_born(plan))
+    assert plan.born_program is not None
+    native, python = _born_in_child(plan, True, again), _born_in_child(plan, False, again)
+    assert native == python
+    if again:
+        assert native.startswith("SetupStepError: write 'deny' to /proc/self/setgroups")  # type: ignore[union-attr]
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        assert native == [[str(uid)] * 2 + ["1"], [str(gid)] * 2 + ["1"], ["deny"], True, uid, gid]

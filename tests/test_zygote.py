@@ -786,12 +786,17 @@ def test_rootless_a_failed_root_is_reported_with_its_step(
     else:
         if sandbox._native_steps is None:
             pytest.skip("pytest_isolate._steps was not built")
-        # The program's first step fails: the step it names is apply_rootfs's.
+        # The root's program (its first step a mount) fails at that step:
+        # the step it names is apply_rootfs's.
         planted = """
+            real = sandbox._native_steps
+
             class Failing:
                 @staticmethod
                 def run(program):
-                    return (0, 2)
+                    if int.from_bytes(program[:4], "little") == 4:
+                        return (0, 2)
+                    return real.run(program)
 
             sandbox._native_steps = Failing
         """
