@@ -87,6 +87,7 @@ def test_doctor_as_root_reports_every_default_feature_working(pytester: pytest.P
         ]
     )
     result.stdout.fnmatch_lines(["pid 1 in C (rootless) * n/a * root: pid 1 is the init factory's"])
+    result.stdout.fnmatch_lines(["setup steps in C * yes * less CPU a test * by raw system calls"])
     result.stdout.no_fnmatch_line("*fix:*")
 
 
@@ -299,6 +300,20 @@ def test_doctor_as_unprivileged_user_uses_user_namespaces_for_every_layer(
     if built:
         pytest.LineMatcher(turned_off.stdout.splitlines()).fnmatch_lines(
             ["pid 1 in C (rootless) * no * turned off (PYTEST_ISOLATE_C_PID1=0)", "* fix: unset it"]
+        )
+    # The setup steps in C, likewise.
+    steps_built = as_user("-c", "import pytest_isolate._steps").returncode == 0
+    lines.fnmatch_lines(
+        [
+            "setup steps in C * yes * less CPU a test * by raw system calls"
+            if steps_built
+            else "setup steps in C * no * less CPU a test * was not built*"
+        ]
+    )
+    turned_off = as_user("-m", "pytest_isolate", "doctor", env={"PYTEST_ISOLATE_C_STEPS": "0"})
+    if steps_built:
+        pytest.LineMatcher(turned_off.stdout.splitlines()).fnmatch_lines(
+            ["setup steps in C * no * turned off (PYTEST_ISOLATE_C_STEPS=0)", "* fix: unset it"]
         )
 
 
