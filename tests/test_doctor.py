@@ -286,35 +286,34 @@ def test_doctor_as_unprivileged_user_uses_user_namespaces_for_every_layer(
         ]
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    # The C pid 1, tried for real, where the user's interpreter can load the
-    # copy's extension (built for ours: the same ABI tag).
-    built = as_user("-c", "import pytest_isolate._pid1").returncode == 0
-    lines.fnmatch_lines(
-        [
-            "pid 1 in C (rootless) * yes * faster rootless sandboxes * a few lines of C*"
-            if built
-            else "pid 1 in C (rootless) * no * faster rootless sandboxes * was not built*"
-        ]
-    )
-    turned_off = as_user("-m", "pytest_isolate", "doctor", env={"PYTEST_ISOLATE_C_PID1": "0"})
-    if built:
-        pytest.LineMatcher(turned_off.stdout.splitlines()).fnmatch_lines(
-            ["pid 1 in C (rootless) * no * turned off (PYTEST_ISOLATE_C_PID1=0)", "* fix: unset it"]
+    # The compiled parts (the C pid 1, the setup steps in C), tried for real
+    # where the user's interpreter can load the copy's extensions (built for
+    # ours: the same ABI tag); each turned off by its variable.
+    for module, row, need, works, variable in (
+        (
+            "_pid1",
+            "pid 1 in C (rootless)",
+            "faster rootless sandboxes",
+            "a few lines of C*",
+            "C_PID1",
+        ),
+        ("_steps", "setup steps in C", "less CPU a test", "by raw system calls", "C_STEPS"),
+    ):
+        built = as_user("-c", f"import pytest_isolate.{module}").returncode == 0
+        lines.fnmatch_lines(
+            [
+                f"{row} * yes * {need} * {works}"
+                if built
+                else f"{row} * no * {need} * was not built*"
+            ]
         )
-    # The setup steps in C, likewise.
-    steps_built = as_user("-c", "import pytest_isolate._steps").returncode == 0
-    lines.fnmatch_lines(
-        [
-            "setup steps in C * yes * less CPU a test * by raw system calls"
-            if steps_built
-            else "setup steps in C * no * less CPU a test * was not built*"
-        ]
-    )
-    turned_off = as_user("-m", "pytest_isolate", "doctor", env={"PYTEST_ISOLATE_C_STEPS": "0"})
-    if steps_built:
-        pytest.LineMatcher(turned_off.stdout.splitlines()).fnmatch_lines(
-            ["setup steps in C * no * turned off (PYTEST_ISOLATE_C_STEPS=0)", "* fix: unset it"]
-        )
+        if built:
+            turned_off = as_user(
+                "-m", "pytest_isolate", "doctor", env={f"PYTEST_ISOLATE_{variable}": "0"}
+            )
+            pytest.LineMatcher(turned_off.stdout.splitlines()).fnmatch_lines(
+                [f"{row} * no * turned off (PYTEST_ISOLATE_{variable}=0)", "* fix: unset it"]
+            )
 
 
 @requires("cgroup1")

@@ -19,7 +19,7 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,44 +80,21 @@ def _view() -> dict[str, object]:
     }
 
 
-def _in_sandbox(plan: SandboxPlan, native: bool, userns: bool) -> dict[str, object]:
-    """Build ``plan``'s root in new namespaces (a user namespace too when
-    ``userns``, as a rootless sandbox's), by the program or by the Python
-    steps; what the result shows, or the error it raised."""
+def _in_child(body: Callable[[], object]) -> object:
+    """``body()`` run in a child of pytest (its namespaces its own
+    business); its JSON result, or the error it raised as "Type: text"."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        code = 1
         try:
             os.close(read)
-            if userns:
-                uid, gid = os.getuid(), os.getgid()
-                sc.unshare(sc.CLONE_NEWUSER)
-                sandbox._map_ids(uid, gid)
-            sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWNET)
-            inner = os.fork()
-            if inner == 0:  # pid 1 of the new pid namespace: /proc is its own
-                try:
-                    if native:
-                        assert plan.setup_program is not None
-                        failed = sandbox._native_steps.run(plan.setup_program)  # type: ignore[union-attr]
-                        if failed is not None:
-                            raise steps.failure(plan, *failed)[1]
-                    else:
-                        if plan.rootfs is not None:
-                            apply_rootfs(plan.rootfs)
-                        sc.sethostname(plan.hostname)
-                        if plan.new_net:
-                            sc.loopback_up()
-                    result: dict[str, object] = _view()
-                except BaseException as exc:
-                    result = {"error": f"{type(exc).__name__}: {exc}"}
-                os.write(write, json.dumps(result).encode())
-                os._exit(0)
-            _, status = os.waitpid(inner, 0)
-            code = os.waitstatus_to_exitcode(status)
+            try:
+                result = body()
+            except BaseException as exc:
+                result = f"{type(exc).__name__}: {exc}"
+            os.write(write, json.dumps(result).encode())
         finally:
-            os._exit(code)
+            os._exit(0)
     os.close(write)
     chunks = []
     while chunk := os.read(read, 1 << 16):
@@ -125,7 +102,38 @@ def _in_sandbox(plan: SandboxPlan, native: bool, userns: bool) -> dict[str, obje
     os.close(read)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
+    return json.loads(b"".join(chunks))
+
+
+def _in_sandbox(plan: SandboxPlan, native: bool, userns: bool) -> dict[str, object]:
+    """Build ``plan``'s root in new namespaces (a user namespace too when
+    ``userns``, as a rootless sandbox's), by the program or by the Python
+    steps; what the result shows, or the error it raised."""
+
+    def build() -> object:
+        if native:
+            assert plan.setup_program is not None
+            failed = sandbox._native_steps.run(plan.setup_program)  # type: ignore[union-attr]
+            if failed is not None:
+                raise steps.failure(plan, *failed)[1]
+        else:
+            if plan.rootfs is not None:
+                apply_rootfs(plan.rootfs)
+            sc.sethostname(plan.hostname)
+            if plan.new_net:
+                sc.loopback_up()
+        return _view()
+
+    def outer() -> object:
+        if userns:
+            uid, gid = os.getuid(), os.getgid()
+            sc.unshare(sc.CLONE_NEWUSER)
+            sandbox._map_ids(uid, gid)
+        sc.unshare(sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWNET)
+        return _in_child(build)  # pid 1 of the new pid namespace: /proc is its own
+
+    result = _in_child(outer)
+    return result if isinstance(result, dict) else {"error": result}
 
 
 def _both(plan: SandboxPlan, userns: bool) -> tuple[dict[str, object], dict[str, object]]:
@@ -297,34 +305,24 @@ _SECURE_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"
 def _secured_in_child(plan: SandboxPlan, native: bool) -> dict[str, str]:
     """/proc/self/status of a child of pytest after the capability drop and
     the filter (no root: no Landlock), by the program or by Python."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(read)
-            if native:
-                assert plan.secure_program is not None
-                result: object = sandbox._native_steps.run(plan.secure_program)  # type: ignore[union-attr]
-            else:
-                from pytest_isolate.capabilities import apply_capabilities
-                from pytest_isolate.seccomp import load_filter
 
-                assert plan.caps is not None and plan.seccomp_program is not None
-                apply_capabilities(plan.caps)
-                load_filter(plan.seccomp_program)
-                result = None
-            os.write(write, json.dumps([result, _status(*_SECURE_FIELDS)]).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    raw = b""
-    while chunk := os.read(read, 1 << 16):
-        raw += chunk
-    os.close(read)
-    os.waitpid(pid, 0)
-    failed, status = json.loads(raw)
-    assert failed is None
-    return status  # type: ignore[no-any-return]
+    def secure() -> object:
+        if native:
+            assert plan.secure_program is not None
+            failed = sandbox._native_steps.run(plan.secure_program)  # type: ignore[union-attr]
+            assert failed is None, failed
+        else:
+            from pytest_isolate.capabilities import apply_capabilities
+            from pytest_isolate.seccomp import load_filter
+
+            assert plan.caps is not None and plan.seccomp_program is not None
+            apply_capabilities(plan.caps)
+            load_filter(plan.seccomp_program)
+        return _status(*_SECURE_FIELDS)
+
+    status = _in_child(secure)
+    assert isinstance(status, dict), status
+    return status
 
 
 @requires("root")
@@ -395,40 +393,27 @@ def _born_in_child(plan: SandboxPlan, native: bool, again: bool) -> object:
     born there (ids mapped, a cgroup namespace of its own), by the program or
     by Python; ``again``: a second time, which fails. What it shows, or the
     error."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(read)
-            cgroup_ns = os.readlink("/proc/self/ns/cgroup")
-            sc.unshare(sc.CLONE_NEWUSER)
-            try:
-                for _ in range(2 if again else 1):
-                    if native:
-                        assert plan.born_program is not None
-                        failed = sandbox._native_steps.run(plan.born_program)  # type: ignore[union-attr]
-                        if failed is not None:
-                            raise steps.failure(plan, *failed, born=True)[1]
-                    else:
-                        sandbox._map_ids(plan.uid, plan.gid)
-                        with sandbox.SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
-                            sc.unshare(sc.CLONE_NEWCGROUP)
-                shown: object = [
-                    Path(f"/proc/self/{name}").read_text().split()
-                    for name in ("uid_map", "gid_map", "setgroups")
-                ] + [os.readlink("/proc/self/ns/cgroup") != cgroup_ns, os.getuid(), os.getgid()]
-            except BaseException as exc:
-                shown = f"{type(exc).__name__}: {exc}"
-            os.write(write, json.dumps(shown).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    raw = b""
-    while chunk := os.read(read, 1 << 16):
-        raw += chunk
-    os.close(read)
-    os.waitpid(pid, 0)
-    return json.loads(raw)
+
+    def born() -> object:
+        cgroup_ns = os.readlink("/proc/self/ns/cgroup")
+        sc.unshare(sc.CLONE_NEWUSER)
+        for _ in range(2 if again else 1):
+            if native:
+                assert plan.born_program is not None
+                failed = sandbox._native_steps.run(plan.born_program)  # type: ignore[union-attr]
+                if failed is not None:
+                    raise steps.failure(plan, *failed, born=True)[1]
+            else:
+                sandbox._map_ids(plan.uid, plan.gid)
+                with sandbox.SetupStepErrorContext("unshare(CLONE_NEWCGROUP)"):
+                    sc.unshare(sc.CLONE_NEWCGROUP)
+        maps = [
+            Path(f"/proc/self/{name}").read_text().split()
+            for name in ("uid_map", "gid_map", "setgroups")
+        ]
+        return [*maps, os.readlink("/proc/self/ns/cgroup") != cgroup_ns, os.getuid(), os.getgid()]
+
+    return _in_child(born)
 
 
 @requires("userns")
