@@ -89,7 +89,6 @@ enum {
     OP_SETSID = 24,
 };
 
-#define MAX_STEPS 512
 #define MAX_STR 4
 
 struct step {
@@ -393,35 +392,34 @@ static PyObject *run(PyObject *self, PyObject *arg) {
         return NULL;
     const char *buf = view.buf;
     size_t len = (size_t)view.len, off = 0;
-    size_t starts[MAX_STEPS];
-    size_t count = 0;
     struct parsed p;
     /* Checked whole before the first step runs. */
     while (off < len) {
-        size_t next = off;
-        if (count == MAX_STEPS || parse(buf, len, &next, &p) != 0 ||
-            strings_of(p.head.op) != (int)p.head.nstr) {
+        if (parse(buf, len, &off, &p) != 0 || strings_of(p.head.op) != (int)p.head.nstr) {
             PyBuffer_Release(&view);
             return Py_BuildValue("(ni)", (Py_ssize_t)-1, EINVAL); /* no step ran */
         }
-        starts[count++] = off;
-        off = next;
     }
-    Py_ssize_t failed = -1;
+    /* Then run in order; a skip only goes forward, over steps parsed again. */
+    Py_ssize_t index = 0, failed = -1;
+    size_t skip = 0;
     int err = 0;
-    for (size_t i = 0; i < count; i++) {
-        size_t at = starts[i];
-        parse(buf, len, &at, &p);
+    for (off = 0; off < len; index++) {
+        parse(buf, len, &off, &p);
+        if (skip) {
+            skip--;
+            continue;
+        }
         int rc = execute(&p);
         if (rc == 1)
-            i += p.head.skip;
+            skip = p.head.skip;
         else if (rc < 0) {
             if (p.head.onerr < 0) {
-                failed = (Py_ssize_t)i;
+                failed = index;
                 err = -rc;
                 break;
             }
-            i += (size_t)p.head.onerr;
+            skip = (size_t)p.head.onerr;
         }
     }
     PyBuffer_Release(&view);

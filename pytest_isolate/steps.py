@@ -43,8 +43,6 @@ _MKDIR, _MKFILE, _SYMLINK, _MOUNT, _SETATTR, _REQUIRE = 1, 2, 3, 4, 5, 6
 _IF_LEXISTS, _IF_ISDIR, _IF_EXISTS, _JUMP, _CHMOD, _CHDIR = 7, 8, 9, 10, 11, 12
 _PIVOT, _UMOUNT, _HOSTNAME, _LOOPBACK, _WRITE = 13, 14, 15, 16, 17
 _CAPS, _NO_NEW_PRIVS, _LANDLOCK, _SECCOMP, _PRCTL, _UNSHARE, _SETSID = 18, 19, 20, 21, 22, 23, 24
-#: _steps.c's MAX_STEPS: a longer program is left to Python.
-MAX_STEPS = 512
 _HEAD = struct.Struct("=IiIIQQ")
 _RDONLY_FALLBACK = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_REC
 _NOSUID_FALLBACK = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
@@ -307,13 +305,13 @@ def _compile(plan: SandboxPlan) -> _Program | None:
     if plan.new_net:
         prog.name = "bring the loopback interface up"
         prog.emit(_LOOPBACK)
-    return prog if len(prog) <= MAX_STEPS else None
+    return prog
 
 
 def compile_setup(plan: SandboxPlan) -> bytes | None:
     """The program of ``plan``'s root, hostname and loopback, for
     ``_steps.run``; None where Python does them (an overlay or image root,
-    no namespaces, a program too long)."""
+    no namespaces)."""
     if not plan.namespaces:
         return None
     prog = _compile(plan)
