@@ -135,8 +135,11 @@ static int parse(const char *buf, size_t len, size_t *off, struct parsed *out) {
 
 static const char *opt(const char *s) { return s && *s ? s : NULL; }
 
+/* os.makedirs(path, mode, exist_ok=True): the parents with mode 0777 (less
+ * the umask), the last with ``mode``; a last one there must be a directory. */
 static int mkdir_p(const char *path, mode_t mode) {
     char tmp[PATH_MAX];
+    struct stat st;
     size_t n = strlen(path);
     if (n >= sizeof tmp)
         return -ENAMETOOLONG;
@@ -145,13 +148,15 @@ static int mkdir_p(const char *path, mode_t mode) {
         if (*p != '/')
             continue;
         *p = '\0';
-        if (mkdir(tmp, mode) != 0 && errno != EEXIST)
+        if (mkdir(tmp, 0777) != 0 && errno != EEXIST)
             return -errno;
         *p = '/';
     }
-    if (mkdir(tmp, mode) != 0 && errno != EEXIST)
+    if (mkdir(tmp, mode) == 0)
+        return 0;
+    if (errno != EEXIST)
         return -errno;
-    return 0;
+    return stat(tmp, &st) == 0 && S_ISDIR(st.st_mode) ? 0 : -EEXIST;
 }
 
 /* rootfs._mkdirs: one mkdir nearly always; an existing non-directory fails. */

@@ -253,6 +253,25 @@ def test_a_program_stops_at_the_first_failure_with_its_index_and_errno(tmp_path:
     assert (tmp_path / "made").is_dir() and not (tmp_path / "not-made").exists()
 
 
+def test_directories_are_made_with_the_modes_python_gives_them(tmp_path: Path) -> None:
+    """rootfs._mkdirs' modes: missing parents as os.makedirs makes them
+    (0777 less the umask), the directory itself 0755 less the umask."""
+    from pytest_isolate.rootfs import _mkdirs
+
+    old = os.umask(0o002)
+    try:
+        prog = steps._Program()
+        prog.mkdir(f"{tmp_path}/c/parent/leaf")
+        assert sandbox._native_steps.run(prog.blob()) is None  # type: ignore[union-attr]
+        _mkdirs(f"{tmp_path}/p/parent/leaf")
+    finally:
+        os.umask(old)
+    for path in ("", "/parent", "/parent/leaf"):
+        mode = (tmp_path / f"c{path}").stat().st_mode & 0o7777
+        assert mode == (tmp_path / f"p{path}").stat().st_mode & 0o7777, path
+    assert (tmp_path / "c/parent").stat().st_mode & 0o777 == 0o775
+
+
 def test_a_long_program_runs_whole_and_counts_skipped_steps(tmp_path: Path) -> None:
     """No limit on a program's length (many binds make a long one); the
     index of a failed step counts the steps skipped before it."""
