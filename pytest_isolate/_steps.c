@@ -86,7 +86,6 @@ enum {
     OP_SECCOMP = 21, /* s0: the filter's instructions (binary), loaded with TSYNC */
     OP_PRCTL = 22,   /* a: option, b: its argument */
     OP_UNSHARE = 23, /* a: flags */
-    OP_SETSID = 24,
 };
 
 #define MAX_STR 4
@@ -361,8 +360,6 @@ static int execute(const struct parsed *p) {
         return prctl((int)h->a, (unsigned long)h->b, 0, 0, 0) >= 0 ? 0 : -errno;
     case OP_UNSHARE:
         return unshare((int)h->a) == 0 ? 0 : -errno;
-    case OP_SETSID:
-        return setsid() >= 0 ? 0 : -errno;
     default:
         return -EINVAL;
     }
@@ -378,7 +375,6 @@ static int strings_of(uint32_t op) {
     case OP_NO_NEW_PRIVS:
     case OP_PRCTL:
     case OP_UNSHARE:
-    case OP_SETSID:
         return 0;
     case OP_SYMLINK:
     case OP_WRITE:
@@ -386,7 +382,7 @@ static int strings_of(uint32_t op) {
     case OP_MOUNT:
         return 4;
     default:
-        return op >= OP_MKDIR && op <= OP_SECCOMP ? 1 : -1;
+        return op >= OP_MKDIR && op <= OP_SECCOMP ? 1 : -1; /* the rest take one */
     }
 }
 

@@ -1367,14 +1367,19 @@ def _die_with_parent() -> None:
         os._exit(SETUP_FAILED_EXIT)
 
 
-def _map_ids(uid: int, gid: int) -> None:
-    # An unprivileged process may map only its own ids, and must deny
-    # setgroups before writing gid_map.
-    for path, text in (
+def id_map_writes(uid: int, gid: int) -> tuple[tuple[str, str], ...]:
+    """What a process writes to map its ids in its new user namespace (also
+    steps.compile_born's): an unprivileged process may map only its own ids,
+    and must deny setgroups before writing gid_map."""
+    return (
         ("/proc/self/setgroups", "deny"),
         ("/proc/self/uid_map", f"{uid} {uid} 1"),
         ("/proc/self/gid_map", f"{gid} {gid} 1"),
-    ):
+    )
+
+
+def _map_ids(uid: int, gid: int) -> None:
+    for path, text in id_map_writes(uid, gid):
         with SetupStepErrorContext(f"write {text!r} to {path}"):
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -1482,14 +1487,15 @@ def _test_main(
             os.dup2(ctx.stack_fd, _DUMP_FD, inheritable=False)
         else:
             _install_dump_handlers(ctx.stack_fd)
-        parts = secure_parts(plan)
-        done = 0
-        if plan.secure_program is not None and _native_steps is not None:
-            # The same steps in C (steps.compile_secure); from the one that
-            # failed on, Python's, which raise their own errors.
-            failed = _native_steps.run(plan.secure_program)
-            done = len(parts) if failed is None else max(failed[0], 0)
-        for part in parts[done:]:
+        # The steps in C (steps.compile_secure); where there is no program,
+        # or from the step that failed in it on, Python's, which raise their
+        # own errors.
+        failed = (
+            _native_steps.run(plan.secure_program)
+            if plan.secure_program is not None and _native_steps is not None
+            else (0, 0)
+        )
+        for part in secure_parts(plan)[max(failed[0], 0) :] if failed is not None else ():
             if part == "caps":
                 step = "drop capabilities"
                 from .capabilities import apply_capabilities

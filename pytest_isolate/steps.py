@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 _MKDIR, _MKFILE, _SYMLINK, _MOUNT, _SETATTR, _REQUIRE = 1, 2, 3, 4, 5, 6
 _IF_LEXISTS, _IF_ISDIR, _IF_EXISTS, _JUMP, _CHMOD, _CHDIR = 7, 8, 9, 10, 11, 12
 _PIVOT, _UMOUNT, _HOSTNAME, _LOOPBACK, _WRITE = 13, 14, 15, 16, 17
-_CAPS, _NO_NEW_PRIVS, _LANDLOCK, _SECCOMP, _PRCTL, _UNSHARE, _SETSID = 18, 19, 20, 21, 22, 23, 24
+_CAPS, _NO_NEW_PRIVS, _LANDLOCK, _SECCOMP, _PRCTL, _UNSHARE = 18, 19, 20, 21, 22, 23
 _HEAD = struct.Struct("=IiIIQQ")
 _RDONLY_FALLBACK = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_REC
 _NOSUID_FALLBACK = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_NOSUID | sc.MS_NODEV
@@ -327,11 +327,9 @@ def _compile_born(plan: SandboxPlan) -> _Program:
     prog.emit(
         _PRCTL, a=sc.PR_SET_DUMPABLE, b=1, describe=_call_error(f"prctl({sc.PR_SET_DUMPABLE}, 1)")
     )
-    for path, text in (
-        ("/proc/self/setgroups", "deny"),
-        ("/proc/self/uid_map", f"{plan.uid} {plan.uid} 1"),
-        ("/proc/self/gid_map", f"{plan.gid} {plan.gid} 1"),
-    ):
+    from .sandbox import id_map_writes
+
+    for path, text in id_map_writes(plan.uid, plan.gid):
         prog.name = f"write {text!r} to {path}"
         prog.emit(_WRITE, path, text)
     prog.name = ""

@@ -6,7 +6,9 @@ import functools
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +93,20 @@ def _lean_nested_runs(request: pytest.FixtureRequest) -> None:
     request.getfixturevalue("pytester")
     monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
     monkeypatch.setenv("PYTEST_ADDOPTS", _HEAVY_PLUGINS_OFF)
+
+
+@pytest.fixture
+def staging() -> Iterator[Path]:
+    """An empty host directory for a root to be built on (test_template,
+    test_steps). Not under tmp_path: /tmp is the sandbox's own tmpfs, and
+    the staging directory only needs to exist on the host. A name of its
+    own: never one a killed run left behind."""
+    parent = Path(tempfile.mkdtemp(prefix="pytest-isolate-staging-"))
+    (parent / "root").mkdir()
+    try:
+        yield parent / "root"
+    finally:
+        shutil.rmtree(parent)
 
 
 @pytest.fixture

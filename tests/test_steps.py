@@ -15,11 +15,9 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import struct
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,17 +34,6 @@ pytestmark = [
     pytest.mark.isolated(False),
     pytest.mark.skipif(sandbox._native_steps is None, reason="pytest_isolate._steps was not built"),
 ]
-
-
-@pytest.fixture
-def staging() -> Iterator[Path]:
-    # As in test_template: a host directory of its own, outside /tmp's view.
-    parent = Path(tempfile.mkdtemp(prefix="pytest-isolate-steps-"))
-    (parent / "root").mkdir()
-    try:
-        yield parent / "root"
-    finally:
-        shutil.rmtree(parent)
 
 
 def _plan(rootfs: RootfsPlan | None, **kwargs: object) -> SandboxPlan:

@@ -13,10 +13,8 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,19 +96,6 @@ def test_only_tests_with_the_default_capabilities_share_a_template(tmp_path: Pat
 
 
 # --------------------------------------------------------------------------- real inits
-
-
-@pytest.fixture
-def staging() -> Iterator[Path]:
-    # Not under tmp_path: /tmp is the sandbox's own tmpfs, and the staging
-    # directory only needs to exist on the host. A name of its own: never
-    # one a killed run left behind.
-    parent = Path(tempfile.mkdtemp(prefix="pytest-isolate-template-"))
-    (parent / "root").mkdir()
-    try:
-        yield parent / "root"
-    finally:
-        shutil.rmtree(parent)
 
 
 @pytest.fixture
